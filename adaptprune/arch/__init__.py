@@ -1,0 +1,45 @@
+"""Architecture adapters, one per model family, and the registry that picks one for a model."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .base import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, Coupling, LayerShape
+from .llama import LlamaAdapter
+
+ADAPTERS: tuple[ArchAdapter, ...] = (LlamaAdapter(),)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's family has no adapter."""
+
+
+def supported_families() -> list[str]:
+    return [a.family for a in ADAPTERS]
+
+
+def get_adapter(model_or_config) -> ArchAdapter:
+    """The adapter for a model or config, or one clear error naming the supported families."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    known = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in ADAPTERS)
+    raise UnsupportedArchitectureError(
+        f"model type '{model_type}' is not supported; supported families: {known}"
+    )
+
+
+def register_auto_classes() -> None:
+    """Let ``AutoModelForCausalLM.from_pretrained`` load our heterogeneous checkpoints."""
+    for adapter in ADAPTERS:
+        config_cls, model_cls = adapter.hetero_classes()
+        AutoConfig.register(adapter.hetero_model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+
+
+__all__ = [
+    "ADAPTERS", "ATTENTION", "MLP", "UNIT_KINDS", "ArchAdapter", "Coupling", "LayerShape",
+    "UnsupportedArchitectureError", "get_adapter", "register_auto_classes", "supported_families",
+]

@@ -1,0 +1,114 @@
+"""The one place that bridges transformers' per-layer configs and its modeling code.
+
+transformers 5.x records heterogeneous layers in ``config.per_layer_config`` (sparse per-layer
+overrides), but Llama-style ``*Model.__init__`` still reads the global sizes and builds uniform
+layers. These helpers close that gap without patching any HF forward: the model is built from a
+homogeneous copy of the config, then each layer whose overrides differ is rebuilt from its own
+per-layer config view, and optional output biases (mean compensation) are attached.
+
+This file is copied into every saved checkpoint next to the family's modeling file, so it must
+import nothing but torch and transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+OUTPUT_BIAS_KEY = "adaptprune_output_bias"
+
+
+def homogeneous_copy(config):
+    """A copy of ``config`` without per-layer overrides, safe for HF's uniform constructors."""
+    base = copy.deepcopy(config)
+    if getattr(base, "is_heterogeneous", False):
+        base.per_layer_config = None
+    return base
+
+
+def layer_config(config, layer_idx: int):
+    """The resolved config of one decoder layer (the global config when homogeneous)."""
+    if getattr(config, "is_heterogeneous", False):
+        return config.per_layer_config[layer_idx]
+    return config
+
+
+def layer_overrides(config) -> dict[int, dict]:
+    """Per-layer overrides as ``{layer_idx: {attr: value}}`` (empty for a homogeneous config)."""
+    if not getattr(config, "is_heterogeneous", False):
+        return {}
+    return copy.deepcopy(config._heterogeneity_spec.per_layer_overrides)
+
+
+def set_layer_overrides(config, overrides: dict[int, dict]) -> None:
+    """Record per-layer sizes through transformers' own ``per_layer_config`` field."""
+    config.per_layer_config = None
+    cleaned = {int(i): dict(o) for i, o in overrides.items() if o}
+    if cleaned:
+        config.per_layer_config = cleaned
+
+
+def global_value(config, attr: str):
+    """Read a global attribute even when it is per-layer (the value before any pruning)."""
+    return config._getattr_without_heterogeneous_validation(attr)
+
+
+def rebuild_heterogeneous_layers(
+    layers: nn.ModuleList, build_layer: Callable[[object, int], nn.Module], config
+) -> None:
+    """Replace each layer that has overrides by one built from its per-layer config.
+
+    Sizes are read once at construction; afterwards the modules point back at the global
+    config so run-time switches (``_attn_implementation``) set on the model reach them.
+    """
+    for layer_idx in layer_overrides(config):
+        layer_cfg = config.per_layer_config[layer_idx]
+        layer = build_layer(layer_cfg, layer_idx)
+        for module in layer.modules():
+            if getattr(module, "config", None) is layer_cfg:
+                module.config = config
+        layers[layer_idx] = layer
+
+
+def add_output_biases(layers: Iterable[nn.Module], output_paths: Iterable[str]) -> None:
+    """Give each named output projection a (zero) bias, the slot mean compensation writes into."""
+    for layer in layers:
+        for path in output_paths:
+            linear = layer.get_submodule(path)
+            if linear.bias is None:
+                layer.set_submodule(path, with_bias(linear))
+
+
+def with_bias(linear: nn.Linear) -> nn.Linear:
+    """A copy of ``linear`` with a zero bias (same dtype and device)."""
+    new = nn.Linear(
+        linear.in_features, linear.out_features, bias=True,
+        device=linear.weight.device, dtype=linear.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(linear.weight)
+        new.bias.zero_()
+    return new
+
+
+
+def validate_heterogeneous(config, validate_homogeneous: Callable[[object], None]) -> None:
+    """Validate a heterogeneous config: HF's checks on the global sizes, then per-layer geometry.
+
+    HF's family validators read sizes such as ``num_attention_heads`` globally (which a
+    heterogeneous config forbids) and demand ``hidden_size % num_heads == 0``, which a pruned
+    layer with an explicit ``head_dim`` need not meet. Each layer only needs whole GQA groups.
+    """
+    validate_homogeneous(homogeneous_copy(config))
+    if not getattr(config, "is_heterogeneous", False):
+        return
+    for layer_idx, layer_cfg in enumerate(config.per_layer_config):
+        heads = getattr(layer_cfg, "num_attention_heads", None)
+        kv_heads = getattr(layer_cfg, "num_key_value_heads", None) or heads
+        if heads is not None and kv_heads and heads % kv_heads != 0:
+            raise ValueError(
+                f"layer {layer_idx}: {heads} query heads do not split into {kv_heads} KV groups"
+            )

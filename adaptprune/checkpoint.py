@@ -1,0 +1,108 @@
+"""Loading any supported model as its heterogeneous class, and saving pruned checkpoints.
+
+A saved folder is a standard HF checkpoint: safetensors weights, ``config.json`` with the
+per-layer sizes in ``per_layer_config``, the tokenizer, and the family's modeling file with an
+``auto_map`` so it also loads with ``trust_remote_code=True`` where adaptprune is absent.
+Writes are atomic: a temporary sibling folder is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from .arch import get_adapter, hf_compat
+from .assets import embedded_model_dir, is_embedded_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An embedded model name becomes its cached folder; anything else is passed through."""
+    return str(embedded_model_dir(name_or_path)) if is_embedded_model(name_or_path) else name_or_path
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM as its family's heterogeneous class (uniform models load unchanged)."""
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(config)  # one clear error for unsupported families
+    config_cls, model_cls = adapter.hetero_classes()
+    if not isinstance(config, config_cls):
+        config = adapter.to_hetero_config(config)
+    model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[dtype])
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def to_heterogeneous(model: nn.Module) -> nn.Module:
+    """An in-memory HF model as its family's heterogeneous class, weights copied exactly."""
+    adapter = get_adapter(model)
+    config_cls, model_cls = adapter.hetero_classes()
+    if isinstance(model, model_cls):
+        return model
+    config = adapter.to_hetero_config(model.config)
+    hetero = model_cls(config).to(dtype=next(model.parameters()).dtype)
+    hetero.load_state_dict(model.state_dict())
+    hetero.train(model.training)
+    return hetero
+
+
+def modeling_files(model: nn.Module) -> list[Path]:
+    """The self-contained source files a checkpoint needs for ``trust_remote_code`` loading."""
+    return [Path(inspect.getfile(type(model))), Path(inspect.getfile(hf_compat))]
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike):
+    """Yield a temporary folder beside ``target``; it replaces ``target`` only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a reloadable heterogeneous checkpoint atomically; returns its folder."""
+    model = to_heterogeneous(model)
+    files = modeling_files(model)
+    module = files[0].stem
+    config_cls, model_cls = get_adapter(model).hetero_classes()
+    model.config.auto_map = {
+        "AutoConfig": f"{module}.{config_cls.__name__}",
+        "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+    }
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)
+    return Path(out_dir)
