@@ -26,6 +26,15 @@ class SurgeryError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class SliceRecord:
+    """One rebuilt matrix: the kept positions along ``dim`` (used to slice optimizer state)."""
+
+    path: str  # relative to the decoder layer, e.g. "mlp.down_proj"
+    dim: int
+    positions: torch.Tensor
+
+
+@dataclass(frozen=True)
 class KeptRecord:
     """What one removal kept: unit ids (before renumbering) out of ``before`` units."""
 
@@ -33,6 +42,7 @@ class KeptRecord:
     kind: str
     kept: tuple[int, ...]
     before: int
+    slices: tuple[SliceRecord, ...] = ()
 
     @property
     def removed(self) -> int:
@@ -77,10 +87,12 @@ def remove_units(
     total = adapter.count_units(model, layer_idx, kind)
     kept = _validated_keep(keep, total, layer_idx, kind)
     layer = adapter.decoder_layers(model)[layer_idx]
+    slices = []
     for coupling in adapter.couplings(model, layer_idx, kind):
         positions = torch.isin(coupling.unit_ids, kept).nonzero().flatten()
         layer.set_submodule(coupling.path, slice_linear(layer.get_submodule(coupling.path), coupling.dim, positions))
-    return KeptRecord(layer=layer_idx, kind=kind, kept=tuple(kept.tolist()), before=total)
+        slices.append(SliceRecord(coupling.path, coupling.dim, positions))
+    return KeptRecord(layer=layer_idx, kind=kind, kept=tuple(kept.tolist()), before=total, slices=tuple(slices))
 
 
 def remove_mlp_neurons(model: nn.Module, layer_idx: int, keep: Sequence[int]) -> KeptRecord:
