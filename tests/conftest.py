@@ -39,3 +39,26 @@ def llama_model(request):
 def input_ids():
     torch.manual_seed(123)
     return torch.randint(0, 128, (2, 12))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M (converted once into the cache), shared read-only."""
+    from adaptprune.checkpoint import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def smollm2_fresh():
+    """A private copy for tests that modify the model."""
+    from adaptprune.checkpoint import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from adaptprune.checkpoint import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")

@@ -15,6 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from .hf_compat import (
     OUTPUT_BIAS_KEY,
     add_output_biases,
+    adopt_config,
     homogeneous_copy,
     rebuild_heterogeneous_layers,
     validate_heterogeneous,
@@ -33,9 +34,9 @@ class AdaptLlamaForCausalLM(LlamaForCausalLM):
     output_projections = ("self_attn.o_proj", "mlp.down_proj")
 
     def __init__(self, config: AdaptLlamaConfig):
-        super().__init__(homogeneous_copy(config))  # HF builds the uniform skeleton
-        self.config = config
-        self.model.config = config
+        base = homogeneous_copy(config)
+        super().__init__(base)  # HF builds the uniform skeleton
+        adopt_config(self, config, built_from=base)
         rebuild_heterogeneous_layers(self.model.layers, LlamaDecoderLayer, config)
         if getattr(config, OUTPUT_BIAS_KEY, False):
             add_output_biases(self.model.layers, self.output_projections)

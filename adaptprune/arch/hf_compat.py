@@ -29,6 +29,19 @@ def homogeneous_copy(config):
     return base
 
 
+def adopt_config(model: nn.Module, config, built_from) -> None:
+    """Make ``config`` the model's config after building from its homogeneous copy.
+
+    ``PreTrainedModel.__init__`` resolves the attention implementation onto the config it was
+    given; carry that choice over so every layer dispatches to the same kernel.
+    """
+    config._attn_implementation = built_from._attn_implementation
+    model.config = config
+    for module in model.modules():
+        if getattr(module, "config", None) is built_from:
+            module.config = config
+
+
 def layer_config(config, layer_idx: int):
     """The resolved config of one decoder layer (the global config when homogeneous)."""
     if getattr(config, "is_heterogeneous", False):

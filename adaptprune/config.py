@@ -1,0 +1,225 @@
+"""Typed, validated run configuration that maps 1:1 onto YAML.
+
+Nested dataclasses (model, data, prune, schedule, train, eval, output); every field carries its
+help text in ``metadata``. Unknown keys, wrong types and out-of-range values raise one
+``ConfigError`` line naming the field, the value and what is allowed (with the nearest valid key
+for typos). YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line meant for the user."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m", "embedded model name, HF model folder or hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype for pruning and training")
+    trust_remote_code: bool = _f(False, "allow custom modeling code from the checkpoint (off unless you trust it)")
+
+
+@dataclass
+class DataConfig:
+    corpus: str = _f("shakespeare", "'shakespeare' (embedded), a text file, a folder of .txt/.md, or a datasets name")
+    seq_len: int = _f(256, "tokens per packed training/calibration sequence", min=8)
+    calib_tokens: int = _f(8192, "calibration tokens per pruning step (drawn from the train split)", min=8)
+    eval_tokens: int = _f(4096, "held-out tokens for perplexity", min=16)
+    eval_context: int = _f(1024, "context length of the perplexity windows", min=8)
+
+
+@dataclass
+class PruneConfig:
+    target_params: str = _f("90M", "final size: a count ('90M', '1.2B', '134515008') or a ratio of the original ('0.7x')")
+    step_fraction: float = _f(0.05, "parameters removed per pruning step, as a fraction of the original count", gt=0, le=1)
+    metric: str = _f("stade", "unit importance: magnitude, wanda, stade, cvr, taylor")
+    allocation: Literal["uniform", "adaptive", "global"] = _f("adaptive", "how sparsity is spread over layers")
+    amplitude: float = _f(0.02, "adaptive allocation: how much layer importance shifts per-layer sparsity", ge=0, le=1)
+    mean_compensation: bool = _f(True, "fold removed units' mean contribution into an output bias")
+    energy_compensation: bool = _f(False, "rescale kept weights so the output energy matches the dense layer")
+    neuron_multiple: int = _f(1, "round kept MLP neurons per layer to a multiple of this", min=1)
+    min_neurons: int = _f(8, "floor of MLP neurons kept in any layer", min=0)
+    min_groups: int = _f(1, "floor of KV groups kept in any layer", min=1)
+
+
+@dataclass
+class ScheduleConfig:
+    train_tokens: int = _f(65536, "training tokens over the whole run (all stages plus recovery)", min=0)
+    split: Literal["adapt_accel", "uniform"] = _f("adapt_accel", "token split across stages: 2i/(N(N+1)) or equal")
+    recovery_fraction: float = _f(0.2, "share of train_tokens for the final recovery phase", ge=0, lt=1)
+    warmup_fraction: float = _f(0.05, "share of all steps spent in linear warmup", ge=0, lt=1)
+    decay_fraction: float = _f(0.1, "share of all steps spent in the final linear decay", ge=0, le=1)
+
+
+@dataclass
+class TrainConfig:
+    trainer: Literal["full", "lora", "distill"] = _f("full", "recovery strategy")
+    lr: float = _f(5e-5, "peak learning rate", gt=0)
+    min_lr_ratio: float = _f(0.1, "learning rate at the end of decay, as a fraction of lr", ge=0, le=1)
+    batch_size: int = _f(4, "sequences per optimizer step per process", min=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = _f(1.0, "gradient norm clip (0 = off)", ge=0)
+    optimizer_state: Literal["carry", "reset"] = _f("carry", "after surgery: slice AdamW state of kept units, or start fresh")
+    on_nonfinite: Literal["rollback", "stop"] = _f("rollback", "NaN/inf loss: reload the last checkpoint at half the lr, or stop")
+    lora_r: int = _f(8, "LoRA rank", min=1)
+    lora_alpha: int = _f(16, "LoRA alpha", min=1)
+    lora_dropout: float = _f(0.05, "LoRA dropout", ge=0, lt=1)
+    kd_temperature: float = _f(1.0, "distillation temperature", gt=0)
+    kd_alpha: float = _f(1.0, "weight of the KD loss (1 - alpha goes to the LM loss)", ge=0, le=1)
+    seed: int = _f(0, "seed for data order and initialisation")
+
+
+@dataclass
+class EvalConfig:
+    every_stage: bool = _f(True, "held-out perplexity after every stage")
+    tasks: list[str] = _f([], "lm-eval tasks at the end (piqa, arc_easy, ...)")
+    limit: int = _f(0, "documents per task (0 = all)", min=0)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/default", "run folder: checkpoints, TensorBoard events, results")
+    tensorboard: bool = _f(True, "write TensorBoard scalars")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---- YAML <-> dataclasses -------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then a YAML file, then ``section.key=value`` overrides; validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    for item in overrides or []:
+        _apply_override(data, item)
+    return from_dict(RunConfig, data)
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. prune.metric=wanda)")
+    key, raw = item.split("=", 1)
+    section, name = key.split(".", 1)
+    data.setdefault(section, {})
+    if not isinstance(data[section], dict):
+        raise ConfigError(f"section '{section}' must be a mapping")
+    data[section][name] = yaml.safe_load(raw)
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, validating every field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; allowed: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = from_dict(hint, data[name] or {}, f"{prefix}{name}.")
+        else:
+            values[name] = _check_value(f"{prefix}{name}", data[name], hint, f.metadata)
+    return cls(**values)
+
+
+def _check_value(name: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+        return value
+    if origin in (list, types.GenericAlias) or hint is list or origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}={value!r} must be a list of strings")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r} must be an integer")
+    elif hint is float:
+        value = _number_from_text(value)  # YAML 1.1 reads 1e-4 as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}={value!r} must be a number")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be a string")
+        value = str(value)
+    _check_range(name, value, meta)
+    return value
+
+
+def _number_from_text(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_range(name: str, value: Any, meta: typing.Mapping) -> None:
+    checks = {
+        "min": (lambda v, b: v >= b, ">="), "ge": (lambda v, b: v >= b, ">="),
+        "gt": (lambda v, b: v > b, ">"), "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<"),
+    }
+    for key, (ok, sign) in checks.items():
+        if key in meta and not ok(value, meta[key]):
+            raise ConfigError(f"{name}={value!r} is out of range; it must be {sign} {meta[key]}")
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (the run's own record of what it did)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")

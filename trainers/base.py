@@ -1,0 +1,310 @@
+"""The recovery-strategy interface: one training phase between two surgeries, on ``accelerate``.
+
+A trainer owns the prepared (possibly DDP-wrapped) model and its optimizer. Its lifecycle per
+stage of the incremental schedule (ALGORITHMS.md, "Incremental schedule"):
+
+    plain = trainer.before_surgery()        # plain HF model with nn.Linear; optimizer state kept aside
+    records = apply_plan(plain, plan)       # the controller prunes it in place
+    trainer.after_surgery(plain, records)   # new optimizer (state carried or reset), re-prepared
+    result = trainer.run_phase(batches, steps, lr_at, global_step, on_step)
+
+Subclasses say how the model is wrapped for training (LoRA adapters or none), which
+parameters train, and the loss (LM or distillation). The training loop itself lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from adaptprune.surgery import KeptRecord
+
+from .optim_state import (
+    OPTIMIZER_STATE_MODES,
+    CarryReport,
+    StateByName,
+    carry_optimizer_state,
+    state_by_name,
+)
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the gradient norm) of a step was NaN or inf; the optimizer did not step.
+
+    Raised on every rank at once (the check is all-reduced), so DDP never deadlocks on it.
+    """
+
+    def __init__(self, global_step: int, what: str, value: float):
+        super().__init__(f"non-finite {what} ({value}) at global step {global_step}; optimizer step skipped")
+        self.global_step = global_step
+        self.what = what
+        self.value = value
+
+
+class BatchesExhaustedError(RuntimeError):
+    """The batch iterable ended before the phase's step count was reached."""
+
+
+@dataclass
+class TrainerConfig:
+    """Recovery-training settings shared by every strategy (the lr comes from ``lr_at``)."""
+
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW (beta1, beta2)."})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW decoupled weight decay, applied to matrices only (not norms/biases)."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global grad norm to this; 0 disables."})
+    grad_accum_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    optimizer_state: str = field(
+        default="carry",
+        metadata={
+            "help": "After surgery: 'carry' slices AdamW moments of kept units into the new optimizer "
+            "(step count kept); 'reset' starts the optimizer from scratch. LoRA always resets "
+            "(its adapters are new after every surgery)."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch input."})
+    lora_target_modules: tuple[str, ...] = field(
+        default=DEFAULT_LORA_TARGETS, metadata={"help": "Linear module names that get adapters."}
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the KD loss."})
+    distill_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the LM loss: loss = alpha * LM + (1 - alpha) * T^2 * KL(teacher || student)."},
+    )
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.eps <= 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay and max_grad_norm must be >= 0 and eps > 0")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.optimizer_state not in OPTIMIZER_STATE_MODES:
+            raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got '{self.optimizer_state}'")
+        if self.lora_r < 1 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("lora_r must be >= 1 and lora_dropout in [0, 1)")
+        if self.distill_temperature <= 0 or not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError("distill_temperature must be > 0 and distill_alpha in [0, 1]")
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """Summary of one training phase (tokens and throughput summed over all processes)."""
+
+    steps: int
+    global_step: int  # after the phase: pass it to the next phase
+    tokens: int
+    mean_loss: float
+    last_loss: float
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts token t+1. logits (B, L, V), ids (B, L)."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1))
+
+
+def adamw_for(model: nn.Module, config: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, 1-D tensors (norms, biases) do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # lr is set before every step from lr_at(global_step); 0 here so nothing steps unscheduled.
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=config.betas, eps=config.eps)
+
+
+def forget_prepared(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """Drop accelerate's references to our old model/optimizer and its 'already prepared' mark.
+
+    Shim for accelerate 1.x: without a process group, ``prepare`` returns the model itself
+    flagged ``_is_accelerate_prepared`` and silently skips a second prepare of it (no device
+    placement, no autocast wrapper); ``free_memory`` forgets the old DDP wrapper and optimizer
+    (and anything else the accelerator prepared, e.g. dataloaders).
+    """
+    accelerator.free_memory()
+    model.__dict__.pop("_is_accelerate_prepared", None)
+    return model
+
+
+class Trainer(ABC):
+    """A recovery strategy: wraps the model for training, builds the optimizer, runs phases."""
+
+    name: ClassVar[str]
+    needs_teacher: ClassVar[bool] = False  # the controller loads a frozen dense teacher if True
+    carries_optimizer_state: ClassVar[bool] = True  # False where trainable params are new after surgery
+
+    def __init__(
+        self,
+        model: nn.Module,
+        accelerator: Accelerator,
+        config: TrainerConfig | None = None,
+        teacher: nn.Module | None = None,
+    ):
+        self.accelerator = accelerator
+        self.config = config or TrainerConfig()
+        self._held_state: StateByName | None = None
+        self.last_carry: CarryReport | None = None  # what the last after_surgery did with the state
+        self.model, self.optimizer = self._prepare(model, records=())
+
+    # ---- what a strategy decides --------------------------------------------------------
+    def wrap_for_training(self, model: nn.Module) -> nn.Module:
+        """The module to train (e.g. with adapters attached); identity by default."""
+        return model
+
+    def unwrap_for_surgery(self, model: nn.Module) -> nn.Module:
+        """The plain HF model (only nn.Linear projections) from the training module."""
+        return model
+
+    def compute_loss(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of one micro-batch (B, L); the LM loss by default."""
+        logits = model(input_ids=input_ids).logits  # (B, L, V)
+        return lm_loss(logits, input_ids)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def _prepare(self, model: nn.Module, records: Sequence[KeptRecord]) -> tuple[nn.Module, torch.optim.Optimizer]:
+        module = self.wrap_for_training(model)
+        optimizer = adamw_for(module, self.config)
+        if self._held_state is not None:
+            # Before prepare: AcceleratedOptimizer re-loads the state onto the device itself.
+            self.last_carry = carry_optimizer_state(self._held_state, records, optimizer, module)
+            self._held_state = None
+        return self.accelerator.prepare(module, optimizer)
+
+    def unwrapped_model(self) -> nn.Module:
+        """The training module without DDP / autocast wrappers (for eval and saving)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def before_surgery(self) -> nn.Module:
+        """Hand the plain model over for calibration, scoring and surgery.
+
+        Keeps the optimizer state by parameter name (if the strategy carries it and the config
+        says 'carry'), then releases the DDP wrapper and optimizer. Call ``after_surgery`` next.
+        """
+        module = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        if self.carries_optimizer_state and self.config.optimizer_state == "carry":
+            self._held_state = state_by_name(self.optimizer, module)
+        self.model = self.optimizer = None  # the old wrapper pins the old parameters
+        forget_prepared(self.accelerator, module)
+        return self.unwrap_for_surgery(module)
+
+    def after_surgery(self, model: nn.Module, records: Sequence[KeptRecord] = ()) -> None:
+        """Train the (pruned) plain model next: new optimizer, kept units' state sliced in.
+
+        Every rank must have applied the same plan; DDP re-broadcasts rank 0's weights anyway.
+        """
+        self.model, self.optimizer = self._prepare(model, records)
+
+    def optimizer_state_by_name(self) -> StateByName:
+        """The live optimizer state keyed by parameter name (views: copy to keep while training)."""
+        return state_by_name(self.optimizer, self.unwrapped_model())
+
+    def load_optimizer_state_by_name(self, state: StateByName) -> None:
+        """Put a saved state (same shapes, e.g. from ``checkpointing.load_optimizer_state``) in place."""
+        carry_optimizer_state(state, (), self.optimizer, self.unwrapped_model())
+
+    # ---- one training phase -------------------------------------------------------------
+    def run_phase(
+        self,
+        batches: Iterable[torch.Tensor],
+        steps: int,
+        lr_at: Callable[[int], float],
+        global_step: int,
+        on_step: Callable[[dict], None] | None = None,
+    ) -> PhaseResult:
+        """Train ``steps`` optimizer steps on batches of token ids (B, L) of this rank.
+
+        Each step takes ``grad_accum_steps`` batches. ``on_step`` gets, on every rank,
+        {step, loss, lr, grad_norm, tokens_per_s} (loss averaged over ranks, tokens/s summed).
+        Raises ``NonFiniteLossError`` before the optimizer step if a loss or grad norm is NaN/inf.
+        """
+        acc, model, optimizer = self.accelerator, self.model, self.optimizer
+        accum = self.config.grad_accum_steps
+        max_norm = self.config.max_grad_norm or math.inf  # inf: measure the norm, never scale
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        batch_iter = iter(batches)
+        losses: list[float] = []
+        tokens = 0
+        model.train()
+        phase_start = time.perf_counter()
+        for step in range(steps):
+            step_start = time.perf_counter()
+            lr = float(lr_at(global_step))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss, step_tokens = 0.0, 0
+            for micro in range(accum):
+                input_ids = _next_batch(batch_iter, step, steps).to(acc.device)  # (B, L)
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
+                with sync:
+                    loss = self.compute_loss(model, input_ids)
+                    step_loss += self._checked_mean(loss, global_step, "loss") / accum
+                    acc.backward(loss / accum)
+                step_tokens += input_ids.numel() * acc.num_processes
+            grad_norm = acc.clip_grad_norm_(trainable, max_norm)
+            grad_norm = self._checked_mean(grad_norm, global_step, "grad norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            elapsed = time.perf_counter() - step_start
+            losses.append(step_loss)
+            tokens += step_tokens
+            if on_step is not None:
+                on_step({
+                    "step": global_step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": step_tokens / max(elapsed, 1e-9),
+                })
+        model.eval()
+        return PhaseResult(
+            steps=steps, global_step=global_step, tokens=tokens,
+            mean_loss=sum(losses) / len(losses) if losses else math.nan,
+            last_loss=losses[-1] if losses else math.nan,
+            seconds=time.perf_counter() - phase_start,
+        )
+
+    def _checked_mean(self, value: torch.Tensor, global_step: int, what: str) -> float:
+        """Mean of a scalar over ranks; raise on every rank if any rank's value is NaN/inf."""
+        value = value.detach().float().reshape(())
+        bad = (~torch.isfinite(value)).float()
+        total, bad = self.accelerator.reduce(torch.stack([value, bad]), reduction="sum").tolist()
+        if bad > 0:
+            # Drop partial gradients so the caller can recover (lower lr, reload) from a clean state.
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(global_step, what, total)
+        return total / self.accelerator.num_processes
+
+
+def _next_batch(batch_iter: Iterator[torch.Tensor], step: int, steps: int) -> torch.Tensor:
+    try:
+        return next(batch_iter)
+    except StopIteration:
+        raise BatchesExhaustedError(f"batches ran out at step {step} of {steps}") from None

@@ -1,0 +1,56 @@
+"""Knowledge distillation from the unpruned teacher (Minitron: KD recovers far more per token).
+
+loss = alpha * LM + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T), KL summed over the
+vocabulary and averaged over every token position; T^2 keeps gradient scale independent of T
+(Hinton et al., 2015). The student trains all parameters, as in ``FullTrainer``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from .base import TrainerConfig, lm_loss
+from .full import FullTrainer
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean over tokens of KL(teacher || student) at temperature T. logits (B, L, V)."""
+    vocab = student_logits.shape[-1]
+    log_p_student = F.log_softmax(student_logits.reshape(-1, vocab).float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")  # per token
+    return kl * temperature**2
+
+
+class DistillTrainer(FullTrainer):
+    """Full-parameter student, frozen dense teacher (eval mode, no grads, never DDP-wrapped)."""
+
+    name = "distill"
+    needs_teacher = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        accelerator: Accelerator,
+        config: TrainerConfig | None = None,
+        teacher: nn.Module | None = None,
+    ):
+        if teacher is None:
+            raise ValueError("the 'distill' trainer needs the unpruned teacher model")
+        if {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
+            raise ValueError("teacher and student share parameters: pass a copy of the dense model as teacher")
+        self.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        super().__init__(model, accelerator, config)
+
+    def compute_loss(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=input_ids).logits  # (B, L, V), fp32 from accelerate's wrapper
+        with torch.no_grad(), self.accelerator.autocast():
+            teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, L, V)
+        alpha, temperature = self.config.distill_alpha, self.config.distill_temperature
+        loss = (1.0 - alpha) * kd_loss(logits, teacher_logits, temperature)
+        if alpha > 0:
+            loss = loss + alpha * lm_loss(logits, input_ids)
+        return loss

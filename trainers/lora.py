@@ -1,0 +1,54 @@
+"""LoRA recovery (LLM-Pruner's recipe: r=8, alpha=16, dropout 0.05 on all projections).
+
+Surgery needs plain ``nn.Linear`` modules, so before every surgery the adapters are merged
+into the base weights (W <- W + (alpha/r) B A) and removed; after surgery a fresh adapter is
+attached to the smaller model. The adapter parameters are therefore new each stage and the
+optimizer always starts fresh (``optimizer_state`` does not apply).
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .base import Trainer, TrainerConfig
+
+
+def lora_config(config: TrainerConfig) -> LoraConfig:
+    """peft's LoraConfig from our settings."""
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules),
+        bias="none",
+    )
+
+
+def attach_adapter(model: nn.Module, config: TrainerConfig) -> PeftModel:
+    """Wrap a plain model with a fresh LoRA adapter; base weights are frozen by peft."""
+    return get_peft_model(model, lora_config(config))
+
+
+def merge_adapter(model: PeftModel) -> nn.Module:
+    """Fold the adapter into the base linears and return the plain model, all params trainable."""
+    plain = model.merge_and_unload()
+    # peft froze the base weights; a plain model (for Taylor scores, full training) trains all.
+    return plain.requires_grad_(True)
+
+
+class LoraTrainer(Trainer):
+    """Only adapter weights train; merged into the base weights before each surgery."""
+
+    name = "lora"
+    carries_optimizer_state = False
+
+    def wrap_for_training(self, model: nn.Module) -> nn.Module:
+        return attach_adapter(model, self.config)
+
+    def unwrap_for_surgery(self, model: nn.Module) -> nn.Module:
+        return merge_adapter(model)
+
+    def merge_before_surgery(self) -> nn.Module:
+        """Alias of ``before_surgery`` named for what it does here: merge and unload."""
+        return self.before_surgery()
