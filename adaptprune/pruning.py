@@ -1,0 +1,77 @@
+"""One structured pruning step: calibrate -> score -> allocate -> compensate + remove.
+
+Shared by the one-shot ``adaptprune prune`` command and every stage of the controller. Pure
+math lives in ``importance``, ``allocation`` and ``compensation``; this module only walks the
+model through the adapter and times each phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .allocation import LayerBudget, get_allocator
+from .arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from .calibration import calibrate
+from .compensation import apply_compensated_plan
+from .config import PruneConfig
+from .importance import get_metric
+from .profiling import Profile
+from .surgery import KeptRecord, Plan
+
+
+@dataclass
+class StepReport:
+    plan: Plan
+    records: list[KeptRecord]
+    profile: Profile
+    influence: list[float]
+
+
+def layer_budgets(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> list[LayerBudget]:
+    """Current sizes, per-unit parameter costs and floors of every decoder layer."""
+    budgets = []
+    for layer in range(len(adapter.decoder_layers(model))):
+        shape = adapter.layer_shape(model, layer)
+        budgets.append(LayerBudget(
+            groups=shape.groups, neurons=shape.neurons,
+            params_per_group=adapter.params_per_unit(model, layer, ATTENTION),
+            params_per_neuron=adapter.params_per_unit(model, layer, MLP),
+            min_groups=min(cfg.min_groups, shape.groups), min_neurons=min(cfg.min_neurons, shape.neurons),
+        ))
+    return budgets
+
+
+def prune_step(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    remove_params: int,
+    cfg: PruneConfig,
+    adapter: ArchAdapter | None = None,
+    progress: bool = True,
+    label: str = "",
+) -> StepReport:
+    """Remove at least ``remove_params`` parameters (less than one unit more) from ``model``."""
+    adapter = adapter or get_adapter(model)
+    metric = get_metric(cfg.metric)
+    profile = Profile()
+    with profile.phase("calibration"):
+        calib = calibrate(
+            model, sequences, adapter=adapter, collect_cov=cfg.energy_compensation,
+            taylor_batches=len(sequences) if metric.needs_grads else 0,
+            progress=progress, desc=f"{label} calibrating".strip(),
+        )
+    with profile.phase("scoring"):
+        layers = range(len(adapter.decoder_layers(model)))
+        scores = [{kind: metric.unit_scores(model, adapter, l, kind, calib) for kind in (ATTENTION, MLP)} for l in layers]
+        influence = torch.tensor([s.influence for s in calib.layers], dtype=torch.float64)
+        allocator = get_allocator(cfg.allocation, **({"amplitude": cfg.amplitude} if cfg.allocation == "adaptive" else {}))
+        plan = allocator.plan(layer_budgets(model, adapter, cfg), scores, influence, remove_params,
+                              neuron_multiple=cfg.neuron_multiple)
+    with profile.phase("surgery"):
+        records = apply_compensated_plan(
+            model, plan, calib, mean=cfg.mean_compensation, energy=cfg.energy_compensation, adapter=adapter
+        )
+    return StepReport(plan=plan, records=records, profile=profile, influence=influence.tolist())

@@ -1,0 +1,85 @@
+"""Run reports: the end-of-run summary table and the model card written beside the model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def summary_table(history: list[dict]) -> str:
+    """A markdown table: one row per stage (0 = dense)."""
+    lines = [
+        "| stage | params | held-out ppl | train tokens | train loss | prune s | wall s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in history:
+        lines.append(
+            f"| {row['stage']} | {row['params']:,} | {_fmt(row['ppl'], '.2f')} | {row['train_tokens']:,} | "
+            f"{_fmt(row.get('train_loss'), '.3f')} | {_fmt(row['prune_seconds'], '.1f')} | {_fmt(row['wall_seconds'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_summary_table(history: list[dict], path: Path) -> str:
+    table = summary_table(history)
+    Path(path).write_text(table + "\n", encoding="utf-8")
+    return table
+
+
+def write_model_card(model_dir: Path, config, results: dict) -> Path:
+    """README.md in the model folder: what it is, how it was made, how to load it."""
+    first, last = results["history"][0], results["history"][-1]
+    card = f"""# Pruned with adaptprune
+
+Source model: `{config.model.name}`, {results['original_params']:,} parameters, pruned to
+{results['final_params']:,} parameters in {results['stages']} stages
+(metric `{config.prune.metric}`, allocation `{config.prune.allocation}`, trainer `{config.train.trainer}`,
+{last['train_tokens']:,} training tokens).
+
+Held-out perplexity (context {config.data.eval_context}): dense {_fmt(first['ppl'], '.2f')}, final {_fmt(last['ppl'], '.2f')}.
+
+Layers have different sizes (recorded in `config.json` → `per_layer_config`).
+
+```python
+import adaptprune  # registers the heterogeneous classes
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{model_dir}")
+# or, without adaptprune installed (the modeling file travels with the checkpoint):
+model = AutoModelForCausalLM.from_pretrained("{model_dir}", trust_remote_code=True)
+```
+
+## Stages
+
+{summary_table(results['history'])}
+"""
+    path = Path(model_dir) / "README.md"
+    path.write_text(card, encoding="utf-8")
+    return path
+
+
+def plot_layer_sizes(dense: dict, pruned: dict, path: Path) -> Path:
+    """Bars of MLP neurons and KV heads per layer, dense vs pruned (``inspection.describe``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [row["layer"] for row in dense["layers"]]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.3 * len(layers) + 2), 6), sharex=True)
+    for ax, key, title in ((axes[0], "mlp_neurons", "MLP neurons"), (axes[1], "query_heads", "query heads")):
+        ax.bar(layers, [r[key] for r in dense["layers"]], color="#d0d0d0", label="dense")
+        ax.bar(layers, [r[key] for r in pruned["layers"]], color="#3a7bd5", label="pruned")
+        ax.set_ylabel(title)
+        ax.legend(loc="lower right")
+    axes[1].set_xlabel("decoder layer")
+    fig.suptitle(f"Kept units per layer: {dense['total_params']:,} → {pruned['total_params']:,} parameters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

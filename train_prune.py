@@ -1,0 +1,32 @@
+"""Entry point of the main job: ``accelerate launch train_prune.py [--config FILE] [--resume]``.
+
+With no arguments it runs ``configs/default.yaml``: the embedded SmolLM2-135M pruned to ~90M
+parameters on the embedded Shakespeare corpus, in a CPU-sized budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete stage in output.dir")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. prune.metric=wanda")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from adaptprune.cli import run_training
+
+    args = parse_args(argv)
+    return run_training(args.config, args.overrides, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
