@@ -30,6 +30,8 @@ max over layers of max(params_per_group, neuron_multiple·params_per_neuron)):
 less than one chunk; removed == 0 when ``remove_params == 0``. Floors are never crossed; a
 target above what the floors (and s_max for ``adaptive``) allow raises ``ValueError``.
 Layers whose neurons are untouched keep their count even if it is not a multiple of m.
+For ``uniform``/``adaptive`` each layer also ends within one chunk of its own sparsity target
+s_l·P_l (rounding by largest remainder, see ``apportion``).
 """
 
 from __future__ import annotations
@@ -138,7 +140,10 @@ def _kind_chunks(
     units = torch.tensor(sizes, dtype=torch.long)
     ends = units.cumsum(0)
     sums = torch.cat([ranked.new_zeros(1), ranked.cumsum(0)])
-    keys = (sums[ends] - sums[ends - units]) / units.clamp(min=1) if sizes else ranked.new_zeros(0)
+    if not sizes:
+        return order, units, units * per_unit, ranked.new_zeros(0)
+    means = (sums[ends] - sums[ends - units]) / units
+    keys = torch.cummax(means, 0).values  # non-decreasing despite rounding, so chunks keep their order
     return order, units, units * per_unit, keys
 
 
@@ -266,7 +271,7 @@ class _LayerwiseAllocator(Allocator):
     ) -> list[int]:
         prunable = torch.tensor([b.prunable_params for b in layers], dtype=torch.float64)
         capacity = torch.tensor([q.capacity for q in queues], dtype=torch.float64)
-        available = int(torch.minimum(prunable * self.max_sparsity, capacity).floor().sum())
+        available = math.floor(torch.minimum(prunable * self.max_sparsity, capacity).sum())
         if remove_params > available:
             raise _infeasible(remove_params, available, f"floors, and at most {self.max_sparsity:g} of each layer")
         targets = solve_layer_targets(self.offsets(influence), prunable, capacity, remove_params, self.max_sparsity)

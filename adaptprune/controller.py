@@ -151,7 +151,7 @@ class Controller:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             with atomic_dir(self._stage_dir(state.stage)) as tmp:
-                save_checkpoint(model, tmp / "model", tokenizer)
+                save_checkpoint(model, tmp / "model", tokenizer)  # model: the exported plain model
                 save_optimizer_state(tmp / "optimizer.safetensors", self.trainer.optimizer_state_by_name(),
                                      extra={"global_step": state.global_step})
                 from safetensors.torch import save_file
@@ -237,12 +237,12 @@ class Controller:
             self._log_pruning(stage, model, state.global_step)
         tokens = self.recovery_tokens if recovery else self.stage_tokens[stage - 1]
         phase = self._train_phase(state, tokens, label="recovery" if recovery else f"stage {stage}")
-        model = self.trainer.unwrapped_model()
+        model = self.trainer.export_model()  # plain HF model (LoRA: a merged copy)
         ppl = self._eval(model)
         state.stage = stage
         state.tokens += phase["tokens"]
         state.history.append(self._row(stage, model, ppl, state.tokens, prune_seconds,
-                                       time.perf_counter() - t0, loss=phase["loss"]))
+                                       time.perf_counter() - t0, loss=phase["loss"], first_loss=phase["first_loss"]))
         if ppl is not None:
             self.acc.log({"eval/ppl": ppl["ppl"]}, step=state.global_step)
         self._save_stage(state, model, tokenizer)
@@ -253,10 +253,12 @@ class Controller:
         per_step = cfg.batch_size * self.cfg.data.seq_len * self.acc.num_processes
         steps = tokens // per_step
         if steps == 0:
-            return {"tokens": 0, "loss": math.nan}
+            return {"tokens": 0, "loss": math.nan, "first_loss": math.nan}
         bar = tqdm(total=steps, desc=label, disable=not self.acc.is_main_process, leave=False)
+        losses: list[float] = []
 
         def on_step(m: dict) -> None:
+            losses.append(m["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:.0f}")
             self.acc.log({"train/loss": m["loss"], "train/lr": m["lr"], "train/tokens_per_s": m["tokens_per_s"],
@@ -274,7 +276,7 @@ class Controller:
             bar.close()
         state.global_step = result.global_step
         state.batches_seen += steps * self.trainer.config.grad_accum_steps
-        return {"tokens": result.tokens, "loss": result.mean_loss}
+        return {"tokens": result.tokens, "loss": result.last_loss, "first_loss": losses[0]}
 
     def _recover_from_nonfinite(self, err: NonFiniteLossError, state: RunState, rollbacks: int, tokenizer):
         """Roll back to the last complete stage at half the learning rate, or stop cleanly."""
@@ -323,9 +325,10 @@ class Controller:
         result = perplexity(model, self.heldout, context=context)
         return result.as_dict()
 
-    def _row(self, stage, model, ppl, tokens, prune_s, wall_s, loss=math.nan) -> dict:
+    def _row(self, stage, model, ppl, tokens, prune_s, wall_s, loss=math.nan, first_loss=math.nan) -> dict:
         return {"stage": stage, "params": count_parameters(model), "ppl": ppl["ppl"] if ppl else None,
-                "train_tokens": tokens, "train_loss": loss, "prune_seconds": round(prune_s, 2),
+                "train_tokens": tokens, "train_loss": loss, "first_step_loss": first_loss,
+                "prune_seconds": round(prune_s, 2),
                 "wall_seconds": round(wall_s, 2)}
 
     def _log_pruning(self, stage: int, model, global_step: int) -> None:
@@ -347,7 +350,7 @@ class Controller:
                 f"{self.cfg.schedule.train_tokens:,} training tokens ({self.recovery_tokens:,} for recovery)")
 
     def _finish(self, state: RunState, tokenizer, original: int) -> dict:
-        model = self.trainer.unwrapped_model()
+        model = self.trainer.export_model()
         final_dir = self.out / "final"
         results = {"original_params": original, "final_params": count_parameters(model),
                    "stages": len(self.targets), "history": state.history, "final_model": str(final_dir)}

@@ -22,21 +22,32 @@ from tests.trainer_utils import constant_lr, half_plan, toy_batches  # noqa: E40
 from trainers import FullTrainer, TrainerConfig  # noqa: E402
 
 
+def _wrapper_depth(fn) -> int:
+    depth = 0
+    while hasattr(fn, "__wrapped__"):
+        fn, depth = fn.__wrapped__, depth + 1
+    return depth
+
+
 def main(out_dir: Path) -> None:
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision="bf16")  # CPU autocast: the GPU path's wrappers, on gloo
     rank = accelerator.process_index
-    trainer = FullTrainer(tiny_llama(seed=0), accelerator, TrainerConfig(grad_accum_steps=2))
+    model = tiny_llama(seed=0)
+    trainer = FullTrainer(model, accelerator, TrainerConfig(grad_accum_steps=2))
+    prepared_forward = _wrapper_depth(model.forward)
     batches = toy_batches(seed=100 + rank, batch=2)  # ranks see different data
     losses = []
     on_step = lambda m: losses.append(m["loss"])  # noqa: E731
     result = trainer.run_phase(batches, 2, constant_lr(1e-2), 0, on_step)
 
     plain = trainer.before_surgery()
+    assert "forward" not in plain.__dict__, "accelerate's forward wrapper should be gone"
     records = apply_plan(plain, half_plan(plain))  # the same plan on every rank
     trainer.after_surgery(plain, records)
     trainer.run_phase(batches, 2, constant_lr(1e-2), result.global_step, on_step)
 
-    model = trainer.unwrapped_model()
+    assert trainer.unwrapped_model() is model
+    assert _wrapper_depth(model.forward) == prepared_forward, "autocast wrapper lost or doubled"
     state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
     save_file(state, str(out_dir / f"rank{rank}.safetensors"))
     report = {

@@ -23,10 +23,8 @@ def _snapshot(state: dict) -> dict:
     return {n: {k: v.clone() for k, v in s.items()} for n, s in state.items()}
 
 
-def _expected_positions(model, plan) -> dict[str, tuple[int, torch.Tensor]]:
+def _expected_positions(plan, head_dim: int, n_rep: int) -> dict[str, tuple[int, torch.Tensor]]:
     """Kept rows/columns per weight, worked out from the plan and the head geometry alone."""
-    config = model.config
-    head_dim, n_rep = config.head_dim, config.num_attention_heads // config.num_key_value_heads
     expected = {}
     for layer, kinds in plan.items():
         prefix = f"model.layers.{layer}"
@@ -53,7 +51,7 @@ def test_carried_adamw_state_equals_the_sliced_old_state():
     plan = half_plan(plain)
     trainer.after_surgery(plain, apply_plan(plain, plan))
     new = trainer.optimizer_state_by_name()
-    expected = _expected_positions(plain, plan)
+    expected = _expected_positions(plan, head_dim=16, n_rep=3)
     assert new.keys() == old.keys() and len(trainer.last_carry.sliced) == len(expected)
     for name, entries in new.items():
         dim, kept = expected.get(name, (None, None))
@@ -78,8 +76,8 @@ def test_bias_slices_and_new_biases_start_fresh():
     ensure_output_biases(plain)  # new down_proj biases (o_proj already has one)
     trainer.after_surgery(plain, apply_plan(plain, half_plan(plain)))
     new = trainer.optimizer_state_by_name()
-    groups = get_adapter(plain).count_units(plain, 1, ATTENTION)
-    kept_rows = torch.arange(groups * 2 * 16 - 2 * 16)  # all but the last group's 2 heads x 16
+    assert get_adapter(plain).count_units(plain, 1, ATTENTION) == 1
+    kept_rows = torch.arange(2 * 16)  # group 0 of 2: its 2 query heads x head_dim 16
     name = "model.layers.1.self_attn.q_proj.bias"
     assert torch.equal(new[name]["exp_avg"], old[name]["exp_avg"][kept_rows])
     name = "model.layers.1.self_attn.o_proj.bias"  # o is cut on columns: its bias is whole
@@ -131,5 +129,5 @@ def test_resume_from_saved_state_continues_identically(tmp_path):
     batch = next(toy_batches(seed=4))
     for t in (trainer, resumed):
         t.run_phase(iter([batch]), 1, constant_lr(1e-2), 2)
-    for (name, a), b in zip(trainer.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters()):
+    for (name, a), b in zip(trainer.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters(), strict=True):
         assert torch.equal(a, b), name

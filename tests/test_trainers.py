@@ -149,6 +149,10 @@ def test_lora_merge_before_surgery_is_exact_and_pruned_model_takes_a_new_adapter
     peft_model.eval()
     with torch.no_grad():
         adapted = peft_model(input_ids=ids).logits
+        exported = trainer.export_model()  # a merged copy; the adapter stays live
+        torch.testing.assert_close(exported(input_ids=ids).logits, adapted, atol=1e-5, rtol=0)
+    assert any(isinstance(m, LoraLayer) for m in trainer.unwrapped_model().modules())
+    assert not any(isinstance(m, LoraLayer) for m in exported.modules())
     plain = trainer.merge_before_surgery()
     assert not any(isinstance(m, LoraLayer) for m in plain.modules())
     assert all(type(plain.model.layers[0].mlp.get_submodule(p)) is nn.Linear for p in ("gate_proj", "up_proj", "down_proj"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -143,20 +142,32 @@ def adamw_for(model: nn.Module, config: TrainerConfig) -> torch.optim.AdamW:
 
 
 def forget_prepared(accelerator: Accelerator, model: nn.Module) -> nn.Module:
-    """Drop accelerate's references to our old model/optimizer and its 'already prepared' mark.
+    """Undo what ``accelerator.prepare`` did to ``model`` so it can be pruned and prepared anew.
 
-    Shim for accelerate 1.x: without a process group, ``prepare`` returns the model itself
-    flagged ``_is_accelerate_prepared`` and silently skips a second prepare of it (no device
-    placement, no autocast wrapper); ``free_memory`` forgets the old DDP wrapper and optimizer
-    (and anything else the accelerator prepared, e.g. dataloaders).
+    Shim for accelerate 1.x. ``free_memory`` drops the accelerator's references to the old
+    DDP wrapper and optimizer (and anything else it prepared, e.g. dataloaders). Without a
+    process group ``prepare`` returns the model itself flagged ``_is_accelerate_prepared`` and
+    would skip a second prepare (no device placement, no autocast); we drop the flag. Under
+    mixed precision it replaced ``forward`` with an autocast wrapper and kept the original in
+    ``_original_forward``; we restore that one exactly (``unwrap_model(keep_fp32_wrapper=False)``
+    also strips transformers' own decorators such as ``can_return_tuple``).
     """
     accelerator.free_memory()
     model.__dict__.pop("_is_accelerate_prepared", None)
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        if getattr(original, "__func__", None) is getattr(type(model), "forward", None):
+            model.__dict__.pop("forward", None)  # back to the class's forward
+        else:
+            model.forward = original
     return model
 
 
-class Trainer(ABC):
-    """A recovery strategy: wraps the model for training, builds the optimizer, runs phases."""
+class Trainer:
+    """A recovery strategy: wraps the model for training, builds the optimizer, runs phases.
+
+    The base is plain LM training; strategies override the three hooks below and set ``name``.
+    """
 
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False  # the controller loads a frozen dense teacher if True
@@ -167,7 +178,7 @@ class Trainer(ABC):
         model: nn.Module,
         accelerator: Accelerator,
         config: TrainerConfig | None = None,
-        teacher: nn.Module | None = None,
+        teacher: nn.Module | None = None,  # used only by strategies with needs_teacher
     ):
         self.accelerator = accelerator
         self.config = config or TrainerConfig()
@@ -200,8 +211,12 @@ class Trainer(ABC):
         return self.accelerator.prepare(module, optimizer)
 
     def unwrapped_model(self) -> nn.Module:
-        """The training module without DDP / autocast wrappers (for eval and saving)."""
+        """The training module without the DDP wrapper (its forward still autocasts under bf16)."""
         return self.accelerator.unwrap_model(self.model)
+
+    def export_model(self) -> nn.Module:
+        """A plain HF model with the current weights, to save in a checkpoint (not a copy here)."""
+        return self.unwrapped_model()
 
     def before_surgery(self) -> nn.Module:
         """Hand the plain model over for calibration, scoring and surgery.
@@ -209,7 +224,7 @@ class Trainer(ABC):
         Keeps the optimizer state by parameter name (if the strategy carries it and the config
         says 'carry'), then releases the DDP wrapper and optimizer. Call ``after_surgery`` next.
         """
-        module = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        module = self.accelerator.unwrap_model(self.model)
         if self.carries_optimizer_state and self.config.optimizer_state == "carry":
             self._held_state = state_by_name(self.optimizer, module)
         self.model = self.optimizer = None  # the old wrapper pins the old parameters

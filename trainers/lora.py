@@ -8,6 +8,8 @@ optimizer always starts fresh (``optimizer_state`` does not apply).
 
 from __future__ import annotations
 
+import copy
+
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -48,6 +50,10 @@ class LoraTrainer(Trainer):
 
     def unwrap_for_surgery(self, model: nn.Module) -> nn.Module:
         return merge_adapter(model)
+
+    def export_model(self) -> nn.Module:
+        """A merged plain copy for checkpoints; the live adapter and its optimizer stay as they are."""
+        return merge_adapter(copy.deepcopy(self.unwrapped_model()))
 
     def merge_before_surgery(self) -> nn.Module:
         """Alias of ``before_surgery`` named for what it does here: merge and unload."""
