@@ -5,9 +5,17 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .base import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, Coupling, LayerShape
+from .gemma3 import Gemma3Adapter
 from .llama import LlamaAdapter
+from .mistral import MistralAdapter
+from .opt import OPTAdapter
+from .phi3 import Phi3Adapter
+from .qwen import Qwen2Adapter, Qwen3Adapter
 
-ADAPTERS: tuple[ArchAdapter, ...] = (LlamaAdapter(),)
+ADAPTERS: tuple[ArchAdapter, ...] = (
+    LlamaAdapter(), Qwen2Adapter(), Qwen3Adapter(), MistralAdapter(), OPTAdapter(), Phi3Adapter(),
+    Gemma3Adapter(),
+)
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -1,4 +1,4 @@
-"""Heterogeneous Llama-family checkpoint classes (Llama 2/3, SmolLM, Qwen2/3, Mistral layout).
+"""Heterogeneous Llama-family checkpoint classes (Llama 2/3, SmolLM, MobileLLM).
 
 Layers may differ in MLP width and in the number of KV groups; the sizes are stored in the
 config's ``per_layer_config``. HF's ``LlamaForCausalLM.forward`` is used unchanged: attention

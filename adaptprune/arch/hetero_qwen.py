@@ -23,8 +23,6 @@ from .hf_compat import (
     validate_heterogeneous,
 )
 
-OUTPUT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
-
 
 class AdaptQwen2Config(Qwen2Config):
     model_type = "adaptprune_qwen2"
@@ -42,6 +40,7 @@ class AdaptQwen2Config(Qwen2Config):
 
 class AdaptQwen2ForCausalLM(Qwen2ForCausalLM):
     config_class = AdaptQwen2Config
+    output_projections = ("self_attn.o_proj", "mlp.down_proj")
 
     def __init__(self, config: AdaptQwen2Config):
         base = homogeneous_copy(config)
@@ -49,7 +48,7 @@ class AdaptQwen2ForCausalLM(Qwen2ForCausalLM):
         adopt_config(self, config, built_from=base)
         rebuild_heterogeneous_layers(self.model.layers, Qwen2DecoderLayer, config)
         if getattr(config, OUTPUT_BIAS_KEY, False):
-            add_output_biases(self.model.layers, OUTPUT_PROJECTIONS)
+            add_output_biases(self.model.layers, self.output_projections)
         self.post_init()
 
 
@@ -62,6 +61,7 @@ class AdaptQwen3Config(Qwen3Config):
 
 class AdaptQwen3ForCausalLM(Qwen3ForCausalLM):
     config_class = AdaptQwen3Config
+    output_projections = ("self_attn.o_proj", "mlp.down_proj")
 
     def __init__(self, config: AdaptQwen3Config):
         base = homogeneous_copy(config)
@@ -69,5 +69,5 @@ class AdaptQwen3ForCausalLM(Qwen3ForCausalLM):
         adopt_config(self, config, built_from=base)
         rebuild_heterogeneous_layers(self.model.layers, Qwen3DecoderLayer, config)
         if getattr(config, OUTPUT_BIAS_KEY, False):
-            add_output_biases(self.model.layers, OUTPUT_PROJECTIONS)
+            add_output_biases(self.model.layers, self.output_projections)
         self.post_init()

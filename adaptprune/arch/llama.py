@@ -1,7 +1,9 @@
-"""Llama-family adapter: Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/Qwen3, MobileLLM layouts.
+"""Llama-family adapter: Llama 2/3, SmolLM/SmolLM2, MobileLLM layouts.
 
 q/k/v/o in ``self_attn``, gate/up/down in ``mlp``; GQA groups of ``n_rep`` query heads per KV
-head. Qwen2's q/k/v biases are rows of those projections and are sliced with them.
+head; q/k/v biases (``attention_bias``) are rows of those projections and are sliced with them.
+Mistral and Qwen2/Qwen3 share these couplings (``mistral.py`` and ``qwen.py`` subclass this
+adapter) but need their own heterogeneous classes, since their HF layers differ.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .hetero_llama import AdaptLlamaConfig, AdaptLlamaForCausalLM
 
 class LlamaAdapter(ArchAdapter):
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "adaptprune_llama")
+    model_types = ("llama", "adaptprune_llama")
     hetero_model_type = "adaptprune_llama"
     mlp_output = "mlp.down_proj"
     attention_output = "self_attn.o_proj"
