@@ -91,10 +91,13 @@ def atomic_dir(target: str | os.PathLike):
 
 def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write a reloadable heterogeneous checkpoint atomically; returns its folder."""
-    model = to_heterogeneous(model)
+    if getattr(model, "self_contained_checkpoint", False):  # e.g. SliceGPT: its class is the format
+        config_cls, model_cls = type(model.config), type(model)
+    else:
+        model = to_heterogeneous(model)
+        config_cls, model_cls = get_adapter(model).hetero_classes()
     files = modeling_files(model)
     module = files[0].stem
-    config_cls, model_cls = get_adapter(model).hetero_classes()
     model.config.auto_map = {
         "AutoConfig": f"{module}.{config_cls.__name__}",
         "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",

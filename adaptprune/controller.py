@@ -185,7 +185,10 @@ class Controller:
         dense = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
         self.adapter = get_adapter(dense)
         original = count_parameters(dense)
-        target = parse_target(cfg.prune.target_params, original)
+        try:
+            target = parse_target(cfg.prune.target_params, original)
+        except ValueError as err:
+            raise ConfigError(f"prune.{err}") from None
         step = max(1, round(cfg.prune.step_fraction * original))
         self.targets = stage_targets(original, target, step)
         self.stage_tokens, self.recovery_tokens = stage_tokens(
@@ -228,8 +231,8 @@ class Controller:
         prune_seconds = 0.0
         if not recovery:
             model = self.trainer.before_surgery()
-            remove = count_parameters(model) - self.targets[stage - 1]
-            report = prune_step(model, self._calibration_sequences(stage), remove, self.cfg.prune, self.adapter,
+            report = prune_step(model, self._calibration_sequences(stage), self.targets[stage - 1], self.cfg.prune,
+                                self.adapter,
                                 progress=self.acc.is_main_process, label=f"({stage}/{len(self.targets)})")
             self.trainer.after_surgery(model, report.records)
             state.kept_ids = _compose_ids(state.kept_ids, report.records)

@@ -37,7 +37,7 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
     context = min(cfg.data.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
     dense_info = describe(model)
     ppl_before = perplexity(model, heldout, context=context, progress=progress).as_dict()
-    report = prune_step(model, calib, before - target, cfg.prune, progress=progress, label="(1/1)")
+    report = prune_step(model, calib, target, cfg.prune, progress=progress, label="(1/1)")
     ppl_after = perplexity(model, heldout, context=context, progress=progress).as_dict()
     metrics = {
         "params_before": before, "params_after": count_parameters(model), "target_params": target,

@@ -19,7 +19,7 @@ from .compensation import apply_compensated_plan
 from .config import PruneConfig
 from .importance import get_metric
 from .profiling import Profile
-from .surgery import KeptRecord, Plan
+from .surgery import KeptRecord, Plan, count_parameters, ensure_output_biases
 
 
 @dataclass
@@ -44,23 +44,29 @@ def layer_budgets(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> l
     return budgets
 
 
+TAYLOR_MINI_BATCHES = 2  # backward passes for Taylor scores (LLM-Pruner uses ~10 short samples)
+
+
 def prune_step(
     model: nn.Module,
     sequences: torch.Tensor,
-    remove_params: int,
+    target_params: int,
     cfg: PruneConfig,
     adapter: ArchAdapter | None = None,
     progress: bool = True,
     label: str = "",
 ) -> StepReport:
-    """Remove at least ``remove_params`` parameters (less than one unit more) from ``model``."""
+    """Shrink ``model`` to at most ``target_params`` parameters (less than one unit below)."""
     adapter = adapter or get_adapter(model)
     metric = get_metric(cfg.metric)
+    if cfg.mean_compensation:
+        ensure_output_biases(model, adapter)  # the bias slots count towards the target too
+    remove_params = count_parameters(model) - target_params
     profile = Profile()
     with profile.phase("calibration"):
         calib = calibrate(
             model, sequences, adapter=adapter, collect_cov=cfg.energy_compensation,
-            taylor_batches=len(sequences) if metric.needs_grads else 0,
+            taylor_batches=TAYLOR_MINI_BATCHES if metric.needs_grads else 0,
             progress=progress, desc=f"{label} calibrating".strip(),
         )
     with profile.phase("scoring"):

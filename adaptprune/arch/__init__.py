@@ -45,6 +45,10 @@ def register_auto_classes() -> None:
         config_cls, model_cls = adapter.hetero_classes()
         AutoConfig.register(adapter.hetero_model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    from .hetero_sliced_llama import AdaptSlicedLlamaConfig, AdaptSlicedLlamaForCausalLM  # SliceGPT baseline
+
+    AutoConfig.register(AdaptSlicedLlamaConfig.model_type, AdaptSlicedLlamaConfig, exist_ok=True)
+    AutoModelForCausalLM.register(AdaptSlicedLlamaConfig, AdaptSlicedLlamaForCausalLM, exist_ok=True)
 
 
 __all__ = [

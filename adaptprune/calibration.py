@@ -1,0 +1,289 @@
+"""Streaming calibration: one pass over calibration text collects what scoring and compensation need.
+
+Per decoder layer, with hooks that are always removed afterwards:
+
+- **Channel statistics** of the inputs of the two output-side projections (the adapter's
+  ``mlp_output`` = down, ``attention_output`` = o), i.e. of the unit activations: per input
+  channel the mean μ, the population variance σ² and the second moment E[x²], accumulated in
+  float64 (batch moments merged with Chan et al.'s parallel update, so a channel with a large
+  mean and a small variance keeps its variance exactly). Optionally the raw second-moment
+  matrix Σ = E[x xᵀ] (float64, C×C per layer and kind) for energy compensation.
+- **Block influence** (ShortGPT, arXiv 2403.03853; Adapt-Pruner, arXiv 2502.03460):
+  I_l = 1 − mean over tokens of cos(h_in, h_out) of the residual stream around the layer.
+  It is ALGORITHMS.md's −cos shifted by 1, so I_l ∈ [0, 2] and 0 means the layer leaves the
+  stream's direction unchanged (least important); the allocator only uses the normalised form
+  Ĩ = (I − mean I)/max|I − mean I|, which the shift does not change.
+- **First-order Taylor terms** (LLM-Pruner, arXiv 2305.11627), when ``taylor_batches > 0``:
+  for each unit u, t_u = Σ over the unit's coupled weights of W ⊙ ∂L/∂W, where L is the mean
+  LM loss over the first ``taylor_batches`` mini-batches. Only these signed per-unit sums are
+  kept (the gradient is linear, so they are summed batch by batch and the gradients freed);
+  the ``taylor`` metric scores |t_u|. During those batches only the coupled weights require
+  gradients, so peak memory is the model, the coupled weights' gradients and one batch of
+  activations kept for backward.
+
+Memory: activations are never stored; the accumulators are O(C) per layer and kind, plus
+O(C²) each when ``collect_cov`` (for a 1536-neuron MLP that is 19 MB per layer). Statistics
+live on the device of the activations they summarise.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, Coupling, get_adapter
+
+
+@dataclass
+class ChannelStats:
+    """Per-input-channel statistics of one output-side projection's inputs (float64)."""
+
+    count: int  # tokens seen
+    mean: Tensor  # (C,) μ
+    var: Tensor  # (C,) population variance σ²
+    sq_mean: Tensor  # (C,) E[x²] = σ² + μ²
+    cov: Tensor | None = None  # (C, C) raw second moment E[x xᵀ], only with collect_cov
+
+    @property
+    def std(self) -> Tensor:
+        return self.var.clamp_min(0).sqrt()
+
+
+@dataclass
+class LayerStats:
+    """Everything calibration learned about one decoder layer."""
+
+    mlp: ChannelStats
+    attention: ChannelStats
+    influence: float  # 1 − mean cos(h_in, h_out)
+
+    def channels(self, kind: str) -> ChannelStats:
+        """The statistics of the output-side inputs of ``kind`` ("mlp" or "attention")."""
+        if kind not in UNIT_KINDS:
+            raise ValueError(f"unit kind must be one of {UNIT_KINDS}, got '{kind}'")
+        return self.mlp if kind == MLP else self.attention
+
+
+@dataclass
+class CalibrationResult:
+    layers: list[LayerStats]
+    # per layer, per kind: signed first-order terms t_u = Σ W ⊙ ∂L/∂W over each unit's
+    # coupled weights, float64 (units,); None unless taylor_batches > 0
+    taylor: list[dict[str, Tensor]] | None = None
+    tokens: int = 0
+    taylor_tokens: int = 0
+
+
+# ---- pure accumulators --------------------------------------------------------------------
+class ChannelAccumulator:
+    """Streams per-channel moments of rows x (n, C) without storing them (float64)."""
+
+    def __init__(self, collect_cov: bool = False) -> None:
+        self.collect_cov = collect_cov
+        self.count = 0
+        self.mean: Tensor | None = None  # (C,)
+        self.m2: Tensor | None = None  # (C,) Σ (x − mean)²
+        self.sq_sum: Tensor | None = None  # (C,) Σ x²
+        self.outer: Tensor | None = None  # (C, C) Σ x xᵀ
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (n, C)
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean = x.mean(0)
+        batch_m2 = (x - batch_mean).square().sum(0)
+        batch_sq = batch_m2 + n * batch_mean.square()  # Σx², all terms non-negative: no cancellation
+        if self.mean is None:
+            self.mean, self.m2, self.sq_sum = batch_mean, batch_m2, batch_sq
+            self.outer = x.T @ x if self.collect_cov else None
+        else:
+            # Chan et al. (1979): merge two sets' means and centred sums of squares exactly
+            total = self.count + n
+            delta = batch_mean - self.mean
+            self.mean = self.mean + delta * (n / total)
+            self.m2 = self.m2 + batch_m2 + delta.square() * (self.count * n / total)
+            self.sq_sum = self.sq_sum + batch_sq
+            if self.collect_cov:
+                self.outer = self.outer + x.T @ x
+        self.count += n
+
+    def result(self) -> ChannelStats:
+        if self.count == 0:
+            raise RuntimeError("no activations reached this projection during calibration")
+        cov = self.outer / self.count if self.outer is not None else None
+        return ChannelStats(self.count, self.mean, self.m2 / self.count, self.sq_sum / self.count, cov)
+
+
+class InfluenceAccumulator:
+    """Streams 1 − mean over tokens of cos(h_in, h_out) (ShortGPT's block influence)."""
+
+    def __init__(self) -> None:
+        self.cos_sum = 0.0
+        self.count = 0
+
+    def update(self, h_in: Tensor, h_out: Tensor) -> None:
+        cos = torch.nn.functional.cosine_similarity(h_in.detach().double(), h_out.detach().double(), dim=-1)  # (B, T)
+        self.cos_sum += cos.sum().item()
+        self.count += cos.numel()
+
+    def result(self) -> float:
+        return 1.0 - self.cos_sum / max(self.count, 1)
+
+
+def first_order_terms(weight: Tensor, grad: Tensor, coupling: Coupling, units: int) -> Tensor:
+    """Σ of W ⊙ G over each unit's slice of one coupled matrix: (units,) float64.
+
+    Positions along ``coupling.dim`` are summed over the other dimension, then added into the
+    unit that owns them, so a fused or multi-column unit gets all of its weights.
+    """
+    per_position = (weight.detach().double() * grad.double()).sum(dim=1 - coupling.dim)  # (positions,)
+    ids = coupling.unit_ids.to(per_position.device)
+    return torch.zeros(units, dtype=torch.float64, device=per_position.device).index_add_(0, ids, per_position)
+
+
+# ---- orchestration --------------------------------------------------------------------------
+class _Hooks:
+    """The calibration hooks of every decoder layer; ``remove`` undoes all of them."""
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, collect_cov: bool) -> None:
+        self.handles: list = []
+        layers = adapter.decoder_layers(model)
+        self.channels = [{kind: ChannelAccumulator(collect_cov) for kind in UNIT_KINDS} for _ in layers]
+        self.influence = [InfluenceAccumulator() for _ in layers]
+        try:
+            for idx, layer in enumerate(layers):
+                for kind, path in ((MLP, adapter.mlp_output), (ATTENTION, adapter.attention_output)):
+                    acc = self.channels[idx][kind]
+                    self.handles.append(layer.get_submodule(path).register_forward_pre_hook(
+                        lambda _m, args, acc=acc: acc.update(args[0])
+                    ))
+                self.handles.append(layer.register_forward_hook(self._influence_hook(idx), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _influence_hook(self, idx: int):
+        def hook(_module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            self.influence[idx].update(h_in, h_out)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def layer_stats(self) -> list[LayerStats]:
+        return [
+            LayerStats(mlp=ch[MLP].result(), attention=ch[ATTENTION].result(), influence=inf.result())
+            for ch, inf in zip(self.channels, self.influence, strict=True)
+        ]
+
+
+class _TaylorAccumulator:
+    """Makes only the coupled weights trainable and sums their first-order terms per unit."""
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter) -> None:
+        self.model, self.adapter = model, adapter
+        self.layers = adapter.decoder_layers(model)
+        self.couplings = [{k: adapter.couplings(model, i, k) for k in UNIT_KINDS} for i in range(len(self.layers))]
+        self.units = [{k: adapter.count_units(model, i, k) for k in UNIT_KINDS} for i in range(len(self.layers))]
+        self.terms = [{k: None for k in UNIT_KINDS} for _ in self.layers]
+        self.batches = 0
+        self.saved = {name: p.requires_grad for name, p in model.named_parameters()}
+        self.weights = {
+            id(layer.get_submodule(c.path).weight)
+            for layer, by_kind in zip(self.layers, self.couplings, strict=True)
+            for cs in by_kind.values() for c in cs
+        }
+
+    def __enter__(self) -> _TaylorAccumulator:
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in self.weights)
+            p.grad = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, p in self.model.named_parameters():
+            p.grad = None
+            p.requires_grad_(self.saved[name])
+
+    def step(self, input_ids: Tensor) -> None:
+        """Backward on this batch's LM loss, fold W ⊙ G into the per-unit sums, free the grads."""
+        with torch.enable_grad():
+            loss = self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            loss.backward()
+        for idx, layer in enumerate(self.layers):
+            for kind in UNIT_KINDS:
+                for c in self.couplings[idx][kind]:
+                    w = layer.get_submodule(c.path).weight
+                    t = first_order_terms(w, w.grad, c, self.units[idx][kind])
+                    self.terms[idx][kind] = t if self.terms[idx][kind] is None else self.terms[idx][kind] + t
+        for p in self.model.parameters():
+            p.grad = None
+        self.batches += 1
+
+    def result(self) -> list[dict[str, Tensor]]:
+        # L is the mean over batches of each batch's mean loss, so its gradient is the mean
+        return [{k: t / self.batches for k, t in by_kind.items()} for by_kind in self.terms]
+
+
+def _check_sequences(sequences: Tensor, batch_size: int) -> None:
+    if not isinstance(sequences, Tensor) or sequences.dim() != 2 or sequences.dtype != torch.long:
+        raise ValueError("sequences must be a LongTensor of token ids shaped (N, L)")
+    if sequences.shape[0] == 0 or sequences.shape[1] == 0:
+        raise ValueError(f"need at least one calibration sequence with tokens, got shape {tuple(sequences.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def calibrate(
+    model: nn.Module,
+    sequences: Tensor,
+    batch_size: int = 4,
+    adapter: ArchAdapter | None = None,
+    collect_cov: bool = False,
+    taylor_batches: int = 0,
+    progress: bool = True,
+    desc: str = "calibrating",
+) -> CalibrationResult:
+    """One pass over ``sequences`` (N, L): channel statistics, block influence, Taylor terms.
+
+    The first ``min(taylor_batches, batches)`` mini-batches also run a backward pass on the LM
+    loss; all others run under ``torch.no_grad()``. The model runs in eval mode; hooks, the
+    train/eval mode, ``requires_grad`` flags and ``.grad`` are restored even when the pass fails.
+    """
+    _check_sequences(sequences, batch_size)
+    adapter = adapter or get_adapter(model)
+    device = next(model.parameters()).device
+    batches = list(torch.split(sequences, batch_size))
+    taylor = _TaylorAccumulator(model, adapter) if taylor_batches > 0 else None
+    hooks = _Hooks(model, adapter, collect_cov)
+    was_training = model.training
+    try:
+        model.eval()  # statistics of the deterministic forward (no dropout, no gradient checkpointing)
+        with taylor if taylor is not None else nullcontext():
+            for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
+                batch = batch.to(device)  # (B, L)
+                if taylor is not None and i < taylor_batches:
+                    taylor.step(batch)
+                else:
+                    with torch.no_grad():
+                        model(input_ids=batch, use_cache=False, logits_to_keep=1)  # no LM head over every token
+    finally:
+        hooks.remove()
+        model.train(was_training)
+    n_taylor = min(taylor_batches, len(batches))
+    return CalibrationResult(
+        layers=hooks.layer_stats(),
+        taylor=taylor.result() if taylor is not None else None,
+        tokens=sequences.numel(),
+        taylor_tokens=sum(b.numel() for b in batches[:n_taylor]),
+    )

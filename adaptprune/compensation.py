@@ -1,0 +1,150 @@
+"""Closed-form compensation applied together with unit removal (no training).
+
+For one output-side projection y = W x + b (down for MLP neurons, o for attention groups) with
+calibration statistics of x — mean μ, raw second moment Σ = E[x xᵀ] and C = Σ − μμᵀ — and the
+input channels split into kept K and removed R:
+
+- **Mean compensation** (FLAP, arXiv 2312.11983; STADE, arXiv 2503.22451):
+  b ← b + W[:, R] μ_R, so E[y] on the calibration data is unchanged by the removal.
+- **Energy compensation, EC** (arXiv 2602.07375): the kept columns are rescaled,
+  W[:, K] ← γ W[:, K], so the output's energy matches the dense layer's. Energy is that of the
+  weight term W x (a bias is a constant and is left out):
+    * EC alone: the raw energy E‖W x‖² = tr(W Σ Wᵀ) is matched,
+      γ = sqrt(tr(W Σ Wᵀ) / tr(W_K Σ_KK W_Kᵀ)).
+    * EC with mean compensation: the bias carries the mean, γ matches the *centred* energy
+      tr(W C Wᵀ) (the output's total variance), γ = sqrt(tr(W C Wᵀ) / tr(W_K C_KK W_Kᵀ)),
+      and the bias becomes b + W μ − γ W_K μ_K. Mean and raw energy then both equal the dense
+      layer's, because E‖y‖² = ‖E y‖² + tr Cov(y).
+  γ = 1 when nothing is removed, nothing is kept or the kept part has no energy.
+
+The pure math (``mean_shift``, ``energy_scale``, ``compensate``) works on tensors; the model
+walking (``apply_compensated_plan``) computes every compensation from the dense weights, lets
+``surgery.apply_plan`` remove the units, then writes γ and the bias into the rebuilt output
+projections. Statistics must come from the model as it is now (same units).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .arch import UNIT_KINDS, ArchAdapter, get_adapter
+from .calibration import CalibrationResult, ChannelStats
+from .surgery import KeptRecord, Plan, apply_plan, ensure_output_biases
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """What to do to one output-side linear: scale kept columns, add to the bias."""
+
+    scale: float  # γ applied to the kept columns (1.0 without EC)
+    bias_delta: Tensor | None  # (out,) float64 added to the bias; None without mean compensation
+
+
+# ---- pure tensor math ----------------------------------------------------------------------
+def mean_shift(weight: Tensor, mean: Tensor, removed: Tensor) -> Tensor:
+    """W[:, R] μ_R, float64 (out,): the removed channels' mean contribution."""
+    w = weight.detach().double()
+    return w[:, removed] @ mean.double().to(w.device)[removed]
+
+
+def output_energy(weight: Tensor, moment: Tensor) -> float:
+    """tr(W M Wᵀ) for an (out, C) weight and a (C, C) moment matrix M, in float64."""
+    w = weight.detach().double()
+    return float(((w @ moment.double().to(w.device)) * w).sum())
+
+
+def energy_scale(weight: Tensor, moment: Tensor, kept: Tensor) -> float:
+    """γ = sqrt(tr(W M Wᵀ) / tr(W_K M_KK W_Kᵀ)) (EC); 1.0 when the ratio is undefined."""
+    if kept.numel() == 0:
+        return 1.0
+    kept_energy = output_energy(weight[:, kept], moment[kept][:, kept])
+    if not kept_energy > 0:
+        return 1.0
+    ratio = output_energy(weight, moment) / kept_energy
+    return math.sqrt(ratio) if math.isfinite(ratio) and ratio > 0 else 1.0
+
+
+def compensate(weight: Tensor, stats: ChannelStats, kept_channels: Tensor, mean: bool, energy: bool) -> Compensation:
+    """The compensation of one (out, C) output-side weight keeping ``kept_channels`` (bool (C,))."""
+    kept = kept_channels.nonzero().flatten()
+    removed = (~kept_channels).nonzero().flatten()
+    scale = 1.0
+    if energy and removed.numel():
+        if stats.cov is None:
+            raise ValueError("energy compensation needs Σ = E[x xᵀ]: calibrate with collect_cov=True")
+        mu = stats.mean.double()
+        moment = stats.cov - torch.outer(mu, mu) if mean else stats.cov  # centred when the bias carries the mean
+        scale = energy_scale(weight, moment, kept)
+    bias_delta = None
+    if mean:
+        bias_delta = mean_shift(weight, stats.mean, removed)
+        if scale != 1.0:  # the rescaled kept columns shift the mean by (γ − 1) W_K μ_K; undo that
+            bias_delta = bias_delta - (scale - 1.0) * mean_shift(weight, stats.mean, kept)
+    return Compensation(scale=scale, bias_delta=bias_delta)
+
+
+# ---- model walking --------------------------------------------------------------------------
+def _plan_compensations(
+    model: nn.Module, plan: Plan, calib: CalibrationResult, mean: bool, energy: bool, adapter: ArchAdapter
+) -> list[tuple[int, str, Compensation]]:
+    """(layer, output path, compensation) for every (layer, kind) of the plan, from dense weights."""
+    layers = adapter.decoder_layers(model)
+    out = []
+    for layer_idx in sorted(plan):
+        for kind, keep in plan[layer_idx].items():
+            if kind not in UNIT_KINDS:
+                continue  # apply_plan raises the clear error
+            coupling = adapter.output_coupling(model, layer_idx, kind)
+            weight = layers[layer_idx].get_submodule(coupling.path).weight
+            kept_channels = torch.isin(coupling.unit_ids, torch.as_tensor(list(keep), dtype=torch.long))
+            stats = calib.layers[layer_idx].channels(kind)
+            if stats.mean.numel() != kept_channels.numel():
+                raise ValueError(
+                    f"layer {layer_idx} {kind}: statistics cover {stats.mean.numel()} channels, the layer has "
+                    f"{kept_channels.numel()}; recalibrate after surgery"
+                )
+            out.append((layer_idx, coupling.path, compensate(weight, stats, kept_channels, mean, energy)))
+    return out
+
+
+def _apply_to_linear(linear: nn.Linear, comp: Compensation) -> None:
+    """Scale the (already sliced, all kept) weight by γ and add to the bias, in place."""
+    with torch.no_grad():
+        if comp.scale != 1.0:
+            linear.weight.mul_(comp.scale)
+        if comp.bias_delta is not None:
+            linear.bias.add_(comp.bias_delta.to(device=linear.bias.device, dtype=linear.bias.dtype))
+
+
+def apply_compensated_plan(
+    model: nn.Module,
+    plan: Plan,
+    calib: CalibrationResult | None,
+    mean: bool,
+    energy: bool,
+    adapter: ArchAdapter | None = None,
+) -> list[KeptRecord]:
+    """Compute every (layer, kind)'s compensation from the dense weights, remove the units with
+    ``surgery.apply_plan``, then write the compensation into the rebuilt output projections.
+
+    With ``mean`` every layer's o/down projection gets a bias (``surgery.ensure_output_biases``;
+    the config flag makes saved checkpoints rebuild it). Without ``mean`` and ``energy`` this is
+    exactly ``surgery.apply_plan``.
+    """
+    adapter = adapter or get_adapter(model)
+    if not (mean or energy):
+        return apply_plan(model, plan, adapter)
+    if calib is None:
+        raise ValueError("compensation needs calibration statistics (calib=None)")
+    compensations = _plan_compensations(model, plan, calib, mean, energy, adapter)
+    if mean and compensations:
+        ensure_output_biases(model, adapter)
+    records = apply_plan(model, plan, adapter)
+    layers = adapter.decoder_layers(model)
+    for layer_idx, path, comp in compensations:
+        _apply_to_linear(layers[layer_idx].get_submodule(path), comp)
+    return records
