@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,17 @@ from .schedule import lr_at, stage_targets, stage_tokens
 from .surgery import count_parameters
 
 MAX_ROLLBACKS = 3
+CRASH_ENV = "ADAPTPRUNE_CRASH_AT"  # fault injection for the kill-and-resume tests: "<point>:<stage>"
+
+
+def fault_point(point: str, stage: int) -> None:
+    """SIGKILL this process at a named point when ``$ADAPTPRUNE_CRASH_AT`` asks for it.
+
+    Points: calibration, surgery, training, saving. Only the crash-safety tests set it; a
+    SIGKILL (not an exception) is the honest model of a machine dying mid-stage.
+    """
+    if os.environ.get(CRASH_ENV) == f"{point}:{stage}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -152,6 +165,7 @@ class Controller:
         if self.acc.is_main_process:
             with atomic_dir(self._stage_dir(state.stage)) as tmp:
                 save_checkpoint(model, tmp / "model", tokenizer)  # model: the exported plain model
+                fault_point("saving", state.stage)
                 save_optimizer_state(tmp / "optimizer.safetensors", self.trainer.optimizer_state_by_name(),
                                      extra={"global_step": state.global_step})
                 from safetensors.torch import save_file
@@ -230,10 +244,12 @@ class Controller:
         t0 = time.perf_counter()
         prune_seconds = 0.0
         if not recovery:
+            fault_point("calibration", stage)
             model = self.trainer.before_surgery()
             report = prune_step(model, self._calibration_sequences(stage), self.targets[stage - 1], self.cfg.prune,
                                 self.adapter,
                                 progress=self.acc.is_main_process, label=f"({stage}/{len(self.targets)})")
+            fault_point("surgery", stage)
             self.trainer.after_surgery(model, report.records)
             state.kept_ids = _compose_ids(state.kept_ids, report.records)
             prune_seconds = time.perf_counter() - t0
@@ -266,6 +282,8 @@ class Controller:
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:.0f}")
             self.acc.log({"train/loss": m["loss"], "train/lr": m["lr"], "train/tokens_per_s": m["tokens_per_s"],
                           "train/grad_norm": m["grad_norm"]}, step=m["step"])
+            if len(losses) == max(1, steps // 2):
+                fault_point("training", state.stage + 1)
 
         def lr(step: int) -> float:
             s = self.cfg.schedule
@@ -328,9 +346,9 @@ class Controller:
         result = perplexity(model, self.heldout, context=context)
         return result.as_dict()
 
-    def _row(self, stage, model, ppl, tokens, prune_s, wall_s, loss=math.nan, first_loss=math.nan) -> dict:
+    def _row(self, stage, model, ppl, tokens, prune_s, wall_s, loss=None, first_loss=None) -> dict:
         return {"stage": stage, "params": count_parameters(model), "ppl": ppl["ppl"] if ppl else None,
-                "train_tokens": tokens, "train_loss": loss, "first_step_loss": first_loss,
+                "train_tokens": tokens, "train_loss": _finite_or_none(loss), "first_step_loss": _finite_or_none(first_loss),
                 "prune_seconds": round(prune_s, 2),
                 "wall_seconds": round(wall_s, 2)}
 
@@ -368,6 +386,11 @@ class Controller:
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return results
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN: phases without steps report null."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _compose_ids(kept_ids: dict, records) -> dict:

@@ -47,6 +47,19 @@ def layer_budgets(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> l
 TAYLOR_MINI_BATCHES = 2  # backward passes for Taylor scores (LLM-Pruner uses ~10 short samples)
 
 
+def _same_plan_on_every_rank(plan: Plan) -> Plan:
+    """Under multi-process runs, every rank applies rank 0's plan.
+
+    Ranks score identical weights on identical data, but a one-ulp difference in a reduction
+    could flip a tie and leave ranks with different shapes; rank 0 decides.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return plan
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([plan], from_process=0)[0]
+
+
 def prune_step(
     model: nn.Module,
     sequences: torch.Tensor,
@@ -76,6 +89,7 @@ def prune_step(
         allocator = get_allocator(cfg.allocation, **({"amplitude": cfg.amplitude} if cfg.allocation == "adaptive" else {}))
         plan = allocator.plan(layer_budgets(model, adapter, cfg), scores, influence, remove_params,
                               neuron_multiple=cfg.neuron_multiple)
+        plan = _same_plan_on_every_rank(plan)
     with profile.phase("surgery"):
         records = apply_compensated_plan(
             model, plan, calib, mean=cfg.mean_compensation, energy=cfg.energy_compensation, adapter=adapter

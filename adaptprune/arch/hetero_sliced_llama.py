@@ -61,7 +61,8 @@ class ScaleFreeRMSNorm(nn.Module):
     """x / sqrt(Σ_kept x² / D + eps): RMSNorm without a scale (folded away), mean over the dense D.
 
     Dividing by D instead of the kept width is SliceGPT's choice: it equals the dense norm of the
-    full rotated vector minus the (small) energy of the sliced directions.
+    full rotated vector minus the (small) energy of the sliced directions. ``eps`` is the dense
+    model's ``rms_norm_eps`` (the original fixes 1e-5), so slicing nothing is exact.
     """
 
     def __init__(self, dense_size: int, eps: float):

