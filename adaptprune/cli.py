@@ -12,28 +12,42 @@ import os
 import sys
 from collections.abc import Callable
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
+# Errors a user can fix, as (module, class): one line on stderr and exit status 2. Looked up in
+# sys.modules only, so classifying an error never imports anything (an unimported module
+# cannot have raised its error).
+USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("adaptprune.config", "ConfigError"),
+    ("adaptprune.assets", "MissingAssetError"),
+    ("adaptprune.arch", "UnsupportedArchitectureError"),
+    ("adaptprune.data", "CorpusError"),
+    ("adaptprune.surgery", "SurgeryError"),
+    ("adaptprune.compat", "IncompatibleVersionError"),
+    ("adaptprune.compat", "PickledWeightsError"),
+)
+STOPPED = ("adaptprune.controller", "TrainingStoppedError")  # exit status 3
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .arch import UnsupportedArchitectureError
-    from .assets import MissingAssetError
-    from .config import ConfigError
-    from .data import CorpusError
-    from .surgery import SurgeryError
-
-    return (ConfigError, MissingAssetError, UnsupportedArchitectureError, CorpusError, SurgeryError)
+def _is_instance(err: BaseException, classes: tuple[tuple[str, str], ...]) -> bool:
+    for module, name in classes:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return True
+    return False
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model
+    from .checkpoint import load_model, resolve_model_path
+    from .compat import require_safetensors
     from .inspection import describe, format_table
 
+    require_safetensors(resolve_model_path(args.model))
     info = describe(load_model(args.model, trust_remote_code=args.trust_remote_code))
     print(json.dumps(info, indent=2) if args.json else format_table(info))
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
+    from .checkpoint import resolve_model_path
+    from .compat import require_safetensors
     from .config import load_config
     from .oneshot import run_oneshot
 
@@ -44,7 +58,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
         overrides.append("prune.energy_compensation=true")
     if args.no_mean_compensation:
         overrides.append("prune.mean_compensation=false")
-    metrics = run_oneshot(load_config(args.config, overrides), args.out)
+    config = load_config(args.config, overrides)
+    require_safetensors(resolve_model_path(config.model.name))
+    metrics = run_oneshot(config, args.out)
     before, after = metrics["ppl_before"]["ppl"], metrics["ppl_after"]["ppl"]
     print(f"{metrics['params_before']:,} -> {metrics['params_after']:,} parameters; "
           f"held-out ppl {before:.2f} -> {after:.2f}; written to {args.out}")
@@ -55,9 +71,10 @@ def run_training(config_path: str | None, overrides: list[str], resume: bool) ->
 
     def job(_: argparse.Namespace) -> None:
         from .config import load_config
+
+        config = load_config(config_path, overrides)  # before the heavy imports: bad values fail fast
         from .controller import Controller
 
-        config = load_config(config_path, overrides)
         Controller(config).run(resume=resume)
 
     return run(job, argparse.Namespace())
@@ -101,16 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    """Run a subcommand; user-fixable errors become one line on stderr and exit code 2."""
+    """Run a subcommand; user-fixable errors become one line on stderr and exit code 2.
+
+    A run stopped by a non-finite loss (``train.on_nonfinite=stop``) exits with 3.
+    """
+    from .compat import check_versions
+
     try:
+        check_versions()
         func(args)
-    except _user_errors() as err:
-        print(f"adaptprune: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # unreadable model folder, unwritable output, disk full
-        print(f"adaptprune: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if _is_instance(err, STOPPED):
+            _error_line(err)
+            return 3
+        if _is_instance(err, USER_ERRORS) or isinstance(err, OSError):  # OSError: unreadable input, disk full
+            _error_line(err)
+            return 2
+        raise
     return 0
+
+
+def _error_line(err: BaseException) -> None:
+    text = " ".join(str(err).split()) or type(err).__name__  # always exactly one line
+    print(f"adaptprune: error: {text}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,7 +49,8 @@ class DataConfig:
 
 @dataclass
 class PruneConfig:
-    target_params: str = _f("90M", "final size: a count ('90M', '1.2B', '134515008') or a ratio of the original ('0.7x')")
+    target_params: str = _f("90M", "final size: a count ('90M', '1.2B', '134515008') or a ratio of the original ('0.7x')",
+                            pattern="target")
     step_fraction: float = _f(0.05, "parameters removed per pruning step, as a fraction of the original count", gt=0, le=1)
     metric: str = _f("stade", "unit importance: magnitude, wanda, stade, cvr, taylor")
     allocation: Literal["uniform", "adaptive", "global"] = _f("adaptive", "how sparsity is spread over layers")
@@ -123,6 +126,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     for item in overrides or []:
@@ -135,10 +140,14 @@ def _apply_override(data: dict, item: str) -> None:
         raise ConfigError(f"override '{item}' must look like section.key=value (e.g. prune.metric=wanda)")
     key, raw = item.split("=", 1)
     section, name = key.split(".", 1)
-    data.setdefault(section, {})
+    if data.get(section) is None:
+        data[section] = {}
     if not isinstance(data[section], dict):
         raise ConfigError(f"section '{section}' must be a mapping")
-    data[section][name] = yaml.safe_load(raw)
+    try:
+        data[section][name] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{item}': the value is not valid YAML (quote it)") from None
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -158,7 +167,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             continue
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = from_dict(hint, data[name] or {}, f"{prefix}{name}.")
+            values[name] = from_dict(hint, {} if data[name] is None else data[name], f"{prefix}{name}.")
         else:
             values[name] = _check_value(f"{prefix}{name}", data[name], hint, f.metadata)
     return cls(**values)
@@ -189,10 +198,14 @@ def _check_value(name: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}={value!r} must be a number")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
     elif hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{name}={value!r} must be a string")
         value = str(value)
+        if meta.get("pattern") == "target":
+            _check_target_text(name, value)
     _check_range(name, value, meta)
     return value
 
@@ -204,6 +217,24 @@ def _number_from_text(value: Any) -> Any:
         except ValueError:
             return value
     return value
+
+
+_TARGET = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kmbx]?)$", re.IGNORECASE)  # as allocation.parse_target
+
+
+def _check_target_text(name: str, value: str) -> None:
+    """The model-independent part of a size: its form, and a ratio strictly inside (0, 1).
+
+    Whether a count fits the model (and its floors) is checked when the model is loaded.
+    """
+    match = _TARGET.match(value.strip().replace("_", ""))
+    if not match:
+        raise ConfigError(f"{name}={value!r} is not a size; use a count like '90M', '1.2B', '134515008' or a ratio like '0.7x'")
+    number, suffix = float(match.group(1)), match.group(2).lower()
+    if suffix == "x" and not 0.0 < number < 1.0:
+        raise ConfigError(f"{name}={value!r} is out of range; a ratio must lie strictly between 0x and 1x")
+    if suffix != "x" and number <= 0:
+        raise ConfigError(f"{name}={value!r} is out of range; a count must be at least 1")
 
 
 def _check_range(name: str, value: Any, meta: typing.Mapping) -> None:

@@ -30,13 +30,16 @@ from tqdm.auto import tqdm
 
 from trainers import NonFiniteLossError, TrainerConfig, get_trainer, load_optimizer_state, save_optimizer_state
 
-from .allocation import parse_target
-from .arch import UNIT_KINDS, get_adapter
-from .checkpoint import atomic_dir, load_model, load_tokenizer, save_checkpoint
-from .config import ConfigError, RunConfig, dump_yaml, to_dict
+from .allocation import get_allocator, parse_target, removable_params
+from .arch import UNIT_KINDS, ArchAdapter, UnsupportedArchitectureError, get_adapter, hf_compat
+from .checkpoint import atomic_dir, load_model, load_tokenizer, resolve_model_path, save_checkpoint
+from .checkpoint import load_config as load_model_config
+from .compat import require_safetensors
+from .config import ConfigError, PruneConfig, RunConfig, dump_yaml, to_dict
 from .data import CorpusError, load_corpus, pack, token_stream
 from .evaluation.perplexity import perplexity
-from .pruning import prune_step
+from .importance import get_metric
+from .pruning import layer_budgets, prune_step
 from .report import write_model_card, write_summary_table
 from .schedule import lr_at, stage_targets, stage_tokens
 from .surgery import count_parameters
@@ -53,6 +56,10 @@ def fault_point(point: str, stage: int) -> None:
     """
     if os.environ.get(CRASH_ENV) == f"{point}:{stage}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TrainingStoppedError(RuntimeError):
+    """Training hit a non-finite loss and was told (or ran out of rollbacks) to stop; one line."""
 
 
 @dataclass
@@ -89,10 +96,20 @@ class Controller:
         if self.acc.is_main_process:
             tqdm.write(f"[adaptprune] {message}")
 
-    def _prepare_output(self, resume: bool) -> None:
-        """Fail early (before hours of work) if the output folder cannot take the checkpoints."""
-        if self.out.exists() and any(self.out.iterdir()) and not resume and self._last_stage_dir() is not None:
+    def _check_output_dir(self, resume: bool) -> None:
+        """Refuse, without writing anything, an output.dir that is taken or cannot be created."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"output.dir={self.out} is a file; it must be a folder (new or empty)")
+        if self.out.is_dir() and not resume and self._last_stage_dir() is not None:
             raise ConfigError(f"output.dir={self.out} already holds a run; pass --resume or choose another folder")
+        base = _existing_ancestor(self.out)
+        if not base.is_dir():
+            raise ConfigError(f"output.dir={self.out} is not writable: {base} is a file, not a folder")
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise ConfigError(f"output.dir={self.out} is not writable: no write permission on {base}")
+
+    def _prepare_output(self, resume: bool) -> None:
+        """Create output.dir, prove a write works, and drop half-written stage folders."""
         if self.acc.is_main_process:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -101,16 +118,43 @@ class Controller:
                 probe.unlink()
             except OSError as err:
                 raise ConfigError(f"output.dir={self.out} is not writable: {err.strerror or err}") from None
+            self._remove_partial_stages()
         self.acc.wait_for_everyone()
 
+    def _remove_partial_stages(self) -> None:
+        """Drop what a SIGKILL while saving leaves: ``.stage-XXX.tmp-*`` folders (never loaded:
+        only complete ``stage-XXX`` folders are) and ``.old-*`` copies already replaced."""
+        for path in self.ckpt_dir.glob(".stage-*"):
+            name, _, kind = path.name[1:].partition(".")
+            if kind.startswith("tmp-") or (kind.startswith("old-") and (self.ckpt_dir / name).exists()):
+                self._log(f"removing the half-written checkpoint folder {path.name}")
+                shutil.rmtree(path, ignore_errors=True)
+
     def _check_disk(self, model: torch.nn.Module) -> None:
+        """Fail before any work if output.dir's disk cannot hold a stage checkpoint."""
         need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # model + optimizer + temp copy
-        free = shutil.disk_usage(self.out).free
+        free = shutil.disk_usage(_existing_ancestor(self.out)).free
         if free < need:
             raise ConfigError(
                 f"output.dir={self.out} has {free / 2**30:.1f} GiB free; a stage checkpoint needs about "
                 f"{need / 2**30:.1f} GiB (model, optimizer state and a temporary copy)"
             )
+
+    def _validated_target(self, dense: torch.nn.Module, original: int) -> int:
+        """prune.target_params as a count, between the smallest size the floors allow and the model."""
+        prune = self.cfg.prune
+        try:
+            target = parse_target(prune.target_params, original)
+        except ValueError as err:
+            raise ConfigError(f"prune.{err}") from None
+        floor = smallest_reachable(dense, self.adapter, prune)
+        if target < floor:
+            raise ConfigError(
+                f"prune.target_params={prune.target_params!r} ({target:,} parameters) is below the smallest size "
+                f"the floors allow ({floor:,} with prune.min_groups={prune.min_groups}, "
+                f"prune.min_neurons={prune.min_neurons}); choose a target >= {floor:,} or lower the floors"
+            )
+        return target
 
     def _load_data(self, tokenizer) -> None:
         cfg = self.cfg.data
@@ -193,22 +237,26 @@ class Controller:
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
         set_seed(cfg.train.seed)
-        self._prepare_output(resume)
+        # Everything that can be checked without writing is checked first: a bad value leaves
+        # no trace in output.dir, and a doomed run fails before hours of work.
+        self._check_output_dir(resume)
+        _check_metric(cfg.prune.metric)
+        require_safetensors(resolve_model_path(cfg.model.name))
+        get_adapter(load_model_config(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code))
         tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
         self._load_data(tokenizer)
         dense = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
         self.adapter = get_adapter(dense)
+        _check_head_groups(dense, self.adapter)
         original = count_parameters(dense)
-        try:
-            target = parse_target(cfg.prune.target_params, original)
-        except ValueError as err:
-            raise ConfigError(f"prune.{err}") from None
+        target = self._validated_target(dense, original)
         step = max(1, round(cfg.prune.step_fraction * original))
         self.targets = stage_targets(original, target, step)
         self.stage_tokens, self.recovery_tokens = stage_tokens(
             cfg.schedule.train_tokens, len(self.targets), cfg.schedule.split, cfg.schedule.recovery_fraction
         )
         self._check_disk(dense)
+        self._prepare_output(resume)
         teacher = self._teacher(dense)
 
         last = self._last_stage_dir() if resume else None
@@ -302,7 +350,11 @@ class Controller:
     def _recover_from_nonfinite(self, err: NonFiniteLossError, state: RunState, rollbacks: int, tokenizer):
         """Roll back to the last complete stage at half the learning rate, or stop cleanly."""
         if self.cfg.train.on_nonfinite == "stop" or rollbacks >= MAX_ROLLBACKS:
-            raise RuntimeError(f"training stopped: {err}; the last complete checkpoint is {self._last_stage_dir()}") from None
+            why = "train.on_nonfinite=stop" if self.cfg.train.on_nonfinite == "stop" else f"{MAX_ROLLBACKS} rollbacks"
+            raise TrainingStoppedError(
+                f"training stopped ({why}): {err}; the last complete checkpoint is {self._last_stage_dir()} "
+                f"(rerun with --resume, e.g. with a lower train.lr)"
+            ) from None
         last = self._last_stage_dir()
         self._log(f"{err}; rolling back to {last.name} at half the learning rate")
         restored, model = self._restore(last)
@@ -386,6 +438,52 @@ class Controller:
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return results
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (where a new output.dir would be created)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def smallest_reachable(model: torch.nn.Module, adapter: ArchAdapter, prune: PruneConfig) -> int:
+    """The fewest parameters pruning can reach without crossing prune.min_groups / min_neurons.
+
+    Mean compensation adds a bias to every o/down projection, and those count towards the target.
+    """
+    budgets = layer_budgets(model, adapter, prune)
+    cap = getattr(get_allocator(prune.allocation), "max_sparsity", 1.0)  # adaptive keeps >= 1% of a layer
+    removable = sum(min(math.floor(b.prunable_params * cap), removable_params([b], neuron_multiple=prune.neuron_multiple))
+                    for b in budgets)
+    added = 0
+    if prune.mean_compensation:
+        for layer in adapter.decoder_layers(model):
+            for path in (adapter.attention_output, adapter.mlp_output):
+                linear = layer.get_submodule(path)
+                added += linear.out_features if linear.bias is None else 0
+    return count_parameters(model) + added - removable
+
+
+def _check_metric(name: str) -> None:
+    try:
+        get_metric(name)
+    except ValueError as err:
+        raise ConfigError(f"prune.metric={name!r}: {err}") from None
+
+
+def _check_head_groups(model: torch.nn.Module, adapter: ArchAdapter) -> None:
+    """Attention is pruned in whole KV groups, so every layer's query heads must split into them."""
+    for idx in range(len(adapter.decoder_layers(model))):
+        layer_cfg = hf_compat.layer_config(model.config, idx)
+        heads = getattr(layer_cfg, "num_attention_heads", None)
+        kv = getattr(layer_cfg, "num_key_value_heads", None) or heads
+        if heads and kv and heads % kv:
+            raise UnsupportedArchitectureError(
+                f"layer {idx} has {heads} query heads and {kv} KV heads: query heads must split evenly into "
+                f"KV groups (adaptprune removes whole groups: one KV head with its query heads)"
+            )
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -36,6 +36,8 @@ def load_corpus(name: str = DEFAULT_CORPUS) -> DatasetDict:
         return _documents({"train": files[:-cut], "heldout": files[-cut:]})
     if path.is_file():
         return _split_single_file(path)
+    if path.suffix in {".txt", ".md"} or "/" in name and path.parent.exists():
+        raise CorpusError(f"corpus file {path} does not exist")
     try:
         loaded = load_dataset(name)
     except Exception as err:  # a hub name without network, a typo, ...
@@ -57,7 +59,7 @@ def _split_single_file(path: Path) -> DatasetDict:
     _check_utf8([path])
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        raise CorpusError(f"corpus file {path} is empty")
+        raise CorpusError(f"corpus file {path} is empty ({len(text)} characters, none but whitespace)")
     cut = int(len(text) * 0.9)
     from datasets import Dataset
 

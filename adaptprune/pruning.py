@@ -14,7 +14,7 @@ from torch import nn
 
 from .allocation import LayerBudget, get_allocator
 from .arch import ATTENTION, MLP, ArchAdapter, get_adapter
-from .calibration import calibrate
+from .calibration import CalibrationResult, calibrate
 from .compensation import apply_compensated_plan
 from .config import PruneConfig
 from .importance import get_metric
@@ -71,20 +71,34 @@ def prune_step(
 ) -> StepReport:
     """Shrink ``model`` to at most ``target_params`` parameters (less than one unit below)."""
     adapter = adapter or get_adapter(model)
+    profile = Profile()
+    with profile.phase("calibration"):
+        calib = calibrate_for(model, sequences, cfg, adapter, progress=progress, desc=f"{label} calibrating".strip())
+    return prune_with_stats(model, calib, target_params, cfg, adapter, profile)
+
+
+def calibrate_for(model: nn.Module, sequences: torch.Tensor, cfg: PruneConfig, adapter: ArchAdapter,
+                  progress: bool = True, desc: str = "calibrating") -> CalibrationResult:
+    """One calibration pass collecting what the configured metric and compensation need."""
+    metric = get_metric(cfg.metric)
+    return calibrate(
+        model, sequences, adapter=adapter, collect_cov=cfg.energy_compensation or metric.needs_cov,
+        taylor_batches=TAYLOR_MINI_BATCHES if metric.needs_grads else 0, progress=progress, desc=desc,
+    )
+
+
+def prune_with_stats(model: nn.Module, calib: CalibrationResult, target_params: int, cfg: PruneConfig,
+                     adapter: ArchAdapter | None = None, profile: Profile | None = None) -> StepReport:
+    """Score, allocate and remove (with compensation) from existing calibration statistics."""
+    adapter = adapter or get_adapter(model)
+    profile = profile or Profile()
     metric = get_metric(cfg.metric)
     if cfg.mean_compensation:
         ensure_output_biases(model, adapter)  # the bias slots count towards the target too
     remove_params = count_parameters(model) - target_params
-    profile = Profile()
-    with profile.phase("calibration"):
-        calib = calibrate(
-            model, sequences, adapter=adapter, collect_cov=cfg.energy_compensation,
-            taylor_batches=TAYLOR_MINI_BATCHES if metric.needs_grads else 0,
-            progress=progress, desc=f"{label} calibrating".strip(),
-        )
     with profile.phase("scoring"):
         layers = range(len(adapter.decoder_layers(model)))
-        scores = [{kind: metric.unit_scores(model, adapter, l, kind, calib) for kind in (ATTENTION, MLP)} for l in layers]
+        scores = [{kind: metric.unit_scores(model, adapter, i, kind, calib) for kind in (ATTENTION, MLP)} for i in layers]
         influence = torch.tensor([s.influence for s in calib.layers], dtype=torch.float64)
         allocator = get_allocator(cfg.allocation, **({"amplitude": cfg.amplitude} if cfg.allocation == "adaptive" else {}))
         plan = allocator.plan(layer_budgets(model, adapter, cfg), scores, influence, remove_params,

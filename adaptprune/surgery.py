@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, get_adapter
-from .arch import hf_compat
+from .arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, get_adapter, hf_compat
 
 # {layer_idx: {"mlp": kept neuron ids, "attention": kept group ids}}; ids are current ones.
 Plan = Mapping[int, Mapping[str, Sequence[int]]]

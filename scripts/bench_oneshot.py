@@ -1,0 +1,148 @@
+"""One-shot pruning benchmark on the embedded SmolLM2-135M (issue: importance + allocation).
+
+Every metric x allocation, with and without compensation, at the same parameter count
+(about 30% of the non-embedding parameters removed), scored on held-out text. Calibration is
+done once (with everything every variant needs) and each variant prunes a fresh copy; the
+default path (stade + adaptive + mean compensation) is also timed on its own, phase by phase,
+with peak RSS. Prints a markdown table and writes it with the JSON.
+
+    python scripts/bench_oneshot.py --out docs/bench_oneshot
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import time
+from pathlib import Path
+
+import psutil
+
+from adaptprune.checkpoint import load_model, load_tokenizer
+from adaptprune.config import PruneConfig
+from adaptprune.data import load_corpus, pack, token_stream
+from adaptprune.evaluation.perplexity import perplexity
+from adaptprune.importance import METRICS
+from adaptprune.pruning import calibrate_for, prune_step, prune_with_stats
+from adaptprune.surgery import count_non_embedding_parameters, count_parameters
+
+ALLOCATIONS = ("uniform", "adaptive", "global")
+COMPENSATIONS = {"none": (False, False), "mean": (True, False), "mean+EC": (True, True)}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--remove-fraction", type=float, default=0.30, help="of non-embedding parameters")
+    p.add_argument("--metrics", default=",".join(METRICS))
+    p.add_argument("--out", default="docs/bench_oneshot")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    tok = load_tokenizer(args.model)
+    corpus = load_corpus()
+    calib = pack(token_stream(corpus["train"], tok, args.calib_tokens), args.seq_len)
+    heldout = token_stream(corpus["heldout"], tok, args.eval_tokens)
+    timing, target = time_default_path(args, calib)
+
+    model = load_model(args.model)
+    total = count_parameters(model)
+    dense_ppl = perplexity(model, heldout, context=args.context).ppl
+    print(f"dense: {total:,} params, held-out ppl {dense_ppl:.2f}; target {target:,}", flush=True)
+
+    # Shared statistics for all variants (covariance for EC, gradients for Taylor).
+    everything = PruneConfig(metric="taylor", energy_compensation=True)
+    stats = calibrate_for(model, calib, everything, report_adapter(model), progress=True)
+    rows = []
+    for metric in args.metrics.split(","):
+        for allocation in ALLOCATIONS:
+            for comp, (mean, energy) in COMPENSATIONS.items():
+                cfg = PruneConfig(metric=metric, allocation=allocation, mean_compensation=mean,
+                                  energy_compensation=energy)
+                pruned = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                prune_with_stats(pruned, stats, target, cfg)
+                seconds = time.perf_counter() - t0
+                ppl = perplexity(pruned, heldout, context=args.context).ppl
+                rows.append({"metric": metric, "allocation": allocation, "compensation": comp,
+                             "params": count_parameters(pruned), "ppl": ppl, "score_surgery_seconds": round(seconds, 2)})
+                print(f"{metric:>9} {allocation:>8} {comp:>7}: {rows[-1]['params']:,} params, ppl {ppl:.2f}", flush=True)
+                del pruned
+    write(args, rows, timing, dense_ppl, total, target)
+
+
+def time_default_path(args, calib) -> tuple[dict, int]:
+    """Calibration + scoring + surgery of the default config on a freshly loaded model, with
+    the process RSS before loading (libraries only) as the baseline for the memory target."""
+    rss_libs = psutil.Process().memory_info().rss / 2**20
+    model = load_model(args.model)
+    total, non_emb = count_parameters(model), count_non_embedding_parameters(model)
+    target = total - round(args.remove_fraction * non_emb)
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    default = PruneConfig(target_params=str(target), metric="stade", allocation="adaptive")
+    start = time.perf_counter()
+    report = prune_step(model, calib, target, default, progress=False)
+    phases = report.profile.as_dict()
+    peak = max(p["peak_rss_mb"] for p in phases.values())
+    timing = {"total_seconds": round(time.perf_counter() - start, 2), "phases": phases,
+              "model_fp32_mb": round(model_mb, 1), "rss_libraries_mb": round(rss_libs, 1),
+              "peak_rss_mb": peak, "peak_over_libraries_mb": round(peak - rss_libs, 1)}
+    del model
+    gc.collect()
+    return timing, target
+
+
+def report_adapter(model):
+    from adaptprune.arch import get_adapter
+
+    return get_adapter(model)
+
+
+def write(args, rows, timing, dense_ppl, total, target) -> None:
+    baseline = next(r["ppl"] for r in rows if (r["metric"], r["allocation"], r["compensation"]) == ("magnitude", "uniform", "none"))
+    best = min(rows, key=lambda r: r["ppl"])
+    lines = [
+        f"Held-out perplexity (Shakespeare held-out plays, {args.eval_tokens} tokens, context {args.context}) of "
+        f"SmolLM2-135M pruned one-shot from {total:,} to ≤{target:,} parameters "
+        f"({args.remove_fraction:.0%} of non-embedding parameters removed), {args.calib_tokens} calibration tokens, "
+        f"no training. Dense: {dense_ppl:.2f}.",
+        "",
+        "| metric | allocation | " + " | ".join(f"ppl ({c})" for c in COMPENSATIONS) + " |",
+        "|---|---|" + "---:|" * len(COMPENSATIONS),
+    ]
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        for allocation in ALLOCATIONS:
+            cells = [next(r for r in rows if r["metric"] == metric and r["allocation"] == allocation and r["compensation"] == c)
+                     for c in COMPENSATIONS]
+            lines.append(f"| {metric} | {allocation} | " + " | ".join(f"{c['ppl']:.2f}" for c in cells) + " |")
+    ph = timing["phases"]
+    lines += [
+        "",
+        f"Best: {best['metric']} + {best['allocation']} + {best['compensation']} compensation, ppl {best['ppl']:.2f} "
+        f"({best['ppl'] / baseline:.2f}x of magnitude + uniform without compensation, {baseline:.2f}).",
+        "",
+        f"Default path (stade + adaptive + mean compensation) timed alone: calibration {ph['calibration']['seconds']:.1f} s, "
+        f"scoring {ph['scoring']['seconds']:.1f} s, surgery {ph['surgery']['seconds']:.1f} s "
+        f"(total {timing['total_seconds']:.1f} s); peak RSS {timing['peak_rss_mb']:.0f} MB, of which "
+        f"{timing['peak_over_libraries_mb']:.0f} MB above the libraries' own {timing['rss_libraries_mb']:.0f} MB "
+        f"(fp32 model: {timing['model_fp32_mb']:.0f} MB, so {timing['peak_over_libraries_mb'] / timing['model_fp32_mb']:.2f}x).",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"dense_ppl": dense_ppl, "target": target, "timing": timing,
+                                                    "rows": rows, "args": vars(args)}, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
