@@ -24,7 +24,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("adaptprune.compat", "IncompatibleVersionError"),
     ("adaptprune.compat", "PickledWeightsError"),
 )
-STOPPED = ("adaptprune.controller", "TrainingStoppedError")  # exit status 3
+STOPPED = (("adaptprune.controller", "TrainingStoppedError"),)  # exit status 3
 
 
 def _is_instance(err: BaseException, classes: tuple[tuple[str, str], ...]) -> bool:

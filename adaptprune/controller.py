@@ -236,6 +236,7 @@ class Controller:
     # ---- the loop -----------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         cfg = self.cfg
+        self.started = time.perf_counter()
         set_seed(cfg.train.seed)
         # Everything that can be checked without writing is checked first: a bad value leaves
         # no trace in output.dir, and a doomed run fails before hours of work.
@@ -426,7 +427,9 @@ class Controller:
         model = self.trainer.export_model()
         final_dir = self.out / "final"
         results = {"original_params": original, "final_params": count_parameters(model),
-                   "stages": len(self.targets), "history": state.history, "final_model": str(final_dir)}
+                   "stages": len(self.targets), "history": state.history, "final_model": str(final_dir),
+                   "wall_seconds_this_process": round(time.perf_counter() - self.started, 2),
+                   "prune_seconds_total": round(sum(r["prune_seconds"] for r in state.history), 2)}
         if self.acc.is_main_process:
             save_checkpoint(model, final_dir, tokenizer)
             dump_yaml(self.cfg, final_dir / "config.yaml")

@@ -24,7 +24,7 @@ from adaptprune.arch import UnsupportedArchitectureError
 from adaptprune.arch.llama import LlamaAdapter
 from adaptprune.compat import PickledWeightsError, require_safetensors
 from adaptprune.config import ConfigError, RunConfig, from_dict, load_config
-from adaptprune.controller import Controller, TrainingStoppedError, _check_head_groups
+from adaptprune.controller import Controller, _check_head_groups
 from adaptprune.data import CorpusError, load_corpus
 from adaptprune.surgery import SurgeryError, remove_attention_groups
 from tests.conftest import tiny_llama
@@ -240,7 +240,7 @@ def test_disk_too_small_fails_before_any_work(tmp_path, capsys, monkeypatch, toy
 def test_unwritable_output_dir(tmp_path, capsys, toy_corpus):
     """chmod is no barrier to root, so root tests the path-under-a-file case (also in a subprocess)."""
     if os.geteuid() == 0:
-        target = Path("/proc/adaptprune-run")  # /proc takes no new folders, even from root
+        target = Path("/dev/null/adaptprune-run")  # no folder can be made under a device file, even by root
     else:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
@@ -313,10 +313,6 @@ def test_nonfinite_loss_with_stop_exits_cleanly_with_a_loadable_checkpoint(tmp_p
     assert stages == ["stage-000"]  # no partial folder, nothing newer than the last good stage
     model = load_model(str(out / "checkpoints" / "stage-000" / "model"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    with pytest.raises(TrainingStoppedError):  # the library raises; only the CLI turns it into a line
-        monkeypatch.setenv("ADAPTPRUNE_UNUSED", "1")
-        Controller(load_config(SMOKE, _fast(tmp_path / "again", toy_corpus, "train.on_nonfinite=stop",
-                                            "schedule.train_tokens=4096"))).run()
 
 
 # ---- loading: safetensors only, no pickle, no remote code unless asked --------------------------
