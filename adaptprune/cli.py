@@ -66,24 +66,47 @@ def cmd_prune(args: argparse.Namespace) -> None:
           f"held-out ppl {before:.2f} -> {after:.2f}; written to {args.out}")
 
 
+def train(config_path: str | None, overrides: list[str], resume: bool) -> None:
+    """Load the config (before the heavy imports: bad values fail fast) and run the controller."""
+    from .config import load_config
+
+    config = load_config(config_path, overrides)
+    from .controller import Controller
+
+    Controller(config).run(resume=resume)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model, load_tokenizer
+    from .evaluation.runner import evaluate, format_eval
+
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    baseline = load_model(args.baseline) if args.baseline else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    texts = [t.strip() for t in args.texts.split(",") if t.strip()]
+    result = evaluate(model, tokenizer, tasks, limit=args.limit, texts=texts, ppl_tokens=args.ppl_tokens,
+                      context=args.context, stride=args.stride, speed=args.speed, baseline=baseline)
+    result["model"] = args.model
+    print(format_eval(result))
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(f"written to {args.out}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_run_report
+
+    print(f"written {write_run_report(args.run_dir)}")
+
+
 def run_training(config_path: str | None, overrides: list[str], resume: bool) -> int:
-    """The main job (``train_prune.py`` and ``adaptprune train``): load config, run controller."""
-
-    def job(_: argparse.Namespace) -> None:
-        from .config import load_config
-
-        config = load_config(config_path, overrides)  # before the heavy imports: bad values fail fast
-        from .controller import Controller
-
-        Controller(config).run(resume=resume)
-
-    return run(job, argparse.Namespace())
+    """The main job of ``train_prune.py``: ``train`` with errors turned into exit codes."""
+    return run(lambda _: train(config_path, overrides, resume), argparse.Namespace())
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    code = run_training(args.config, args.overrides, args.resume)
-    if code:
-        raise SystemExit(code)
+    train(args.config, args.overrides, args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], help="extra section.key=value overrides")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="perplexity, offline lm-eval tasks and speed of a model")
+    p.add_argument("model", help="embedded name, model folder or hub id")
+    p.add_argument("--tasks", default="ppl", help="comma list: ppl,piqa,arc_easy,arc_challenge,hellaswag,winogrande,"
+                   "boolq,openbookqa,siqa,lambada")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    p.add_argument("--texts", default="shakespeare", help="corpora whose held-out split perplexity uses")
+    p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens per corpus")
+    p.add_argument("--context", type=int, default=1024, help="perplexity context length")
+    p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the context)")
+    p.add_argument("--speed", action="store_true", help="measure prefill/decode tokens/s")
+    p.add_argument("--baseline", default=None, help="dense model to compare speed against")
+    p.add_argument("--out", default="eval.json", help="JSON output")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="report.md with plots from a finished run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("train", help="incremental prune-and-train run (same as train_prune.py)")
     p.add_argument("--config", default=None, help="run config YAML (defaults: the embedded SmolLM2 job)")

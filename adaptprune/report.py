@@ -69,6 +69,7 @@ def plot_layer_sizes(dense: dict, pruned: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     layers = [row["layer"] for row in dense["layers"]]
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.3 * len(layers) + 2), 6), sharex=True)
@@ -78,8 +79,75 @@ def plot_layer_sizes(dense: dict, pruned: dict, path: Path) -> Path:
         ax.set_ylabel(title)
         ax.legend(loc="lower right")
     axes[1].set_xlabel("decoder layer")
+    axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(f"Kept units per layer: {dense['total_params']:,} → {pruned['total_params']:,} parameters")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_stages(history: list[dict], path: Path) -> Path:
+    """Held-out perplexity and training loss against training tokens, and parameters per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [row["train_tokens"] for row in history]
+    fig, (ax_ppl, ax_params) = plt.subplots(1, 2, figsize=(11, 4))
+    ppl = [(t, r["ppl"]) for t, r in zip(tokens, history) if r.get("ppl") is not None]
+    if ppl:
+        ax_ppl.plot(*zip(*ppl), marker="o", color="#3a7bd5", label="held-out perplexity")
+    loss = [(t, r["train_loss"]) for t, r in zip(tokens, history) if r.get("train_loss") is not None]
+    ax_ppl.set_xlabel("training tokens")
+    ax_ppl.set_ylabel("held-out perplexity")
+    ax_ppl.set_yscale("log")
+    handles = ax_ppl.get_lines()
+    if loss:
+        ax_loss = ax_ppl.twinx()
+        handles += ax_loss.plot(*zip(*loss), marker="s", color="#e07b39", label="train loss (end of phase)")
+        ax_loss.set_ylabel("train loss")
+    ax_ppl.legend(handles=handles, loc="upper right")  # one legend for both axes
+    ax_ppl.set_title("quality across stages")
+    ax_params.plot([r["stage"] for r in history], [r["params"] / 1e6 for r in history], marker="o", color="#2a9d8f")
+    ax_params.set_xlabel("stage (0 = dense, last = recovery)")
+    ax_params.set_ylabel("parameters (millions)")
+    ax_params.set_title("model size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_run_report(run_dir: Path) -> Path:
+    """``adaptprune report RUN_DIR``: report.md with per-layer and per-stage plots."""
+    import json
+
+    from .checkpoint import load_model
+    from .config import load_config
+    from .inspection import describe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").exists():
+        raise FileNotFoundError(f"{run_dir} has no results.json: is it a finished adaptprune run folder?")
+    results = json.loads((run_dir / "results.json").read_text())
+    config = load_config(run_dir / "config.yaml")
+    dense, pruned = describe(load_model(config.model.name)), describe(load_model(str(run_dir / "final")))
+    plot_layer_sizes(dense, pruned, run_dir / "layer_sizes.png")
+    plot_stages(results["history"], run_dir / "stages.png")
+    text = f"""# adaptprune run report: {run_dir.name}
+
+`{config.model.name}`: {results['original_params']:,} → {results['final_params']:,} parameters in
+{results['stages']} pruning stages (metric `{config.prune.metric}`, allocation `{config.prune.allocation}`,
+trainer `{config.train.trainer}`).
+
+{summary_table(results['history'])}
+
+![kept units per layer](layer_sizes.png)
+
+![quality and size across stages](stages.png)
+"""
+    path = run_dir / "report.md"
+    path.write_text(text, encoding="utf-8")
+    return path

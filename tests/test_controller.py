@@ -116,3 +116,34 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, toy_corpus):
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert json.loads((out / "results.json").read_text())["stages"] >= 3
+
+
+def test_report_and_eval_commands_on_the_finished_run(smoke_run, tmp_path):
+    from adaptprune.cli import main
+
+    _, out, _ = smoke_run
+    assert main(["report", str(out)]) == 0
+    assert "| stage | params |" in (out / "report.md").read_text()
+    assert (out / "layer_sizes.png").stat().st_size > 0 and (out / "stages.png").stat().st_size > 0
+    eval_json = tmp_path / "eval.json"
+    assert main(["eval", str(out / "final"), "--tasks", "ppl", "--ppl-tokens", "512", "--context", "128",
+                 "--out", str(eval_json)]) == 0
+    result = json.loads(eval_json.read_text())["perplexity"]["shakespeare"]
+    assert result["tokens"] > 0 and 1.0 < result["ppl"] < 1e6
+
+
+def test_oneshot_prune_command_writes_a_self_explaining_folder(tmp_path):
+    from adaptprune.cli import main
+
+    out = tmp_path / "oneshot"
+    assert main(["prune", "--model", "tiny-random-llama", "--target-params", "0.8x", "--calib-tokens", "1024",
+                 "--set", "data.seq_len=64", "data.eval_tokens=512", "data.eval_context=128", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["params_after"] <= metrics["target_params"] == round(0.8 * metrics["params_before"])
+    assert set(metrics["phases"]) == {"calibration", "scoring", "surgery"}
+    assert all(p["seconds"] > 0 and p["peak_rss_mb"] > 0 for p in metrics["phases"].values())
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan and all(set(kinds) <= {"mlp", "attention"} for kinds in plan.values())
+    assert (out / "layer_sizes.png").exists() and (out / "config.yaml").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert sum(p.numel() for p in {id(p): p for p in reloaded.parameters()}.values()) == metrics["params_after"]

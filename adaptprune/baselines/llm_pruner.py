@@ -30,8 +30,9 @@
 
 Different from the original, and why: the fraction r is solved for a **parameter count** (the
 comparison protocol matches parameters, not ratios): r is the smallest ratio whose ⌊r·G⌋ groups
-plus r·N neurons per pruned layer reach the target, then neurons are rounded per layer (largest
-remainder) so that the model ends ≤ target and less than one neuron below it. Units are KV
+plus r·N neurons per pruned layer reach the target (where the target falls inside a jump of
+⌊r·G⌋, the side nearer the target), then the neurons make up the exact remainder, rounded per
+layer by largest remainder, so the model ends ≤ target and less than one neuron below it. Units are KV
 groups (GQA) instead of MHA heads; each layer keeps ≥ 1 group and ≥ 1 neuron.
 """
 
