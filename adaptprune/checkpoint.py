@@ -42,7 +42,7 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     config_cls, model_cls = adapter.hetero_classes()
     if not isinstance(config, config_cls):
         config = adapter.to_hetero_config(config)
-    model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[dtype])
+    model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[dtype], use_safetensors=True)
     model.eval()
     return model
 

@@ -100,6 +100,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"written {write_run_report(args.run_dir)}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import load_compare_config, run_compare
+
+    cfg = load_compare_config(args.config, args.overrides)
+    run_compare(cfg)
+    print(f"written {cfg.out}/comparison.md, comparison.json, comparison.png")
+
+
 def run_training(config_path: str | None, overrides: list[str], resume: bool) -> int:
     """The main job of ``train_prune.py``: ``train`` with errors turned into exit codes."""
     return run(lambda _: train(config_path, overrides, resume), argparse.Namespace())
@@ -150,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="report.md with plots from a finished run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="dense, LLM-Pruner, FLAP, SliceGPT and adaptprune side by side")
+    p.add_argument("--config", default=None, help="compare YAML (see configs/compare.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. limit=100")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train", help="incremental prune-and-train run (same as train_prune.py)")
     p.add_argument("--config", default=None, help="run config YAML (defaults: the embedded SmolLM2 job)")

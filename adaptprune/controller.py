@@ -41,7 +41,7 @@ from .evaluation.perplexity import perplexity
 from .importance import get_metric
 from .pruning import layer_budgets, prune_step
 from .report import write_model_card, write_summary_table
-from .schedule import lr_at, stage_targets, stage_tokens
+from .schedule import lr_at, split_budget, stage_targets
 from .surgery import count_parameters
 
 MAX_ROLLBACKS = 3
@@ -253,8 +253,9 @@ class Controller:
         target = self._validated_target(dense, original)
         step = max(1, round(cfg.prune.step_fraction * original))
         self.targets = stage_targets(original, target, step)
-        self.stage_tokens, self.recovery_tokens = stage_tokens(
-            cfg.schedule.train_tokens, len(self.targets), cfg.schedule.split, cfg.schedule.recovery_fraction
+        self.stage_steps, self.recovery_steps = split_budget(
+            cfg.schedule.train_tokens // self._tokens_per_step(), len(self.targets), cfg.schedule.split,
+            cfg.schedule.recovery_fraction,
         )
         self._check_disk(dense)
         self._prepare_output(resume)
@@ -303,8 +304,8 @@ class Controller:
             state.kept_ids = _compose_ids(state.kept_ids, report.records)
             prune_seconds = time.perf_counter() - t0
             self._log_pruning(stage, model, state.global_step)
-        tokens = self.recovery_tokens if recovery else self.stage_tokens[stage - 1]
-        phase = self._train_phase(state, tokens, label="recovery" if recovery else f"stage {stage}")
+        steps = self.recovery_steps if recovery else self.stage_steps[stage - 1]
+        phase = self._train_phase(state, steps, label="recovery" if recovery else f"stage {stage}")
         model = self.trainer.export_model()  # plain HF model (LoRA: a merged copy)
         ppl = self._eval(model)
         state.stage = stage
@@ -316,10 +317,8 @@ class Controller:
         self._save_stage(state, model, tokenizer)
         return state
 
-    def _train_phase(self, state: RunState, tokens: int, label: str) -> dict:
+    def _train_phase(self, state: RunState, steps: int, label: str) -> dict:
         cfg = self.cfg.train
-        per_step = cfg.batch_size * self.cfg.data.seq_len * self.acc.num_processes
-        steps = tokens // per_step
         if steps == 0:
             return {"tokens": 0, "loss": math.nan, "first_loss": math.nan}
         bar = tqdm(total=steps, desc=label, disable=not self.acc.is_main_process, leave=False)
@@ -382,9 +381,11 @@ class Controller:
             distill_temperature=t.kd_temperature, distill_alpha=1.0 - t.kd_alpha,
         )
 
+    def _tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.data.seq_len * self.acc.num_processes
+
     def _total_steps(self) -> int:
-        per_step = self.cfg.train.batch_size * self.cfg.data.seq_len * self.acc.num_processes
-        return sum(t // per_step for t in [*self.stage_tokens, self.recovery_tokens])
+        return sum(self.stage_steps) + self.recovery_steps
 
     def _all_ids(self, model) -> dict:
         return {
@@ -421,7 +422,8 @@ class Controller:
 
     def _plan_line(self, original: int, target: int) -> str:
         return (f"{original:,} -> {target:,} parameters in {len(self.targets)} stages, "
-                f"{self.cfg.schedule.train_tokens:,} training tokens ({self.recovery_tokens:,} for recovery)")
+                f"{self._total_steps() * self._tokens_per_step():,} training tokens in {self._total_steps()} steps "
+                f"({self.recovery_steps} for recovery)")
 
     def _finish(self, state: RunState, tokenizer, original: int) -> dict:
         model = self.trainer.export_model()

@@ -32,7 +32,8 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
     except ValueError as err:
         raise ConfigError(f"prune.{err}") from None
     corpus = load_corpus(cfg.data.corpus)
-    calib = pack(token_stream(corpus["train"], tokenizer, cfg.data.calib_tokens), cfg.data.seq_len)
+    calib_count = max(1, cfg.data.calib_tokens // cfg.data.seq_len)
+    calib = pack(token_stream(corpus["train"], tokenizer, cfg.data.calib_tokens), cfg.data.seq_len, calib_count)
     heldout = token_stream(corpus["heldout"], tokenizer, cfg.data.eval_tokens)
     context = min(cfg.data.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
     dense_info = describe(model)

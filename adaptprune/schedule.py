@@ -2,8 +2,9 @@
 
 - ``stage_targets``: parameter count after each pruning stage, equal steps of about
   ``step_params`` from the start size down to the target.
-- ``stage_tokens``: the training budget split over stages, either equally or Adapt-Accel's
-  2i/(N(N+1)) so later, smaller models train longest; a share is kept for final recovery.
+- ``split_budget``: the training budget (in optimizer steps, so nothing is lost to rounding)
+  split over stages, either equally or Adapt-Accel's 2i/(N(N+1)) so later, smaller models
+  train longest; a share is kept for final recovery.
 - ``lr_at``: one warmup–constant–decay learning-rate schedule spanning every stage.
 """
 
@@ -28,8 +29,9 @@ def stage_targets(start_params: int, target_params: int, step_params: int) -> li
     return [start_params - round(gap * (i + 1) / n) for i in range(n)]
 
 
-def stage_tokens(total_tokens: int, stages: int, split: str = "adapt_accel", recovery_fraction: float = 0.0) -> tuple[list[int], int]:
-    """(tokens for each pruning stage, tokens for the final recovery phase)."""
+def split_budget(total_tokens: int, stages: int, split: str = "adapt_accel", recovery_fraction: float = 0.0) -> tuple[list[int], int]:
+    """(budget of each pruning stage, budget of the final recovery phase); integer units
+    (tokens or steps) that add up exactly to ``total_tokens``."""
     if stages < 0 or total_tokens < 0:
         raise ValueError("stages and total_tokens must be non-negative")
     recovery = round(total_tokens * recovery_fraction) if stages else total_tokens

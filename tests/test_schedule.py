@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptprune.schedule import lr_at, num_stages, stage_targets, stage_tokens
+from adaptprune.schedule import lr_at, num_stages, split_budget, stage_targets
 
 
 def test_stage_targets_step_evenly_to_the_target():
@@ -33,11 +33,11 @@ def test_target_larger_than_model_fails():
 
 
 def test_adapt_accel_split_gives_later_stages_more_tokens():
-    per_stage, recovery = stage_tokens(10_000, 4, "adapt_accel", recovery_fraction=0.2)
+    per_stage, recovery = split_budget(10_000, 4, "adapt_accel", recovery_fraction=0.2)
     assert recovery == 2000
     assert sum(per_stage) == 8000
     assert per_stage == [800, 1600, 2400, 3200]  # 2i/(N(N+1)) of 8000
-    uniform, _ = stage_tokens(10_000, 4, "uniform", recovery_fraction=0.2)
+    uniform, _ = split_budget(10_000, 4, "uniform", recovery_fraction=0.2)
     assert uniform == [2000, 2000, 2000, 2000]
 
 

@@ -1,0 +1,25 @@
+"""The comparison harness on a tiny model: every method lands on the same size, one table."""
+
+from __future__ import annotations
+
+import json
+
+from adaptprune.compare import METHODS, load_compare_config, run_compare
+
+
+def test_compare_runs_every_method_at_equal_size(tmp_path):
+    cfg = load_compare_config(None, [
+        "model=tiny-random-llama", "remove_non_embedding=0.2", "calib_tokens=1024", "seq_len=64",
+        "train_tokens=1024", "eval_tokens=512", "eval_context=128", "tasks=[piqa]", "limit=5", f"out={tmp_path}",
+    ])
+    rows = run_compare(cfg)
+    assert [r["method"] for r in rows] == list(METHODS)
+    target = json.loads((tmp_path / "comparison.json").read_text())["target"]
+    for r in rows[1:]:
+        assert abs(r["params"] - target) <= 0.005 * target, r
+        assert 0.0 <= r["tasks"]["piqa"]["acc"] <= 1.0
+    trained = {r["method"]: r["train_tokens"] for r in rows if r["train_tokens"]}
+    assert set(trained) == {"llm_pruner_lora", "adaptprune_incremental"}
+    assert len(set(trained.values())) == 1  # equal training budgets
+    table = (tmp_path / "comparison.md").read_text()
+    assert "piqa acc_norm" in table and (tmp_path / "comparison.png").stat().st_size > 0
