@@ -98,7 +98,7 @@ def main() -> None:
              "", f"Ratio ours/plain: **{t['ratio']:.3f}** (median of {t['rounds']} alternating rounds of "
              f"{t['steps_per_round']} steps, batch {t['batch'][0]}x{t['batch'][1]}, SmolLM2-135M fp32)."]
     if not args.skip_runs:
-        runs_dir = Path(args.out).parent / "bench_train_runs"
+        runs_dir = ROOT / "runs" / "bench_train"  # checkpoints stay out of docs/
         incremental = run(args.config, runs_dir / "incremental", [])
         oneshot = run(args.config, runs_dir / "oneshot", ["prune.step_fraction=1.0"])
         report["incremental"], report["oneshot"] = incremental, oneshot

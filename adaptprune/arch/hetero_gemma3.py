@@ -13,14 +13,7 @@ from __future__ import annotations
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 
-from .hf_compat import (
-    OUTPUT_BIAS_KEY,
-    add_output_biases,
-    adopt_config,
-    homogeneous_copy,
-    rebuild_heterogeneous_layers,
-    validate_heterogeneous,
-)
+from .hf_compat import HeterogeneousCausalLM, validate_heterogeneous
 
 
 class AdaptGemma3Config(Gemma3TextConfig):
@@ -30,15 +23,6 @@ class AdaptGemma3Config(Gemma3TextConfig):
         validate_heterogeneous(self, Gemma3TextConfig.validate)
 
 
-class AdaptGemma3ForCausalLM(Gemma3ForCausalLM):
+class AdaptGemma3ForCausalLM(HeterogeneousCausalLM, Gemma3ForCausalLM):
     config_class = AdaptGemma3Config
-    output_projections = ("self_attn.o_proj", "mlp.down_proj")
-
-    def __init__(self, config: AdaptGemma3Config):
-        base = homogeneous_copy(config)
-        super().__init__(base)  # HF builds the uniform skeleton
-        adopt_config(self, config, built_from=base)
-        rebuild_heterogeneous_layers(self.model.layers, Gemma3DecoderLayer, config)
-        if getattr(config, OUTPUT_BIAS_KEY, False):
-            add_output_biases(self.model.layers, self.output_projections)
-        self.post_init()
+    decoder_layer_cls = Gemma3DecoderLayer

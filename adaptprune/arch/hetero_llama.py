@@ -12,14 +12,7 @@ from __future__ import annotations
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from .hf_compat import (
-    OUTPUT_BIAS_KEY,
-    add_output_biases,
-    adopt_config,
-    homogeneous_copy,
-    rebuild_heterogeneous_layers,
-    validate_heterogeneous,
-)
+from .hf_compat import HeterogeneousCausalLM, validate_heterogeneous
 
 
 class AdaptLlamaConfig(LlamaConfig):
@@ -29,15 +22,6 @@ class AdaptLlamaConfig(LlamaConfig):
         validate_heterogeneous(self, LlamaConfig.validate)
 
 
-class AdaptLlamaForCausalLM(LlamaForCausalLM):
+class AdaptLlamaForCausalLM(HeterogeneousCausalLM, LlamaForCausalLM):
     config_class = AdaptLlamaConfig
-    output_projections = ("self_attn.o_proj", "mlp.down_proj")
-
-    def __init__(self, config: AdaptLlamaConfig):
-        base = homogeneous_copy(config)
-        super().__init__(base)  # HF builds the uniform skeleton
-        adopt_config(self, config, built_from=base)
-        rebuild_heterogeneous_layers(self.model.layers, LlamaDecoderLayer, config)
-        if getattr(config, OUTPUT_BIAS_KEY, False):
-            add_output_biases(self.model.layers, self.output_projections)
-        self.post_init()
+    decoder_layer_cls = LlamaDecoderLayer

@@ -11,14 +11,7 @@ from __future__ import annotations
 from transformers import MistralConfig, MistralForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
-from .hf_compat import (
-    OUTPUT_BIAS_KEY,
-    add_output_biases,
-    adopt_config,
-    homogeneous_copy,
-    rebuild_heterogeneous_layers,
-    validate_heterogeneous,
-)
+from .hf_compat import HeterogeneousCausalLM, validate_heterogeneous
 
 
 class AdaptMistralConfig(MistralConfig):
@@ -28,15 +21,6 @@ class AdaptMistralConfig(MistralConfig):
         validate_heterogeneous(self, MistralConfig.validate)
 
 
-class AdaptMistralForCausalLM(MistralForCausalLM):
+class AdaptMistralForCausalLM(HeterogeneousCausalLM, MistralForCausalLM):
     config_class = AdaptMistralConfig
-    output_projections = ("self_attn.o_proj", "mlp.down_proj")
-
-    def __init__(self, config: AdaptMistralConfig):
-        base = homogeneous_copy(config)
-        super().__init__(base)  # HF builds the uniform skeleton
-        adopt_config(self, config, built_from=base)
-        rebuild_heterogeneous_layers(self.model.layers, MistralDecoderLayer, config)
-        if getattr(config, OUTPUT_BIAS_KEY, False):
-            add_output_biases(self.model.layers, self.output_projections)
-        self.post_init()
+    decoder_layer_cls = MistralDecoderLayer

@@ -14,14 +14,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCau
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
-from .hf_compat import (
-    OUTPUT_BIAS_KEY,
-    add_output_biases,
-    adopt_config,
-    homogeneous_copy,
-    rebuild_heterogeneous_layers,
-    validate_heterogeneous,
-)
+from .hf_compat import HeterogeneousCausalLM, validate_heterogeneous
 
 
 class AdaptQwen2Config(Qwen2Config):
@@ -38,18 +31,9 @@ class AdaptQwen2Config(Qwen2Config):
         validate_heterogeneous(self, Qwen2Config.validate)
 
 
-class AdaptQwen2ForCausalLM(Qwen2ForCausalLM):
+class AdaptQwen2ForCausalLM(HeterogeneousCausalLM, Qwen2ForCausalLM):
     config_class = AdaptQwen2Config
-    output_projections = ("self_attn.o_proj", "mlp.down_proj")
-
-    def __init__(self, config: AdaptQwen2Config):
-        base = homogeneous_copy(config)
-        super().__init__(base)  # HF builds the uniform skeleton
-        adopt_config(self, config, built_from=base)
-        rebuild_heterogeneous_layers(self.model.layers, Qwen2DecoderLayer, config)
-        if getattr(config, OUTPUT_BIAS_KEY, False):
-            add_output_biases(self.model.layers, self.output_projections)
-        self.post_init()
+    decoder_layer_cls = Qwen2DecoderLayer
 
 
 class AdaptQwen3Config(Qwen3Config):
@@ -59,15 +43,6 @@ class AdaptQwen3Config(Qwen3Config):
         validate_heterogeneous(self, Qwen3Config.validate)
 
 
-class AdaptQwen3ForCausalLM(Qwen3ForCausalLM):
+class AdaptQwen3ForCausalLM(HeterogeneousCausalLM, Qwen3ForCausalLM):
     config_class = AdaptQwen3Config
-    output_projections = ("self_attn.o_proj", "mlp.down_proj")
-
-    def __init__(self, config: AdaptQwen3Config):
-        base = homogeneous_copy(config)
-        super().__init__(base)
-        adopt_config(self, config, built_from=base)
-        rebuild_heterogeneous_layers(self.model.layers, Qwen3DecoderLayer, config)
-        if getattr(config, OUTPUT_BIAS_KEY, False):
-            add_output_biases(self.model.layers, self.output_projections)
-        self.post_init()
+    decoder_layer_cls = Qwen3DecoderLayer

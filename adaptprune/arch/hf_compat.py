@@ -125,3 +125,24 @@ def validate_heterogeneous(config, validate_homogeneous: Callable[[object], None
             raise ValueError(
                 f"layer {layer_idx}: {heads} query heads do not split into {kv_heads} KV groups"
             )
+
+
+class HeterogeneousCausalLM:
+    """Mixin for a family's ``*ForCausalLM``: build it with per-layer sizes, keep HF's forward.
+
+    HF builds the uniform skeleton from a homogeneous copy of the config; layers whose
+    ``per_layer_config`` differs are rebuilt at their own size; output biases are attached when
+    the checkpoint carries mean compensation. Subclasses name ``decoder_layer_cls``.
+    """
+
+    decoder_layer_cls: type
+    output_projections: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+
+    def __init__(self, config):
+        base = homogeneous_copy(config)
+        super().__init__(base)
+        adopt_config(self, config, built_from=base)
+        rebuild_heterogeneous_layers(self.model.layers, self.decoder_layer_cls, config)
+        if getattr(config, OUTPUT_BIAS_KEY, False):
+            add_output_biases(self.model.layers, self.output_projections)
+        self.post_init()
