@@ -42,11 +42,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--remove-fraction", type=float, default=0.30, help="of non-embedding parameters")
     p.add_argument("--metrics", default=",".join(METRICS))
     p.add_argument("--out", default="docs/bench_oneshot")
+    p.add_argument("--render-only", action="store_true", help="rewrite the markdown from an existing JSON")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.render_only:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        write(argparse.Namespace(**saved["args"]), saved["rows"], saved["timing"], saved["dense_ppl"],
+              saved["total_params"], saved["target"])
+        return
     tok = load_tokenizer(args.model)
     corpus = load_corpus()
     calib = pack(token_stream(corpus["train"], tok, args.calib_tokens), args.seq_len)
@@ -108,6 +114,7 @@ def report_adapter(model):
 
 def write(args, rows, timing, dense_ppl, total, target) -> None:
     baseline = next(r["ppl"] for r in rows if (r["metric"], r["allocation"], r["compensation"]) == ("magnitude", "uniform", "none"))
+    baseline_mean = next(r["ppl"] for r in rows if (r["metric"], r["allocation"], r["compensation"]) == ("magnitude", "uniform", "mean"))
     best = min(rows, key=lambda r: r["ppl"])
     lines = [
         f"Held-out perplexity (Shakespeare held-out plays, {args.eval_tokens} tokens, context {args.context}) of "
@@ -127,7 +134,8 @@ def write(args, rows, timing, dense_ppl, total, target) -> None:
     lines += [
         "",
         f"Best: {best['metric']} + {best['allocation']} + {best['compensation']} compensation, ppl {best['ppl']:.2f} "
-        f"({best['ppl'] / baseline:.2f}x of magnitude + uniform without compensation, {baseline:.2f}).",
+        f"({best['ppl'] / baseline:.1e}x of magnitude + uniform without compensation, {baseline:.2f}; "
+        f"{best['ppl'] / baseline_mean:.3f}x of magnitude + uniform with mean compensation, {baseline_mean:.2f}).",
         "",
         f"Default path (stade + adaptive + mean compensation) timed alone: calibration {ph['calibration']['seconds']:.1f} s, "
         f"scoring {ph['scoring']['seconds']:.1f} s, surgery {ph['surgery']['seconds']:.1f} s "
@@ -141,6 +149,7 @@ def write(args, rows, timing, dense_ppl, total, target) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps({"dense_ppl": dense_ppl, "target": target, "timing": timing,
+                                                    "total_params": total,
                                                     "rows": rows, "args": vars(args)}, indent=1), encoding="utf-8")
 
 
