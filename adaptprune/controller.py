@@ -269,7 +269,7 @@ class Controller:
             state, model = RunState(), dense
             state.kept_ids = self._all_ids(model)
             state.history.append(self._row(0, model, self._eval(model), 0, 0.0, 0.0))
-        self._start_trackers(resume=last is not None)
+        self._start_trackers()
         self.trainer = get_trainer(cfg.train.trainer)(model, self.acc, self._trainer_config(), teacher=teacher)
         if last is not None and cfg.train.optimizer_state == "carry":
             opt_state, _ = load_optimizer_state(last / "optimizer.safetensors")
@@ -416,7 +416,7 @@ class Controller:
         self.acc.log(scalars, step=global_step)
         self._log(f"stage {stage}: pruned to {params:,} parameters")
 
-    def _start_trackers(self, resume: bool) -> None:
+    def _start_trackers(self) -> None:
         if self.cfg.output.tensorboard:
             self.acc.init_trackers("tb", config=_flat_scalars(to_dict(self.cfg)))
 
