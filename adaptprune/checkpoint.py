@@ -43,20 +43,9 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     if not isinstance(config, config_cls):
         config = adapter.to_hetero_config(config)
     model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[dtype], use_safetensors=True)
-    _detach_from_checkpoint_file(model)
     model.eval()
     return model
 
-
-def _detach_from_checkpoint_file(model: nn.Module) -> None:
-    """Give every tensor its own memory instead of a view into the memory-mapped file.
-
-    Views keep the whole mapped file alive, so after surgery the pruned-away weights would stay
-    resident beside their smaller copies. ``_apply`` is what ``Module.to`` uses; it keeps
-    parameter identity, so tied weights stay tied.
-    """
-    if next(model.parameters()).device.type == "cpu":
-        model._apply(lambda t: t.clone())
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
