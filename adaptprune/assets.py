@@ -156,6 +156,11 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    _save_atomically(model, tokenizer, target)
+
+
+def _save_atomically(model, tokenizer, target: Path) -> None:
+    """Write model + tokenizer into a temporary sibling folder, renamed into place when complete."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         model.save_pretrained(tmp)
@@ -187,14 +192,7 @@ def _build_random_model(values: dict, seed: int, target: Path) -> None:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     tokenizer = _train_byte_bpe(config.vocab_size)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _save_atomically(model, tokenizer, target)
 
 
 def _train_byte_bpe(vocab_size: int):

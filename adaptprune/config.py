@@ -160,7 +160,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; allowed: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")  # repr: one line, whatever the key
     values = {}
     for name, f in fields.items():
         if name not in data:

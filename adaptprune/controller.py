@@ -458,7 +458,7 @@ def smallest_reachable(model: torch.nn.Module, adapter: ArchAdapter, prune: Prun
 
     Mean compensation adds a bias to every o/down projection, and those count towards the target.
     """
-    budgets = layer_budgets(model, adapter, prune)
+    budgets = layer_budgets(model, adapter, prune.min_groups, prune.min_neurons)
     cap = getattr(get_allocator(prune.allocation), "max_sparsity", 1.0)  # adaptive keeps >= 1% of a layer
     removable = sum(min(math.floor(b.prunable_params * cap), removable_params([b], neuron_multiple=prune.neuron_multiple))
                     for b in budgets)

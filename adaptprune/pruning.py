@@ -30,7 +30,7 @@ class StepReport:
     influence: list[float]
 
 
-def layer_budgets(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> list[LayerBudget]:
+def layer_budgets(model: nn.Module, adapter: ArchAdapter, min_groups: int = 1, min_neurons: int = 1) -> list[LayerBudget]:
     """Current sizes, per-unit parameter costs and floors of every decoder layer."""
     budgets = []
     for layer in range(len(adapter.decoder_layers(model))):
@@ -39,7 +39,7 @@ def layer_budgets(model: nn.Module, adapter: ArchAdapter, cfg: PruneConfig) -> l
             groups=shape.groups, neurons=shape.neurons,
             params_per_group=adapter.params_per_unit(model, layer, ATTENTION),
             params_per_neuron=adapter.params_per_unit(model, layer, MLP),
-            min_groups=min(cfg.min_groups, shape.groups), min_neurons=min(cfg.min_neurons, shape.neurons),
+            min_groups=min(min_groups, shape.groups), min_neurons=min(min_neurons, shape.neurons),
         ))
     return budgets
 
@@ -101,7 +101,7 @@ def prune_with_stats(model: nn.Module, calib: CalibrationResult, target_params: 
         scores = [{kind: metric.unit_scores(model, adapter, i, kind, calib) for kind in (ATTENTION, MLP)} for i in layers]
         influence = torch.tensor([s.influence for s in calib.layers], dtype=torch.float64)
         allocator = get_allocator(cfg.allocation, **({"amplitude": cfg.amplitude} if cfg.allocation == "adaptive" else {}))
-        plan = allocator.plan(layer_budgets(model, adapter, cfg), scores, influence, remove_params,
+        plan = allocator.plan(layer_budgets(model, adapter, cfg.min_groups, cfg.min_neurons), scores, influence, remove_params,
                               neuron_multiple=cfg.neuron_multiple)
         plan = _same_plan_on_every_rank(plan)
     with profile.phase("surgery"):

@@ -40,6 +40,7 @@ from ..allocation import GlobalAllocator, LayerBudget, zscore
 from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
 from ..calibration import CalibrationResult, ChannelStats, calibrate
 from ..compensation import apply_compensated_plan
+from ..pruning import layer_budgets
 from ..surgery import KeptRecord, count_parameters, ensure_output_biases
 
 FLAP_PAPER_CALIBRATION = (1024, 128)  # sequences × tokens of WikiText2 in the paper
@@ -111,20 +112,6 @@ def _layer_scores(model: nn.Module, adapter: ArchAdapter, layer_idx: int, calib:
     return out
 
 
-def _budgets(model: nn.Module, adapter: ArchAdapter) -> list[LayerBudget]:
-    """Sizes and per-unit costs; floors of one group and one neuron per layer (FLAP has none)."""
-    budgets = []
-    for i in range(len(adapter.decoder_layers(model))):
-        shape = adapter.layer_shape(model, i)
-        budgets.append(LayerBudget(
-            groups=shape.groups, neurons=shape.neurons,
-            params_per_group=adapter.params_per_unit(model, i, ATTENTION),
-            params_per_neuron=adapter.params_per_unit(model, i, MLP),
-            min_groups=min(1, shape.groups), min_neurons=min(1, shape.neurons),
-        ))
-    return budgets
-
-
 def flap_prune(
     model: nn.Module,
     sequences: Tensor,
@@ -150,7 +137,7 @@ def flap_prune(
             "(including FLAP's bias slots)"
         )
     scores = [_layer_scores(model, adapter, i, calib) for i in range(len(calib.layers))]
-    budgets = _budgets(model, adapter)
+    budgets = layer_budgets(model, adapter)  # floors: one group and one neuron (FLAP has none)
     plan = flap_plan(budgets, scores, remove)
     # apply_plan checks the resulting count against the plan and runs a forward
     return apply_compensated_plan(model, plan, calib, mean=True, energy=False, adapter=adapter)
