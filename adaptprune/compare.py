@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,11 @@ class CompareConfig:
     tasks: list[str] = _f(["piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa"], "lm-eval tasks")
     limit: int = _f(0, "documents per task (0 = full validation sets)", min=0)
     out: str = _f("runs/compare", "output folder")
+    resume: bool = _f(True, "reuse the rows of methods already finished in `out` by a run with the same settings")
+
+
+# Settings that do not change a method's row: rows computed under other values stay valid.
+ROW_NEUTRAL_KEYS = ("methods", "out", "resume")
 
 
 def load_compare_config(path: str | None, overrides: list[str] | None = None) -> CompareConfig:
@@ -187,24 +193,60 @@ def run_compare(cfg: CompareConfig) -> list[dict]:
     del dense
     base = Context(cfg, tokenizer, pack(train_stream, cfg.seq_len, max(1, cfg.calib_tokens // cfg.seq_len)),
                    train_stream, token_stream(corpus["heldout"], tokenizer, cfg.eval_tokens), target)
+    finished = finished_rows(cfg, target) if cfg.resume else {}
     rows = []
     for method in cfg.methods:
+        if method in finished:
+            print(f"[compare] {method}: reused from {out / 'comparison.json'} (resume=false recomputes)", flush=True)
+            rows.append(finished[method])
+            continue
         print(f"[compare] {method} ...", flush=True)
         ctx = Context(**{**base.__dict__, "profile": Profile(), "train_tokens": 0})
         start = time.perf_counter()
         model = RUNNERS[method](ctx, load_model(cfg.model))
         rows.append(_evaluate(ctx, method, model, time.perf_counter() - start))
-        (out / "comparison.json").write_text(json.dumps({"config": cfg.__dict__, "target": target, "rows": rows}, indent=1))
+        _write_json(cfg, rows + [r for m, r in finished.items() if m not in {x["method"] for x in rows}], target)
         del model
         gc.collect()
     write_outputs(cfg, rows, target)
     return rows
 
 
+def _row_settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ROW_NEUTRAL_KEYS}
+
+
+def finished_rows(cfg: CompareConfig, target: int) -> dict[str, dict]:
+    """Rows an earlier run in ``cfg.out`` finished under the same settings, by method.
+
+    A crash or Ctrl-C then costs only the method that was running. Rows from a run with other
+    settings (model, size, tokens, tasks, limit, ...) are ignored, never mixed into one table.
+    """
+    path = Path(cfg.out) / "comparison.json"
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        same = _row_settings(earlier["config"]) == _row_settings(cfg.__dict__) and earlier["target"] == target
+        return {r["method"]: r for r in earlier["rows"]} if same else {}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        print(f"[compare] {path} is unreadable; recomputing every method", flush=True)
+        return {}
+
+
+def _write_json(cfg: CompareConfig, rows: list[dict], target: int) -> None:
+    """Written atomically after every method, so a crash never leaves half a file."""
+    path = Path(cfg.out) / "comparison.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"config": cfg.__dict__, "target": target, "rows": rows}, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _evaluate(ctx: Context, method: str, model: nn.Module, seconds: float) -> dict:
     from .evaluation.tasks import run_tasks
 
     model.eval()
+    start = time.perf_counter()
     context = min(ctx.cfg.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
     ppl = perplexity(model, ctx.heldout, context=context)
     tasks = run_tasks(model, ctx.tokenizer, ctx.cfg.tasks, limit=ctx.cfg.limit or None) if ctx.cfg.tasks else {}
@@ -212,7 +254,8 @@ def _evaluate(ctx: Context, method: str, model: nn.Module, seconds: float) -> di
     row = {
         "method": method, "params": count_parameters(model), "ppl": ppl.ppl, "ppl_tokens": ppl.tokens,
         "tasks": tasks, "prune_seconds": sum(p["seconds"] for n, p in phases.items() if "prune" in n),
-        "method_seconds": round(seconds, 1), "train_tokens": ctx.train_tokens,
+        "method_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - start, 1),
+        "train_tokens": ctx.train_tokens,
         "peak_rss_mb": max((p["peak_rss_mb"] for p in phases.values()), default=None),
     }
     print(f"[compare] {method}: {row['params']:,} params, ppl {row['ppl']:.2f}", flush=True)
@@ -221,7 +264,7 @@ def _evaluate(ctx: Context, method: str, model: nn.Module, seconds: float) -> di
 
 def write_outputs(cfg: CompareConfig, rows: list[dict], target: int) -> None:
     out = Path(cfg.out)
-    (out / "comparison.json").write_text(json.dumps({"config": cfg.__dict__, "target": target, "rows": rows}, indent=1))
+    _write_json(cfg, rows, target)
     (out / "comparison.md").write_text(comparison_table(cfg, rows, target) + "\n", encoding="utf-8")
     plot_comparison(rows, out / "comparison.png")
 

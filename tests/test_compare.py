@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from adaptprune import compare
 from adaptprune.compare import METHODS, load_compare_config, run_compare
 
 
@@ -23,3 +26,30 @@ def test_compare_runs_every_method_at_equal_size(tmp_path):
     assert len(set(trained.values())) == 1  # equal training budgets
     table = (tmp_path / "comparison.md").read_text()
     assert "piqa acc_norm" in table and (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def _tiny_config(tmp_path, *extra):
+    return load_compare_config(None, [
+        "model=tiny-random-llama", "remove_non_embedding=0.2", "calib_tokens=512", "seq_len=64",
+        "train_tokens=0", "eval_tokens=256", "eval_context=128", "tasks=[]", f"out={tmp_path}", *extra,
+    ])
+
+
+def test_compare_resumes_finished_methods_and_ignores_other_settings(tmp_path, monkeypatch):
+    first = run_compare(_tiny_config(tmp_path, "methods=[dense,flap]"))
+
+    def must_not_run(ctx, model):
+        raise AssertionError("a finished method was recomputed")
+
+    monkeypatch.setitem(compare.RUNNERS, "flap", must_not_run)
+    monkeypatch.setitem(compare.RUNNERS, "dense", must_not_run)
+    rows = run_compare(_tiny_config(tmp_path, "methods=[dense,flap,adaptprune_oneshot]"))
+    assert rows[:2] == first
+    assert rows[2]["method"] == "adaptprune_oneshot"
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["dense", "flap", "adaptprune_oneshot"]
+
+    with pytest.raises(AssertionError, match="recomputed"):  # other settings: nothing is reused
+        run_compare(_tiny_config(tmp_path, "methods=[dense]", "eval_tokens=128"))
+    with pytest.raises(AssertionError, match="recomputed"):  # resume=false: nothing is reused
+        run_compare(_tiny_config(tmp_path, "methods=[flap]", "resume=false"))
