@@ -287,7 +287,9 @@ def comparison_table(cfg: CompareConfig, rows: list[dict], target: int) -> str:
     lines += ["", f"Target: {target:,} parameters ({cfg.remove_non_embedding:.0%} of the non-embedding parameters "
               f"removed; every pruned row within ±0.5%). Held-out perplexity on {cfg.eval_tokens:,} tokens of "
               f"'{cfg.corpus}' held-out text; tasks: lm-eval, {limit}; training methods get "
-              f"{cfg.train_tokens:,} tokens of the train split."]
+              f"{cfg.train_tokens:,} tokens of the train split. Peak RSS: the compare process's resident memory "
+              f"during the method's prune/train phases; one process runs every method in turn, so memory that "
+              f"libraries kept from earlier methods counts too (use `adaptprune prune` for a clean figure)."]
     return "\n".join(lines)
 
 
@@ -306,10 +308,16 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
     ax_ppl.barh(names, [r["ppl"] for r in rows], color="#3a7bd5")
     ax_ppl.set_xscale("log")
     ax_ppl.set_xlabel("held-out perplexity (log scale, lower is better)")
+    for y, value in enumerate(r["ppl"] for r in rows):
+        ax_ppl.text(value, y, f" {value:.1f}", va="center", fontsize=9)
     ax_ppl.invert_yaxis()
     mean_acc = [sum(m["acc"] for m in r["tasks"].values()) / len(r["tasks"]) if r["tasks"] else 0.0 for r in rows]
     ax_acc.barh(names, mean_acc, color="#2a9d8f")
-    ax_acc.set_xlabel("mean zero-shot accuracy over tasks (higher is better)")
+    if any(mean_acc):  # a zoomed axis with printed values: the methods differ by a few points
+        ax_acc.set_xlim(max(0.0, min(mean_acc) - 0.05), max(mean_acc) + 0.03)
+        for y, value in enumerate(mean_acc):
+            ax_acc.text(value, y, f" {value:.3f}", va="center", fontsize=9)
+    ax_acc.set_xlabel("mean zero-shot accuracy (higher is better; zoomed)")
     ax_acc.invert_yaxis()
     fig.suptitle("Equal parameter count, equal training tokens")
     fig.tight_layout()
