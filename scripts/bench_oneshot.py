@@ -112,10 +112,26 @@ def report_adapter(model):
     return get_adapter(model)
 
 
-def write(args, rows, timing, dense_ppl, total, target) -> None:
-    baseline = next(r["ppl"] for r in rows if (r["metric"], r["allocation"], r["compensation"]) == ("magnitude", "uniform", "none"))
-    baseline_mean = next(r["ppl"] for r in rows if (r["metric"], r["allocation"], r["compensation"]) == ("magnitude", "uniform", "mean"))
+def _find(rows, metric: str, allocation: str, compensation: str) -> dict | None:
+    return next((r for r in rows if (r["metric"], r["allocation"], r["compensation"]) == (metric, allocation, compensation)), None)
+
+
+def _best_sentence(rows) -> str:
     best = min(rows, key=lambda r: r["ppl"])
+    text = f"Best: {best['metric']} + {best['allocation']} + {best['compensation']} compensation, ppl {best['ppl']:.2f}"
+    plain, mean = _find(rows, "magnitude", "uniform", "none"), _find(rows, "magnitude", "uniform", "mean")
+    if plain and mean:  # only when magnitude was among --metrics
+        text += (f" ({best['ppl'] / plain['ppl']:.1e}x of magnitude + uniform without compensation, {plain['ppl']:.2f}; "
+                 f"{best['ppl'] / mean['ppl']:.3f}x of magnitude + uniform with mean compensation, {mean['ppl']:.2f})")
+    return text + "."
+
+
+def write(args, rows, timing, dense_ppl, total, target) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"dense_ppl": dense_ppl, "target": target, "timing": timing,
+                                                    "total_params": total,
+                                                    "rows": rows, "args": vars(args)}, indent=1), encoding="utf-8")
     lines = [
         f"Held-out perplexity (Shakespeare held-out plays, {args.eval_tokens} tokens, context {args.context}) of "
         f"SmolLM2-135M pruned one-shot from {total:,} to ≤{target:,} parameters "
@@ -133,24 +149,18 @@ def write(args, rows, timing, dense_ppl, total, target) -> None:
     ph = timing["phases"]
     lines += [
         "",
-        f"Best: {best['metric']} + {best['allocation']} + {best['compensation']} compensation, ppl {best['ppl']:.2f} "
-        f"({best['ppl'] / baseline:.1e}x of magnitude + uniform without compensation, {baseline:.2f}; "
-        f"{best['ppl'] / baseline_mean:.3f}x of magnitude + uniform with mean compensation, {baseline_mean:.2f}).",
+        _best_sentence(rows),
         "",
         f"Default path (stade + adaptive + mean compensation) timed alone: calibration {ph['calibration']['seconds']:.1f} s, "
         f"scoring {ph['scoring']['seconds']:.1f} s, surgery {ph['surgery']['seconds']:.1f} s "
         f"(total {timing['total_seconds']:.1f} s); peak RSS {timing['peak_rss_mb']:.0f} MB, of which "
         f"{timing['peak_over_libraries_mb']:.0f} MB above the libraries' own {timing['rss_libraries_mb']:.0f} MB "
-        f"(fp32 model: {timing['model_fp32_mb']:.0f} MB, so {timing['peak_over_libraries_mb'] / timing['model_fp32_mb']:.2f}x).",
+        f"(fp32 model: {timing['model_fp32_mb']:.0f} MB, so {timing['peak_over_libraries_mb'] / timing['model_fp32_mb']:.2f}x). "
+        "Peak RSS by phase: " + ", ".join(f"{name} {p['peak_rss_mb']:.0f} MB" for name, p in ph.items()) + ".",
     ]
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps({"dense_ppl": dense_ppl, "target": target, "timing": timing,
-                                                    "total_params": total,
-                                                    "rows": rows, "args": vars(args)}, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adaptprune.arch import ATTENTION, MLP, UNIT_KINDS, Coupling, get_adapter
+from adaptprune import calibration
 from adaptprune.calibration import ChannelAccumulator, calibrate, first_order_terms
 
 from .conftest import tiny_llama
@@ -57,6 +58,21 @@ def test_streamed_stats_equal_stacked_activations():
     for layer, [(h_in, h_out)] in streams.items():
         cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
         assert calib.layers[layer].influence == pytest.approx(1.0 - cos.mean().item(), abs=1e-6)
+
+
+def test_row_chunking_gives_the_statistics_of_the_whole_batch(monkeypatch):
+    """Large batches are folded in row chunks (memory); every statistic equals the unchunked one."""
+    torch.manual_seed(0)
+    x = 3.0 + torch.randn(4, 50, 6)  # (B, T, C): 200 rows
+    whole = ChannelAccumulator(collect_cov=True)
+    whole.update(x)
+    monkeypatch.setattr(calibration, "CHUNK_BYTES", 8 * 6 * 7)  # 7 rows per chunk: 29 chunks
+    chunked = ChannelAccumulator(collect_cov=True)
+    chunked.update(x)
+    a, b = whole.result(), chunked.result()
+    assert a.count == b.count == 200
+    for name in ("mean", "var", "sq_mean", "cov"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-12, atol=1e-12)
 
 
 def test_large_mean_small_variance_channel_keeps_its_variance():
