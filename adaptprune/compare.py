@@ -205,11 +205,17 @@ def run_compare(cfg: CompareConfig) -> list[dict]:
         start = time.perf_counter()
         model = RUNNERS[method](ctx, load_model(cfg.model))
         rows.append(_evaluate(ctx, method, model, time.perf_counter() - start))
-        _write_json(cfg, rows + [r for m, r in finished.items() if m not in {x["method"] for x in rows}], target)
+        _write_json(cfg, _keeping_finished(rows, finished), target)
         del model
         gc.collect()
-    write_outputs(cfg, rows, target)
+    write_outputs(cfg, rows, target, json_rows=_keeping_finished(rows, finished))
     return rows
+
+
+def _keeping_finished(rows: list[dict], finished: dict[str, dict]) -> list[dict]:
+    """``rows`` plus earlier finished rows not among them: a run of fewer methods loses none."""
+    done = {r["method"] for r in rows}
+    return rows + [r for method, r in finished.items() if method not in done]
 
 
 def _row_settings(config: dict) -> dict:
@@ -262,9 +268,10 @@ def _evaluate(ctx: Context, method: str, model: nn.Module, seconds: float) -> di
     return row
 
 
-def write_outputs(cfg: CompareConfig, rows: list[dict], target: int) -> None:
+def write_outputs(cfg: CompareConfig, rows: list[dict], target: int, json_rows: list[dict] | None = None) -> None:
+    """The table and plot of ``rows``; the JSON holds ``json_rows`` (default: the same rows)."""
     out = Path(cfg.out)
-    _write_json(cfg, rows, target)
+    _write_json(cfg, rows if json_rows is None else json_rows, target)
     (out / "comparison.md").write_text(comparison_table(cfg, rows, target) + "\n", encoding="utf-8")
     plot_comparison(rows, out / "comparison.png")
 

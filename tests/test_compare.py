@@ -49,6 +49,12 @@ def test_compare_resumes_finished_methods_and_ignores_other_settings(tmp_path, m
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert [r["method"] for r in saved["rows"]] == ["dense", "flap", "adaptprune_oneshot"]
 
+    only_flap = run_compare(_tiny_config(tmp_path, "methods=[flap]"))  # a subset: table of one, JSON keeps all
+    assert only_flap == rows[1:2]
+    assert "adaptprune_oneshot" not in (tmp_path / "comparison.md").read_text()
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["flap", "dense", "adaptprune_oneshot"]
+
     with pytest.raises(AssertionError, match="recomputed"):  # other settings: nothing is reused
         run_compare(_tiny_config(tmp_path, "methods=[dense]", "eval_tokens=128"))
     with pytest.raises(AssertionError, match="recomputed"):  # resume=false: nothing is reused
