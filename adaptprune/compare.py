@@ -25,7 +25,7 @@ from .config import ConfigError, PruneConfig, _f, from_dict, load_config
 from .data import load_corpus, pack, token_stream
 from .evaluation.perplexity import perplexity
 from .profiling import Profile
-from .surgery import count_non_embedding_parameters, count_parameters
+from .surgery import count_parameters, params_after_removing
 
 TRAIN_BATCH = 4  # sequences per step for every method that trains (the controller's default too)
 METHODS = ("dense", "llm_pruner", "llm_pruner_lora", "flap", "slicegpt", "adaptprune_oneshot",
@@ -189,7 +189,7 @@ def run_compare(cfg: CompareConfig) -> list[dict]:
     corpus = load_corpus(cfg.corpus)
     train_stream = token_stream(corpus["train"], tokenizer)
     dense = load_model(cfg.model)
-    target = count_parameters(dense) - round(cfg.remove_non_embedding * count_non_embedding_parameters(dense))
+    target = params_after_removing(dense, cfg.remove_non_embedding)
     del dense
     base = Context(cfg, tokenizer, pack(train_stream, cfg.seq_len, max(1, cfg.calib_tokens // cfg.seq_len)),
                    train_stream, token_stream(corpus["heldout"], tokenizer, cfg.eval_tokens), target)

@@ -118,6 +118,11 @@ def count_non_embedding_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skip)
 
 
+def params_after_removing(model: nn.Module, non_embedding_fraction: float) -> int:
+    """The parameter count left once ``non_embedding_fraction`` of the non-embedding ones are gone."""
+    return count_parameters(model) - round(non_embedding_fraction * count_non_embedding_parameters(model))
+
+
 def apply_plan(model: nn.Module, plan: Plan, adapter: ArchAdapter | None = None) -> list[KeptRecord]:
     """Apply a whole plan, sync the per-layer config and check the invariants."""
     adapter = adapter or get_adapter(model)

@@ -24,7 +24,7 @@ from adaptprune.data import load_corpus, pack, token_stream
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.evaluation.tasks import run_tasks
 from adaptprune.pruning import prune_step
-from adaptprune.surgery import count_non_embedding_parameters, count_parameters
+from adaptprune.surgery import count_parameters, params_after_removing
 
 # (label, PruneConfig overrides); the first row is the default path
 VARIANTS: tuple[tuple[str, dict], ...] = (
@@ -65,7 +65,7 @@ def main() -> None:
             rows.append(done[label])
             continue
         model = load_model(args.model)
-        target = count_parameters(model) - round(args.remove_fraction * count_non_embedding_parameters(model))
+        target = params_after_removing(model, args.remove_fraction)
         start = time.perf_counter()
         prune_step(model, calib, target, PruneConfig(**overrides), progress=False)
         row = {"variant": label, "overrides": overrides, "params": count_parameters(model),

@@ -26,7 +26,7 @@ from adaptprune.data import load_corpus, pack, token_stream
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.importance import METRICS
 from adaptprune.pruning import calibrate_for, prune_step, prune_with_stats
-from adaptprune.surgery import count_non_embedding_parameters, count_parameters
+from adaptprune.surgery import count_parameters, params_after_removing
 
 ALLOCATIONS = ("uniform", "adaptive", "global")
 COMPENSATIONS = {"none": (False, False), "mean": (True, False), "mean+EC": (True, True)}
@@ -90,8 +90,7 @@ def time_default_path(args, calib) -> tuple[dict, int]:
     the process RSS before loading (libraries only) as the baseline for the memory target."""
     rss_libs = psutil.Process().memory_info().rss / 2**20
     model = load_model(args.model)
-    total, non_emb = count_parameters(model), count_non_embedding_parameters(model)
-    target = total - round(args.remove_fraction * non_emb)
+    target = params_after_removing(model, args.remove_fraction)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     default = PruneConfig(target_params=str(target), metric="stade", allocation="adaptive")
     start = time.perf_counter()

@@ -126,11 +126,12 @@ def test_flap_lands_on_the_target_within_one_unit(llama_model):
     assert target - _largest_unit(llama_model) < count_parameters(llama_model) <= target
 
 
-def test_flap_checkpoint_reloads_with_identical_logits(tmp_path):
+@pytest.mark.parametrize("prune", [flap_prune, llm_pruner_prune], ids=["flap", "llm_pruner"])
+def test_baseline_checkpoint_reloads_with_identical_logits(tmp_path, prune):
     model, seqs = tiny_llama(), _sequences()
-    flap_prune(model, seqs, _target(model), progress=False)
-    save_checkpoint(model, tmp_path / "flap")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "flap").eval()
+    prune(model, seqs, _target(model), progress=False)
+    save_checkpoint(model, tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=seqs).logits, reloaded(input_ids=seqs).logits)
 
@@ -248,15 +249,6 @@ def test_llm_pruner_lands_on_the_target_within_one_neuron(llama_model, importanc
     llm_pruner_prune(llama_model, _sequences(), target, importance=importance, progress=False)
     per_neuron = get_adapter(llama_model).params_per_unit(llama_model, 0, MLP)
     assert target - per_neuron < count_parameters(llama_model) <= target
-
-
-def test_llm_pruner_checkpoint_reloads_with_identical_logits(tmp_path):
-    model, seqs = tiny_llama(), _sequences()
-    llm_pruner_prune(model, seqs, _target(model), progress=False)
-    save_checkpoint(model, tmp_path / "llmp")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "llmp").eval()
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=seqs).logits, reloaded(input_ids=seqs).logits)
 
 
 def test_lora_recipe_builds_the_published_trainer_config():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptprune.arch import ATTENTION, MLP, UNIT_KINDS, Coupling, get_adapter
 from adaptprune import calibration
+from adaptprune.arch import ATTENTION, MLP, UNIT_KINDS, Coupling, get_adapter
 from adaptprune.calibration import ChannelAccumulator, calibrate, first_order_terms
 
 from .conftest import tiny_llama

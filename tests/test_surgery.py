@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter
-from adaptprune.surgery import SurgeryError, apply_plan, count_parameters
+from adaptprune.surgery import SurgeryError, apply_plan, count_parameters, params_after_removing
 
 from .conftest import tiny_llama
 
@@ -101,3 +101,13 @@ def test_bad_keep_lists_fail_clearly():
         apply_plan(model, {0: {ATTENTION: []}})
     with pytest.raises(SurgeryError, match=r"\[0, 96\)"):
         apply_plan(model, {0: {MLP: [0, 200]}})
+
+
+def test_params_after_removing_takes_the_fraction_of_non_embedding_parameters_only():
+    model = tiny_llama()
+    embedding = sum({id(p): p.numel() for p in (model.get_input_embeddings().weight,
+                                                 model.get_output_embeddings().weight)}.values())
+    total = count_parameters(model)
+    assert params_after_removing(model, 0.0) == total
+    assert params_after_removing(model, 1.0) == embedding
+    assert params_after_removing(model, 0.25) == total - round(0.25 * (total - embedding))
