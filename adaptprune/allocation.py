@@ -159,8 +159,11 @@ def _layer_queue(
     key = torch.cat([n_key, g_key])
     perm = torch.sort(key, stable=True).indices
     return _LayerQueue(
-        kind=kind[perm], units=torch.cat([n_units, g_units])[perm], cost=torch.cat([n_cost, g_cost])[perm],
-        key=key[perm], order={MLP: n_order, ATTENTION: g_order},
+        kind=kind[perm],
+        units=torch.cat([n_units, g_units])[perm],
+        cost=torch.cat([n_cost, g_cost])[perm],
+        key=key[perm],
+        order={MLP: n_order, ATTENTION: g_order},
     )
 
 
@@ -177,8 +180,11 @@ def _to_plan(queues: Sequence[_LayerQueue], taken: Sequence[int]) -> dict[int, d
 
 # ---- validation and bookkeeping ----------------------------------------------------------
 def _check_inputs(
-    layers: Sequence[LayerBudget], scores: Sequence[dict[str, Tensor]], influence: Tensor,
-    remove_params: int, neuron_multiple: int,
+    layers: Sequence[LayerBudget],
+    scores: Sequence[dict[str, Tensor]],
+    influence: Tensor,
+    remove_params: int,
+    neuron_multiple: int,
 ) -> int:
     remove_params = operator.index(remove_params)
     if remove_params < 0:
@@ -234,8 +240,13 @@ class Allocator(ABC):
     name: ClassVar[str]
 
     def plan(
-        self, layers: Sequence[LayerBudget], scores: Sequence[dict[str, Tensor]], influence: Tensor,
-        remove_params: int, *, neuron_multiple: int = 1,
+        self,
+        layers: Sequence[LayerBudget],
+        scores: Sequence[dict[str, Tensor]],
+        influence: Tensor,
+        remove_params: int,
+        *,
+        neuron_multiple: int = 1,
     ) -> dict[int, dict[str, list[int]]]:
         """Kept ids per layer and kind (only entries that lose units); see the module docstring."""
         remove_params = _check_inputs(layers, scores, influence, remove_params, neuron_multiple)
@@ -407,7 +418,9 @@ def parse_target(text: str, total_params: int) -> int:
     """
     match = _TARGET.match(str(text).strip().replace("_", ""))
     if not match:
-        raise ValueError(f"target_params '{text}' is not a count like '90M', '1.2B', '134515008' or a ratio like '0.7x'")
+        raise ValueError(
+            f"target_params '{text}' is not a count like '90M', '1.2B', '134515008' or a ratio like '0.7x'"
+        )
     number, suffix = match.group(1), match.group(2).lower()
     value = float(number)
     if suffix == "x":

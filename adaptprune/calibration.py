@@ -81,6 +81,7 @@ class CalibrationResult:
 # ---- pure accumulators --------------------------------------------------------------------
 CHUNK_BYTES = 3 * 2**20  # float64 rows handled at once by ChannelAccumulator (see update)
 
+
 class ChannelAccumulator:
     """Streams per-channel moments of rows x (n, C) without storing them (float64)."""
 
@@ -170,9 +171,11 @@ class _Hooks:
             for idx, layer in enumerate(layers):
                 for kind, path in ((MLP, adapter.mlp_output), (ATTENTION, adapter.attention_output)):
                     acc = self.channels[idx][kind]
-                    self.handles.append(layer.get_submodule(path).register_forward_pre_hook(
-                        lambda _m, args, acc=acc: acc.update(args[0])
-                    ))
+                    self.handles.append(
+                        layer.get_submodule(path).register_forward_pre_hook(
+                            lambda _m, args, acc=acc: acc.update(args[0])
+                        )
+                    )
                 self.handles.append(layer.register_forward_hook(self._influence_hook(idx), with_kwargs=True))
         except BaseException:
             self.remove()
@@ -212,7 +215,8 @@ class _TaylorAccumulator:
         self.weights = {
             id(layer.get_submodule(c.path).weight)
             for layer, by_kind in zip(self.layers, self.couplings, strict=True)
-            for cs in by_kind.values() for c in cs
+            for cs in by_kind.values()
+            for c in cs
         }
 
     def __enter__(self) -> _TaylorAccumulator:

@@ -47,7 +47,6 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     return model
 
 
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
 

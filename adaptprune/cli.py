@@ -51,9 +51,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from .config import load_config
     from .oneshot import run_oneshot
 
-    overrides = [f"model.name={args.model}", f"prune.target_params={args.target_params}",
-                 f"prune.metric={args.metric}", f"prune.allocation={args.allocation}",
-                 f"data.calib_tokens={args.calib_tokens}", *args.set]
+    overrides = [
+        f"model.name={args.model}",
+        f"prune.target_params={args.target_params}",
+        f"prune.metric={args.metric}",
+        f"prune.allocation={args.allocation}",
+        f"data.calib_tokens={args.calib_tokens}",
+        *args.set,
+    ]
     if args.energy_compensation:
         overrides.append("prune.energy_compensation=true")
     if args.no_mean_compensation:
@@ -62,8 +67,10 @@ def cmd_prune(args: argparse.Namespace) -> None:
     require_safetensors(resolve_model_path(config.model.name))
     metrics = run_oneshot(config, args.out)
     before, after = metrics["ppl_before"]["ppl"], metrics["ppl_after"]["ppl"]
-    print(f"{metrics['params_before']:,} -> {metrics['params_after']:,} parameters; "
-          f"held-out ppl {before:.2f} -> {after:.2f}; written to {args.out}")
+    print(
+        f"{metrics['params_before']:,} -> {metrics['params_after']:,} parameters; "
+        f"held-out ppl {before:.2f} -> {after:.2f}; written to {args.out}"
+    )
 
 
 def train(config_path: str | None, overrides: list[str], resume: bool) -> None:
@@ -85,8 +92,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     baseline = load_model(args.baseline) if args.baseline else None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     texts = [t.strip() for t in args.texts.split(",") if t.strip()]
-    result = evaluate(model, tokenizer, tasks, limit=args.limit, texts=texts, ppl_tokens=args.ppl_tokens,
-                      context=args.context, stride=args.stride, speed=args.speed, baseline=baseline)
+    result = evaluate(
+        model,
+        tokenizer,
+        tasks,
+        limit=args.limit,
+        texts=texts,
+        ppl_tokens=args.ppl_tokens,
+        context=args.context,
+        stride=args.stride,
+        speed=args.speed,
+        baseline=baseline,
+    )
     result["model"] = args.model
     print(format_eval(result))
     with open(args.out, "w", encoding="utf-8") as f:
@@ -142,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity, offline lm-eval tasks and speed of a model")
     p.add_argument("model", help="embedded name, model folder or hub id")
-    p.add_argument("--tasks", default="ppl", help="comma list: ppl,piqa,arc_easy,arc_challenge,hellaswag,winogrande,"
-                   "boolq,openbookqa,siqa,lambada")
+    p.add_argument(
+        "--tasks",
+        default="ppl",
+        help="comma list: ppl,piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa,siqa,lambada",
+    )
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     p.add_argument("--texts", default="shakespeare", help="corpora whose held-out split perplexity uses")
     p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens per corpus")

@@ -28,8 +28,7 @@ from .profiling import Profile
 from .surgery import count_parameters, params_after_removing
 
 TRAIN_BATCH = 4  # sequences per step for every method that trains (the controller's default too)
-METHODS = ("dense", "llm_pruner", "llm_pruner_lora", "flap", "slicegpt", "adaptprune_oneshot",
-           "adaptprune_incremental")
+METHODS = ("dense", "llm_pruner", "llm_pruner_lora", "flap", "slicegpt", "adaptprune_oneshot", "adaptprune_incremental")
 
 
 @dataclass
@@ -132,12 +131,20 @@ def _adaptprune_incremental(ctx: Context, model: nn.Module) -> nn.Module:
     del model  # the controller loads its own copy
     gc.collect()
     out = Path(ctx.cfg.out) / "incremental_run"
-    config = load_config(None, [
-        f"model.name={ctx.cfg.model}", f"data.corpus={ctx.cfg.corpus}", f"data.seq_len={ctx.cfg.seq_len}",
-        f"prune.target_params={ctx.target}", f"schedule.train_tokens={ctx.cfg.train_tokens}",
-        f"train.batch_size={TRAIN_BATCH}",
-        "eval.every_stage=false", "output.tensorboard=false", f"output.dir={out}",
-    ])
+    config = load_config(
+        None,
+        [
+            f"model.name={ctx.cfg.model}",
+            f"data.corpus={ctx.cfg.corpus}",
+            f"data.seq_len={ctx.cfg.seq_len}",
+            f"prune.target_params={ctx.target}",
+            f"schedule.train_tokens={ctx.cfg.train_tokens}",
+            f"train.batch_size={TRAIN_BATCH}",
+            "eval.every_stage=false",
+            "output.tensorboard=false",
+            f"output.dir={out}",
+        ],
+    )
     with ctx.profile.phase("prune+train"):
         results = Controller(config).run(resume=(out / "checkpoints").exists())
     ctx.train_tokens = results["history"][-1]["train_tokens"]
@@ -175,8 +182,12 @@ def _batches_of(sequences: torch.Tensor, order: torch.Tensor, batch: int):
 
 
 RUNNERS: dict[str, Callable[[Context, nn.Module], nn.Module]] = {
-    "dense": _dense, "llm_pruner": _llm_pruner, "llm_pruner_lora": _llm_pruner_lora, "flap": _flap,
-    "slicegpt": _slicegpt, "adaptprune_oneshot": _adaptprune_oneshot,
+    "dense": _dense,
+    "llm_pruner": _llm_pruner,
+    "llm_pruner_lora": _llm_pruner_lora,
+    "flap": _flap,
+    "slicegpt": _slicegpt,
+    "adaptprune_oneshot": _adaptprune_oneshot,
     "adaptprune_incremental": _adaptprune_incremental,
 }
 
@@ -191,8 +202,14 @@ def run_compare(cfg: CompareConfig) -> list[dict]:
     dense = load_model(cfg.model)
     target = params_after_removing(dense, cfg.remove_non_embedding)
     del dense
-    base = Context(cfg, tokenizer, pack(train_stream, cfg.seq_len, max(1, cfg.calib_tokens // cfg.seq_len)),
-                   train_stream, token_stream(corpus["heldout"], tokenizer, cfg.eval_tokens), target)
+    base = Context(
+        cfg,
+        tokenizer,
+        pack(train_stream, cfg.seq_len, max(1, cfg.calib_tokens // cfg.seq_len)),
+        train_stream,
+        token_stream(corpus["heldout"], tokenizer, cfg.eval_tokens),
+        target,
+    )
     finished = finished_rows(cfg, target) if cfg.resume else {}
     rows = []
     for method in cfg.methods:
@@ -258,9 +275,14 @@ def _evaluate(ctx: Context, method: str, model: nn.Module, seconds: float) -> di
     tasks = run_tasks(model, ctx.tokenizer, ctx.cfg.tasks, limit=ctx.cfg.limit or None) if ctx.cfg.tasks else {}
     phases = ctx.profile.as_dict()
     row = {
-        "method": method, "params": count_parameters(model), "ppl": ppl.ppl, "ppl_tokens": ppl.tokens,
-        "tasks": tasks, "prune_seconds": sum(p["seconds"] for n, p in phases.items() if "prune" in n),
-        "method_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - start, 1),
+        "method": method,
+        "params": count_parameters(model),
+        "ppl": ppl.ppl,
+        "ppl_tokens": ppl.tokens,
+        "tasks": tasks,
+        "prune_seconds": sum(p["seconds"] for n, p in phases.items() if "prune" in n),
+        "method_seconds": round(seconds, 1),
+        "eval_seconds": round(time.perf_counter() - start, 1),
         "train_tokens": ctx.train_tokens,
         "peak_rss_mb": max((p["peak_rss_mb"] for p in phases.values()), default=None),
     }
@@ -291,12 +313,15 @@ def comparison_table(cfg: CompareConfig, rows: list[dict], target: int) -> str:
         cells += [f"{r['prune_seconds']:.0f}", f"{r['train_tokens']:,}", _num(r["peak_rss_mb"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     limit = f"first {cfg.limit} documents of each validation set" if cfg.limit else "full validation sets"
-    lines += ["", f"Target: {target:,} parameters ({cfg.remove_non_embedding:.0%} of the non-embedding parameters "
-              f"removed; every pruned row within ±0.5%). Held-out perplexity on {cfg.eval_tokens:,} tokens of "
-              f"'{cfg.corpus}' held-out text; tasks: lm-eval, {limit}; training methods get "
-              f"{cfg.train_tokens:,} tokens of the train split. Peak RSS: the compare process's resident memory "
-              f"during the method's prune/train phases; one process runs every method in turn, so memory that "
-              f"libraries kept from earlier methods counts too (use `adaptprune prune` for a clean figure)."]
+    lines += [
+        "",
+        f"Target: {target:,} parameters ({cfg.remove_non_embedding:.0%} of the non-embedding parameters "
+        f"removed; every pruned row within ±0.5%). Held-out perplexity on {cfg.eval_tokens:,} tokens of "
+        f"'{cfg.corpus}' held-out text; tasks: lm-eval, {limit}; training methods get "
+        f"{cfg.train_tokens:,} tokens of the train split. Peak RSS: the compare process's resident memory "
+        f"during the method's prune/train phases; one process runs every method in turn, so memory that "
+        f"libraries kept from earlier methods counts too (use `adaptprune prune` for a clean figure).",
+    ]
     return "\n".join(lines)
 
 

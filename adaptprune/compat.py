@@ -51,8 +51,9 @@ def version_problems(
         except InvalidVersion:
             ok = False
         if not ok:
-            problems.append(f"{package} {found} is installed; adaptprune supports {package}{spec} "
-                            f"(pip install '{package}{spec}')")
+            problems.append(
+                f"{package} {found} is installed; adaptprune supports {package}{spec} (pip install '{package}{spec}')"
+            )
     return problems
 
 

@@ -49,9 +49,12 @@ class DataConfig:
 
 @dataclass
 class PruneConfig:
-    target_params: str = _f("90M", "final size: a count ('90M', '1.2B', '134515008') or a ratio of the original ('0.7x')",
-                            pattern="target")
-    step_fraction: float = _f(0.05, "parameters removed per pruning step, as a fraction of the original count", gt=0, le=1)
+    target_params: str = _f(
+        "90M", "final size: a count ('90M', '1.2B', '134515008') or a ratio of the original ('0.7x')", pattern="target"
+    )
+    step_fraction: float = _f(
+        0.05, "parameters removed per pruning step, as a fraction of the original count", gt=0, le=1
+    )
     metric: str = _f("stade", "unit importance: magnitude, wanda, stade, cvr, taylor")
     allocation: Literal["uniform", "adaptive", "global"] = _f("adaptive", "how sparsity is spread over layers")
     amplitude: float = _f(0.02, "adaptive allocation: how much layer importance shifts per-layer sparsity", ge=0, le=1)
@@ -79,8 +82,12 @@ class TrainConfig:
     batch_size: int = _f(4, "sequences per optimizer step per process", min=1)
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = _f(1.0, "gradient norm clip (0 = off)", ge=0)
-    optimizer_state: Literal["carry", "reset"] = _f("carry", "after surgery: slice AdamW state of kept units, or start fresh")
-    on_nonfinite: Literal["rollback", "stop"] = _f("rollback", "NaN/inf loss: reload the last checkpoint at half the lr, or stop")
+    optimizer_state: Literal["carry", "reset"] = _f(
+        "carry", "after surgery: slice AdamW state of kept units, or start fresh"
+    )
+    on_nonfinite: Literal["rollback", "stop"] = _f(
+        "rollback", "NaN/inf loss: reload the last checkpoint at half the lr, or stop"
+    )
     lora_r: int = _f(8, "LoRA rank", min=1)
     lora_alpha: int = _f(16, "LoRA alpha", min=1)
     lora_dropout: float = _f(0.05, "LoRA dropout", ge=0, lt=1)
@@ -114,6 +121,7 @@ class RunConfig:
 
 
 # ---- YAML <-> dataclasses -------------------------------------------------------------------
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then a YAML file, then ``section.key=value`` overrides; validated."""
@@ -229,7 +237,9 @@ def _check_target_text(name: str, value: str) -> None:
     """
     match = _TARGET.match(value.strip().replace("_", ""))
     if not match:
-        raise ConfigError(f"{name}={value!r} is not a size; use a count like '90M', '1.2B', '134515008' or a ratio like '0.7x'")
+        raise ConfigError(
+            f"{name}={value!r} is not a size; use a count like '90M', '1.2B', '134515008' or a ratio like '0.7x'"
+        )
     number, suffix = float(match.group(1)), match.group(2).lower()
     if suffix == "x" and not 0.0 < number < 1.0:
         raise ConfigError(f"{name}={value!r} is out of range; a ratio must lie strictly between 0x and 1x")
@@ -239,8 +249,11 @@ def _check_target_text(name: str, value: str) -> None:
 
 def _check_range(name: str, value: Any, meta: typing.Mapping) -> None:
     checks = {
-        "min": (lambda v, b: v >= b, ">="), "ge": (lambda v, b: v >= b, ">="),
-        "gt": (lambda v, b: v > b, ">"), "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<"),
+        "min": (lambda v, b: v >= b, ">="),
+        "ge": (lambda v, b: v >= b, ">="),
+        "gt": (lambda v, b: v > b, ">"),
+        "le": (lambda v, b: v <= b, "<="),
+        "lt": (lambda v, b: v < b, "<"),
     }
     for key, (ok, sign) in checks.items():
         if key in meta and not ok(value, meta[key]):

@@ -210,8 +210,11 @@ class Controller:
             with atomic_dir(self._stage_dir(state.stage)) as tmp:
                 save_checkpoint(model, tmp / "model", tokenizer)  # model: the exported plain model
                 fault_point("saving", state.stage)
-                save_optimizer_state(tmp / "optimizer.safetensors", self.trainer.optimizer_state_by_name(),
-                                     extra={"global_step": state.global_step})
+                save_optimizer_state(
+                    tmp / "optimizer.safetensors",
+                    self.trainer.optimizer_state_by_name(),
+                    extra={"global_step": state.global_step},
+                )
                 from safetensors.torch import save_file
 
                 save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
@@ -254,7 +257,9 @@ class Controller:
         step = max(1, round(cfg.prune.step_fraction * original))
         self.targets = stage_targets(original, target, step)
         self.stage_steps, self.recovery_steps = split_budget(
-            cfg.schedule.train_tokens // self._tokens_per_step(), len(self.targets), cfg.schedule.split,
+            cfg.schedule.train_tokens // self._tokens_per_step(),
+            len(self.targets),
+            cfg.schedule.split,
             cfg.schedule.recovery_fraction,
         )
         self._check_disk(dense)
@@ -296,9 +301,15 @@ class Controller:
         if not recovery:
             fault_point("calibration", stage)
             model = self.trainer.before_surgery()
-            report = prune_step(model, self._calibration_sequences(stage), self.targets[stage - 1], self.cfg.prune,
-                                self.adapter,
-                                progress=self.acc.is_main_process, label=f"({stage}/{len(self.targets)})")
+            report = prune_step(
+                model,
+                self._calibration_sequences(stage),
+                self.targets[stage - 1],
+                self.cfg.prune,
+                self.adapter,
+                progress=self.acc.is_main_process,
+                label=f"({stage}/{len(self.targets)})",
+            )
             fault_point("surgery", stage)
             self.trainer.after_surgery(model, report.records)
             state.kept_ids = _compose_ids(state.kept_ids, report.records)
@@ -310,8 +321,18 @@ class Controller:
         ppl = self._eval(model)
         state.stage = stage
         state.tokens += phase["tokens"]
-        state.history.append(self._row(stage, model, ppl, state.tokens, prune_seconds,
-                                       time.perf_counter() - t0, loss=phase["loss"], first_loss=phase["first_loss"]))
+        state.history.append(
+            self._row(
+                stage,
+                model,
+                ppl,
+                state.tokens,
+                prune_seconds,
+                time.perf_counter() - t0,
+                loss=phase["loss"],
+                first_loss=phase["first_loss"],
+            )
+        )
         if ppl is not None:
             self.acc.log({"eval/ppl": ppl["ppl"]}, step=state.global_step)
         self._save_stage(state, model, tokenizer)
@@ -328,15 +349,23 @@ class Controller:
             losses.append(m["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:.0f}")
-            self.acc.log({"train/loss": m["loss"], "train/lr": m["lr"], "train/tokens_per_s": m["tokens_per_s"],
-                          "train/grad_norm": m["grad_norm"]}, step=m["step"])
+            self.acc.log(
+                {
+                    "train/loss": m["loss"],
+                    "train/lr": m["lr"],
+                    "train/tokens_per_s": m["tokens_per_s"],
+                    "train/grad_norm": m["grad_norm"],
+                },
+                step=m["step"],
+            )
             if len(losses) == max(1, steps // 2):
                 fault_point("training", state.stage + 1)
 
         def lr(step: int) -> float:
             s = self.cfg.schedule
-            return state.lr_scale * lr_at(step, self.total_steps, cfg.lr, s.warmup_fraction, s.decay_fraction,
-                                          cfg.min_lr_ratio)
+            return state.lr_scale * lr_at(
+                step, self.total_steps, cfg.lr, s.warmup_fraction, s.decay_fraction, cfg.min_lr_ratio
+            )
 
         batches = self._batches(state.batches_seen)
         try:
@@ -359,8 +388,9 @@ class Controller:
         self._log(f"{err}; rolling back to {last.name} at half the learning rate")
         restored, model = self._restore(last)
         restored.lr_scale = state.lr_scale * 0.5
-        self.trainer = get_trainer(self.cfg.train.trainer)(model, self.acc, self._trainer_config(),
-                                                           teacher=getattr(self.trainer, "teacher", None))
+        self.trainer = get_trainer(self.cfg.train.trainer)(
+            model, self.acc, self._trainer_config(), teacher=getattr(self.trainer, "teacher", None)
+        )
         if self.cfg.train.optimizer_state == "carry":
             self.trainer.load_optimizer_state_by_name(load_optimizer_state(last / "optimizer.safetensors")[0])
         return restored, rollbacks + 1
@@ -369,16 +399,22 @@ class Controller:
     def _teacher(self, dense):
         if not get_trainer(self.cfg.train.trainer).needs_teacher:
             return None
-        teacher = load_model(self.cfg.model.name, dtype=self.cfg.model.dtype,
-                             trust_remote_code=self.cfg.model.trust_remote_code)
+        teacher = load_model(
+            self.cfg.model.name, dtype=self.cfg.model.dtype, trust_remote_code=self.cfg.model.trust_remote_code
+        )
         return teacher.to(self.acc.device).eval().requires_grad_(False)
 
     def _trainer_config(self) -> TrainerConfig:
         t = self.cfg.train
         return TrainerConfig(
-            weight_decay=t.weight_decay, max_grad_norm=t.grad_clip, optimizer_state=t.optimizer_state,
-            lora_r=t.lora_r, lora_alpha=float(t.lora_alpha), lora_dropout=t.lora_dropout,
-            distill_temperature=t.kd_temperature, distill_alpha=1.0 - t.kd_alpha,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.grad_clip,
+            optimizer_state=t.optimizer_state,
+            lora_r=t.lora_r,
+            lora_alpha=float(t.lora_alpha),
+            lora_dropout=t.lora_dropout,
+            distill_temperature=t.kd_temperature,
+            distill_alpha=1.0 - t.kd_alpha,
         )
 
     def _tokens_per_step(self) -> int:
@@ -401,10 +437,16 @@ class Controller:
         return result.as_dict()
 
     def _row(self, stage, model, ppl, tokens, prune_s, wall_s, loss=None, first_loss=None) -> dict:
-        return {"stage": stage, "params": count_parameters(model), "ppl": ppl["ppl"] if ppl else None,
-                "train_tokens": tokens, "train_loss": _finite_or_none(loss), "first_step_loss": _finite_or_none(first_loss),
-                "prune_seconds": round(prune_s, 2),
-                "wall_seconds": round(wall_s, 2)}
+        return {
+            "stage": stage,
+            "params": count_parameters(model),
+            "ppl": ppl["ppl"] if ppl else None,
+            "train_tokens": tokens,
+            "train_loss": _finite_or_none(loss),
+            "first_step_loss": _finite_or_none(first_loss),
+            "prune_seconds": round(prune_s, 2),
+            "wall_seconds": round(wall_s, 2),
+        }
 
     def _log_pruning(self, stage: int, model, global_step: int) -> None:
         params = count_parameters(model)
@@ -421,17 +463,24 @@ class Controller:
             self.acc.init_trackers("tb", config=_flat_scalars(to_dict(self.cfg)))
 
     def _plan_line(self, original: int, target: int) -> str:
-        return (f"{original:,} -> {target:,} parameters in {len(self.targets)} stages, "
-                f"{self._total_steps() * self._tokens_per_step():,} training tokens in {self._total_steps()} steps "
-                f"({self.recovery_steps} for recovery)")
+        return (
+            f"{original:,} -> {target:,} parameters in {len(self.targets)} stages, "
+            f"{self._total_steps() * self._tokens_per_step():,} training tokens in {self._total_steps()} steps "
+            f"({self.recovery_steps} for recovery)"
+        )
 
     def _finish(self, state: RunState, tokenizer, original: int) -> dict:
         model = self.trainer.export_model()
         final_dir = self.out / "final"
-        results = {"original_params": original, "final_params": count_parameters(model),
-                   "stages": len(self.targets), "history": state.history, "final_model": str(final_dir),
-                   "wall_seconds_this_process": round(time.perf_counter() - self.started, 2),
-                   "prune_seconds_total": round(sum(r["prune_seconds"] for r in state.history), 2)}
+        results = {
+            "original_params": original,
+            "final_params": count_parameters(model),
+            "stages": len(self.targets),
+            "history": state.history,
+            "final_model": str(final_dir),
+            "wall_seconds_this_process": round(time.perf_counter() - self.started, 2),
+            "prune_seconds_total": round(sum(r["prune_seconds"] for r in state.history), 2),
+        }
         if self.acc.is_main_process:
             save_checkpoint(model, final_dir, tokenizer)
             dump_yaml(self.cfg, final_dir / "config.yaml")
@@ -460,8 +509,10 @@ def smallest_reachable(model: torch.nn.Module, adapter: ArchAdapter, prune: Prun
     """
     budgets = layer_budgets(model, adapter, prune.min_groups, prune.min_neurons)
     cap = getattr(get_allocator(prune.allocation), "max_sparsity", 1.0)  # adaptive keeps >= 1% of a layer
-    removable = sum(min(math.floor(b.prunable_params * cap), removable_params([b], neuron_multiple=prune.neuron_multiple))
-                    for b in budgets)
+    removable = sum(
+        min(math.floor(b.prunable_params * cap), removable_params([b], neuron_multiple=prune.neuron_multiple))
+        for b in budgets
+    )
     added = 0
     if prune.mean_compensation:
         for layer in adapter.decoder_layers(model):

@@ -31,7 +31,9 @@ def load_corpus(name: str = DEFAULT_CORPUS) -> DatasetDict:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".md"})
         if len(files) < 2:
-            raise CorpusError(f"corpus folder {path} needs at least 2 .txt/.md files (1 is held out); found {len(files)}")
+            raise CorpusError(
+                f"corpus folder {path} needs at least 2 .txt/.md files (1 is held out); found {len(files)}"
+            )
         cut = max(1, len(files) // 10)
         return _documents({"train": files[:-cut], "heldout": files[-cut:]})
     if path.is_file():
@@ -41,7 +43,9 @@ def load_corpus(name: str = DEFAULT_CORPUS) -> DatasetDict:
     try:
         loaded = load_dataset(name)
     except Exception as err:  # a hub name without network, a typo, ...
-        raise CorpusError(f"corpus '{name}' is neither '{DEFAULT_CORPUS}', a file, a folder nor a loadable dataset: {err}") from None
+        raise CorpusError(
+            f"corpus '{name}' is neither '{DEFAULT_CORPUS}', a file, a folder nor a loadable dataset: {err}"
+        ) from None
     held = "validation" if "validation" in loaded else "test"
     if "train" not in loaded or held not in loaded:
         raise CorpusError(f"dataset '{name}' needs a train split and a validation or test split; has {list(loaded)}")
@@ -63,10 +67,12 @@ def _split_single_file(path: Path) -> DatasetDict:
     cut = int(len(text) * 0.9)
     from datasets import Dataset
 
-    return DatasetDict({
-        "train": Dataset.from_dict({"text": [text[:cut]]}),
-        "heldout": Dataset.from_dict({"text": [text[cut:]]}),
-    })
+    return DatasetDict(
+        {
+            "train": Dataset.from_dict({"text": [text[:cut]]}),
+            "heldout": Dataset.from_dict({"text": [text[cut:]]}),
+        }
+    )
 
 
 def _check_utf8(paths: list[Path]) -> None:

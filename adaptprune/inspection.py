@@ -15,13 +15,15 @@ def describe(model: nn.Module) -> dict:
     layers = []
     for idx, layer in enumerate(adapter.decoder_layers(model)):
         shape = adapter.layer_shape(model, idx)
-        layers.append({
-            "layer": idx,
-            "query_heads": shape.groups * n_rep,
-            "kv_heads": shape.groups,
-            "mlp_neurons": shape.neurons,
-            "params": sum(p.numel() for p in layer.parameters()),
-        })
+        layers.append(
+            {
+                "layer": idx,
+                "query_heads": shape.groups * n_rep,
+                "kv_heads": shape.groups,
+                "mlp_neurons": shape.neurons,
+                "params": sum(p.numel() for p in layer.parameters()),
+            }
+        )
     return {
         "model_type": model.config.model_type,
         "family": adapter.family,

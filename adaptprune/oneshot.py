@@ -41,10 +41,14 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
     report = prune_step(model, calib, target, cfg.prune, progress=progress, label="(1/1)")
     ppl_after = perplexity(model, heldout, context=context, progress=progress).as_dict()
     metrics = {
-        "params_before": before, "params_after": count_parameters(model), "target_params": target,
+        "params_before": before,
+        "params_after": count_parameters(model),
+        "target_params": target,
         "non_embedding_before": dense_info["non_embedding_params"],
         "non_embedding_after": count_non_embedding_parameters(model),
-        "ppl_before": ppl_before, "ppl_after": ppl_after, "phases": report.profile.as_dict(),
+        "ppl_before": ppl_before,
+        "ppl_after": ppl_after,
+        "phases": report.profile.as_dict(),
         "calibration_tokens": calib.numel(),
     }
     plan = {str(r.layer): {} for r in report.records}

@@ -22,8 +22,11 @@ class PhaseStats:
     peak_cuda_mb: float | None = None
 
     def as_dict(self) -> dict:
-        return {"seconds": round(self.seconds, 3), "peak_rss_mb": round(self.peak_rss_mb, 1),
-                "peak_cuda_mb": None if self.peak_cuda_mb is None else round(self.peak_cuda_mb, 1)}
+        return {
+            "seconds": round(self.seconds, 3),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "peak_cuda_mb": None if self.peak_cuda_mb is None else round(self.peak_cuda_mb, 1),
+        }
 
 
 @dataclass

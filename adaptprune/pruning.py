@@ -30,17 +30,23 @@ class StepReport:
     influence: list[float]
 
 
-def layer_budgets(model: nn.Module, adapter: ArchAdapter, min_groups: int = 1, min_neurons: int = 1) -> list[LayerBudget]:
+def layer_budgets(
+    model: nn.Module, adapter: ArchAdapter, min_groups: int = 1, min_neurons: int = 1
+) -> list[LayerBudget]:
     """Current sizes, per-unit parameter costs and floors of every decoder layer."""
     budgets = []
     for layer in range(len(adapter.decoder_layers(model))):
         shape = adapter.layer_shape(model, layer)
-        budgets.append(LayerBudget(
-            groups=shape.groups, neurons=shape.neurons,
-            params_per_group=adapter.params_per_unit(model, layer, ATTENTION),
-            params_per_neuron=adapter.params_per_unit(model, layer, MLP),
-            min_groups=min(min_groups, shape.groups), min_neurons=min(min_neurons, shape.neurons),
-        ))
+        budgets.append(
+            LayerBudget(
+                groups=shape.groups,
+                neurons=shape.neurons,
+                params_per_group=adapter.params_per_unit(model, layer, ATTENTION),
+                params_per_neuron=adapter.params_per_unit(model, layer, MLP),
+                min_groups=min(min_groups, shape.groups),
+                min_neurons=min(min_neurons, shape.neurons),
+            )
+        )
     return budgets
 
 
@@ -77,18 +83,35 @@ def prune_step(
     return prune_with_stats(model, calib, target_params, cfg, adapter, profile)
 
 
-def calibrate_for(model: nn.Module, sequences: torch.Tensor, cfg: PruneConfig, adapter: ArchAdapter,
-                  progress: bool = True, desc: str = "calibrating") -> CalibrationResult:
+def calibrate_for(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    cfg: PruneConfig,
+    adapter: ArchAdapter,
+    progress: bool = True,
+    desc: str = "calibrating",
+) -> CalibrationResult:
     """One calibration pass collecting what the configured metric and compensation need."""
     metric = get_metric(cfg.metric)
     return calibrate(
-        model, sequences, adapter=adapter, collect_cov=cfg.energy_compensation or metric.needs_cov,
-        taylor_batches=TAYLOR_MINI_BATCHES if metric.needs_grads else 0, progress=progress, desc=desc,
+        model,
+        sequences,
+        adapter=adapter,
+        collect_cov=cfg.energy_compensation or metric.needs_cov,
+        taylor_batches=TAYLOR_MINI_BATCHES if metric.needs_grads else 0,
+        progress=progress,
+        desc=desc,
     )
 
 
-def prune_with_stats(model: nn.Module, calib: CalibrationResult, target_params: int, cfg: PruneConfig,
-                     adapter: ArchAdapter | None = None, profile: Profile | None = None) -> StepReport:
+def prune_with_stats(
+    model: nn.Module,
+    calib: CalibrationResult,
+    target_params: int,
+    cfg: PruneConfig,
+    adapter: ArchAdapter | None = None,
+    profile: Profile | None = None,
+) -> StepReport:
     """Score, allocate and remove (with compensation) from existing calibration statistics."""
     adapter = adapter or get_adapter(model)
     profile = profile or Profile()
@@ -98,11 +121,20 @@ def prune_with_stats(model: nn.Module, calib: CalibrationResult, target_params: 
     remove_params = count_parameters(model) - target_params
     with profile.phase("scoring"):
         layers = range(len(adapter.decoder_layers(model)))
-        scores = [{kind: metric.unit_scores(model, adapter, i, kind, calib) for kind in (ATTENTION, MLP)} for i in layers]
+        scores = [
+            {kind: metric.unit_scores(model, adapter, i, kind, calib) for kind in (ATTENTION, MLP)} for i in layers
+        ]
         influence = torch.tensor([s.influence for s in calib.layers], dtype=torch.float64)
-        allocator = get_allocator(cfg.allocation, **({"amplitude": cfg.amplitude} if cfg.allocation == "adaptive" else {}))
-        plan = allocator.plan(layer_budgets(model, adapter, cfg.min_groups, cfg.min_neurons), scores, influence, remove_params,
-                              neuron_multiple=cfg.neuron_multiple)
+        allocator = get_allocator(
+            cfg.allocation, **({"amplitude": cfg.amplitude} if cfg.allocation == "adaptive" else {})
+        )
+        plan = allocator.plan(
+            layer_budgets(model, adapter, cfg.min_groups, cfg.min_neurons),
+            scores,
+            influence,
+            remove_params,
+            neuron_multiple=cfg.neuron_multiple,
+        )
         plan = _same_plan_on_every_rank(plan)
     with profile.phase("surgery"):
         records = apply_compensated_plan(

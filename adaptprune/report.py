@@ -37,12 +37,12 @@ def write_model_card(model_dir: Path, config, results: dict) -> Path:
     first, last = results["history"][0], results["history"][-1]
     card = f"""# Pruned with adaptprune
 
-Source model: `{config.model.name}`, {results['original_params']:,} parameters, pruned to
-{results['final_params']:,} parameters in {results['stages']} stages
+Source model: `{config.model.name}`, {results["original_params"]:,} parameters, pruned to
+{results["final_params"]:,} parameters in {results["stages"]} stages
 (metric `{config.prune.metric}`, allocation `{config.prune.allocation}`, trainer `{config.train.trainer}`,
-{last['train_tokens']:,} training tokens).
+{last["train_tokens"]:,} training tokens).
 
-Held-out perplexity (context {config.data.eval_context}): dense {_fmt(first['ppl'], '.2f')}, final {_fmt(last['ppl'], '.2f')}.
+Held-out perplexity (context {config.data.eval_context}): dense {_fmt(first["ppl"], ".2f")}, final {_fmt(last["ppl"], ".2f")}.
 
 Layers have different sizes (recorded in `config.json` → `per_layer_config`).
 
@@ -56,7 +56,7 @@ model = AutoModelForCausalLM.from_pretrained("{model_dir}", trust_remote_code=Tr
 
 ## Stages
 
-{summary_table(results['history'])}
+{summary_table(results["history"])}
 """
     path = Path(model_dir) / "README.md"
     path.write_text(card, encoding="utf-8")
@@ -138,11 +138,11 @@ def write_run_report(run_dir: Path) -> Path:
     plot_stages(results["history"], run_dir / "stages.png")
     text = f"""# adaptprune run report: {run_dir.name}
 
-`{config.model.name}`: {results['original_params']:,} → {results['final_params']:,} parameters in
-{results['stages']} pruning stages (metric `{config.prune.metric}`, allocation `{config.prune.allocation}`,
+`{config.model.name}`: {results["original_params"]:,} → {results["final_params"]:,} parameters in
+{results["stages"]} pruning stages (metric `{config.prune.metric}`, allocation `{config.prune.allocation}`,
 trainer `{config.train.trainer}`).
 
-{summary_table(results['history'])}
+{summary_table(results["history"])}
 
 ![kept units per layer](layer_sizes.png)
 

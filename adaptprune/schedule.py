@@ -29,7 +29,9 @@ def stage_targets(start_params: int, target_params: int, step_params: int) -> li
     return [start_params - round(gap * (i + 1) / n) for i in range(n)]
 
 
-def split_budget(total_tokens: int, stages: int, split: str = "adapt_accel", recovery_fraction: float = 0.0) -> tuple[list[int], int]:
+def split_budget(
+    total_tokens: int, stages: int, split: str = "adapt_accel", recovery_fraction: float = 0.0
+) -> tuple[list[int], int]:
     """(budget of each pruning stage, budget of the final recovery phase); integer units
     (tokens or steps) that add up exactly to ``total_tokens``."""
     if stages < 0 or total_tokens < 0:
@@ -50,8 +52,14 @@ def split_budget(total_tokens: int, stages: int, split: str = "adapt_accel", rec
     return per_stage, recovery
 
 
-def lr_at(step: int, total_steps: int, peak: float, warmup_fraction: float = 0.05,
-          decay_fraction: float = 0.1, min_ratio: float = 0.1) -> float:
+def lr_at(
+    step: int,
+    total_steps: int,
+    peak: float,
+    warmup_fraction: float = 0.05,
+    decay_fraction: float = 0.1,
+    min_ratio: float = 0.1,
+) -> float:
     """Warmup–constant–decay: linear warmup, flat peak, linear decay to ``min_ratio * peak``."""
     if total_steps <= 0:
         return peak

@@ -68,9 +68,7 @@ def _validated_keep(keep: Sequence[int], total: int, layer_idx: int, kind: str) 
     if len(kept) != len(list(keep)):
         raise SurgeryError(f"layer {layer_idx} {kind}: duplicate unit ids in keep list")
     if kept and (kept[0] < 0 or kept[-1] >= total):
-        raise SurgeryError(
-            f"layer {layer_idx} {kind}: unit ids must lie in [0, {total}); got {kept[0]}..{kept[-1]}"
-        )
+        raise SurgeryError(f"layer {layer_idx} {kind}: unit ids must lie in [0, {total}); got {kept[0]}..{kept[-1]}")
     if kind == ATTENTION and not kept:
         raise SurgeryError(f"layer {layer_idx}: cannot remove every attention group (keep at least 1)")
     return torch.tensor(kept, dtype=torch.long)
@@ -147,7 +145,9 @@ def check_invariants(model: nn.Module, adapter: ArchAdapter, expected_params: in
             for c in adapter.couplings(model, layer_idx, kind):
                 size = layer.get_submodule(c.path).weight.shape[c.dim]
                 if size != c.unit_ids.numel():
-                    raise SurgeryError(f"layer {layer_idx} {c.path}: dim {c.dim} is {size}, expected {c.unit_ids.numel()}")
+                    raise SurgeryError(
+                        f"layer {layer_idx} {c.path}: dim {c.dim} is {size}, expected {c.unit_ids.numel()}"
+                    )
     actual = count_parameters(model)
     if expected_params is not None and actual != expected_params:
         raise SurgeryError(f"parameter count {actual:,} differs from the plan's {expected_params:,}")
@@ -162,7 +162,5 @@ def check_invariants(model: nn.Module, adapter: ArchAdapter, expected_params: in
 def ensure_output_biases(model: nn.Module, adapter: ArchAdapter | None = None) -> None:
     """Give every layer's o/down projection a bias (the slot mean compensation writes into)."""
     adapter = adapter or get_adapter(model)
-    hf_compat.add_output_biases(
-        adapter.decoder_layers(model), (adapter.attention_output, adapter.mlp_output)
-    )
+    hf_compat.add_output_biases(adapter.decoder_layers(model), (adapter.attention_output, adapter.mlp_output))
     setattr(model.config, hf_compat.OUTPUT_BIAS_KEY, True)

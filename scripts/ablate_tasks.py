@@ -68,10 +68,14 @@ def main() -> None:
         target = params_after_removing(model, args.remove_fraction)
         start = time.perf_counter()
         prune_step(model, calib, target, PruneConfig(**overrides), progress=False)
-        row = {"variant": label, "overrides": overrides, "params": count_parameters(model),
-               "prune_seconds": round(time.perf_counter() - start, 1),
-               "ppl": perplexity(model, heldout, context=args.context).ppl,
-               "tasks": run_tasks(model, tok, tasks, limit=args.limit or None)}
+        row = {
+            "variant": label,
+            "overrides": overrides,
+            "params": count_parameters(model),
+            "prune_seconds": round(time.perf_counter() - start, 1),
+            "ppl": perplexity(model, heldout, context=args.context).ppl,
+            "tasks": run_tasks(model, tok, tasks, limit=args.limit or None),
+        }
         rows.append(row)
         print(_line(row, tasks), flush=True)
         write(args, tasks, rows)  # after every variant: an interrupted run keeps what it measured
@@ -100,15 +104,17 @@ def _line(row: dict, tasks: list[str]) -> str:
 def write(args: argparse.Namespace, tasks: list[str], rows: list[dict]) -> None:
     head = ["variant", "params", f"ppl (ctx {args.context})"] + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")]
     limit = f"first {args.limit} documents" if args.limit else "full validation sets"
-    text = "\n".join([
-        f"One-shot ablation on {args.model}, {args.remove_fraction:.0%} of non-embedding parameters removed, "
-        f"{args.calib_tokens:,} calibration tokens; held-out perplexity on {args.eval_tokens:,} tokens; "
-        f"tasks: lm-eval, {limit}. One component changed per row.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|---|" + "---:|" * (len(head) - 1),
-        *(_line(r, tasks) for r in rows),
-    ])
+    text = "\n".join(
+        [
+            f"One-shot ablation on {args.model}, {args.remove_fraction:.0%} of non-embedding parameters removed, "
+            f"{args.calib_tokens:,} calibration tokens; held-out perplexity on {args.eval_tokens:,} tokens; "
+            f"tasks: lm-eval, {limit}. One component changed per row.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---|" + "---:|" * (len(head) - 1),
+            *(_line(r, tasks) for r in rows),
+        ]
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")

@@ -50,8 +50,14 @@ def main() -> None:
     args = parse_args()
     if args.render_only:
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
-        write(argparse.Namespace(**saved["args"]), saved["rows"], saved["timing"], saved["dense_ppl"],
-              saved["total_params"], saved["target"])
+        write(
+            argparse.Namespace(**saved["args"]),
+            saved["rows"],
+            saved["timing"],
+            saved["dense_ppl"],
+            saved["total_params"],
+            saved["target"],
+        )
         return
     tok = load_tokenizer(args.model)
     corpus = load_corpus()
@@ -71,16 +77,27 @@ def main() -> None:
     for metric in args.metrics.split(","):
         for allocation in ALLOCATIONS:
             for comp, (mean, energy) in COMPENSATIONS.items():
-                cfg = PruneConfig(metric=metric, allocation=allocation, mean_compensation=mean,
-                                  energy_compensation=energy)
+                cfg = PruneConfig(
+                    metric=metric, allocation=allocation, mean_compensation=mean, energy_compensation=energy
+                )
                 pruned = copy.deepcopy(model)
                 t0 = time.perf_counter()
                 prune_with_stats(pruned, stats, target, cfg)
                 seconds = time.perf_counter() - t0
                 ppl = perplexity(pruned, heldout, context=args.context).ppl
-                rows.append({"metric": metric, "allocation": allocation, "compensation": comp,
-                             "params": count_parameters(pruned), "ppl": ppl, "score_surgery_seconds": round(seconds, 2)})
-                print(f"{metric:>9} {allocation:>8} {comp:>7}: {rows[-1]['params']:,} params, ppl {ppl:.2f}", flush=True)
+                rows.append(
+                    {
+                        "metric": metric,
+                        "allocation": allocation,
+                        "compensation": comp,
+                        "params": count_parameters(pruned),
+                        "ppl": ppl,
+                        "score_surgery_seconds": round(seconds, 2),
+                    }
+                )
+                print(
+                    f"{metric:>9} {allocation:>8} {comp:>7}: {rows[-1]['params']:,} params, ppl {ppl:.2f}", flush=True
+                )
                 del pruned
     write(args, rows, timing, dense_ppl, total, target)
 
@@ -97,9 +114,14 @@ def time_default_path(args, calib) -> tuple[dict, int]:
     report = prune_step(model, calib, target, default, progress=False)
     phases = report.profile.as_dict()
     peak = max(p["peak_rss_mb"] for p in phases.values())
-    timing = {"total_seconds": round(time.perf_counter() - start, 2), "phases": phases,
-              "model_fp32_mb": round(model_mb, 1), "rss_libraries_mb": round(rss_libs, 1),
-              "peak_rss_mb": peak, "peak_over_libraries_mb": round(peak - rss_libs, 1)}
+    timing = {
+        "total_seconds": round(time.perf_counter() - start, 2),
+        "phases": phases,
+        "model_fp32_mb": round(model_mb, 1),
+        "rss_libraries_mb": round(rss_libs, 1),
+        "peak_rss_mb": peak,
+        "peak_over_libraries_mb": round(peak - rss_libs, 1),
+    }
     del model
     gc.collect()
     return timing, target
@@ -112,7 +134,10 @@ def report_adapter(model):
 
 
 def _find(rows, metric: str, allocation: str, compensation: str) -> dict | None:
-    return next((r for r in rows if (r["metric"], r["allocation"], r["compensation"]) == (metric, allocation, compensation)), None)
+    return next(
+        (r for r in rows if (r["metric"], r["allocation"], r["compensation"]) == (metric, allocation, compensation)),
+        None,
+    )
 
 
 def _best_sentence(rows) -> str:
@@ -120,17 +145,30 @@ def _best_sentence(rows) -> str:
     text = f"Best: {best['metric']} + {best['allocation']} + {best['compensation']} compensation, ppl {best['ppl']:.2f}"
     plain, mean = _find(rows, "magnitude", "uniform", "none"), _find(rows, "magnitude", "uniform", "mean")
     if plain and mean:  # only when magnitude was among --metrics
-        text += (f" ({best['ppl'] / plain['ppl']:.1e}x of magnitude + uniform without compensation, {plain['ppl']:.2f}; "
-                 f"{best['ppl'] / mean['ppl']:.3f}x of magnitude + uniform with mean compensation, {mean['ppl']:.2f})")
+        text += (
+            f" ({best['ppl'] / plain['ppl']:.1e}x of magnitude + uniform without compensation, {plain['ppl']:.2f}; "
+            f"{best['ppl'] / mean['ppl']:.3f}x of magnitude + uniform with mean compensation, {mean['ppl']:.2f})"
+        )
     return text + "."
 
 
 def write(args, rows, timing, dense_ppl, total, target) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"dense_ppl": dense_ppl, "target": target, "timing": timing,
-                                                    "total_params": total,
-                                                    "rows": rows, "args": vars(args)}, indent=1), encoding="utf-8")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "dense_ppl": dense_ppl,
+                "target": target,
+                "timing": timing,
+                "total_params": total,
+                "rows": rows,
+                "args": vars(args),
+            },
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
     lines = [
         f"Held-out perplexity (Shakespeare held-out plays, {args.eval_tokens} tokens, context {args.context}) of "
         f"SmolLM2-135M pruned one-shot from {total:,} to ≤{target:,} parameters "
@@ -142,8 +180,14 @@ def write(args, rows, timing, dense_ppl, total, target) -> None:
     ]
     for metric in dict.fromkeys(r["metric"] for r in rows):
         for allocation in ALLOCATIONS:
-            cells = [next(r for r in rows if r["metric"] == metric and r["allocation"] == allocation and r["compensation"] == c)
-                     for c in COMPENSATIONS]
+            cells = [
+                next(
+                    r
+                    for r in rows
+                    if r["metric"] == metric and r["allocation"] == allocation and r["compensation"] == c
+                )
+                for c in COMPENSATIONS
+            ]
             lines.append(f"| {metric} | {allocation} | " + " | ".join(f"{c['ppl']:.2f}" for c in cells) + " |")
     ph = timing["phases"]
     lines += [

@@ -44,21 +44,40 @@ def uniform_mlp_plan(model: nn.Module, fraction: float) -> dict[int, dict[str, l
 def print_table(result: dict) -> None:
     dense, pruned = result["dense"], result["pruned"]
     rows = [
-        ("parameters", f"{result['params']['dense']:,}", f"{result['params']['pruned']:,}", f"{result['param_ratio']:.3f}"),
-        ("non-embedding params", f"{result['non_embedding_params']['dense']:,}",
-         f"{result['non_embedding_params']['pruned']:,}", f"{result['non_embedding_param_ratio']:.3f}"),
+        (
+            "parameters",
+            f"{result['params']['dense']:,}",
+            f"{result['params']['pruned']:,}",
+            f"{result['param_ratio']:.3f}",
+        ),
+        (
+            "non-embedding params",
+            f"{result['non_embedding_params']['dense']:,}",
+            f"{result['non_embedding_params']['pruned']:,}",
+            f"{result['non_embedding_param_ratio']:.3f}",
+        ),
         ("FLOPs/token (ratio)", "", "", f"{result['flop_ratio']:.3f}"),
-        ("prefill tokens/s", f"{dense['prefill_tokens_per_s']:.1f}", f"{pruned['prefill_tokens_per_s']:.1f}",
-         f"x{result['prefill_speedup']:.2f}"),
-        ("decode tokens/s", f"{dense['decode_tokens_per_s']:.1f}", f"{pruned['decode_tokens_per_s']:.1f}",
-         f"x{result['decode_speedup']:.2f}"),
+        (
+            "prefill tokens/s",
+            f"{dense['prefill_tokens_per_s']:.1f}",
+            f"{pruned['prefill_tokens_per_s']:.1f}",
+            f"x{result['prefill_speedup']:.2f}",
+        ),
+        (
+            "decode tokens/s",
+            f"{dense['decode_tokens_per_s']:.1f}",
+            f"{pruned['decode_tokens_per_s']:.1f}",
+            f"x{result['decode_speedup']:.2f}",
+        ),
         ("ideal speed-up (1/FLOPs)", "", "", f"x{result['ideal_speedup']:.2f}"),
     ]
     print(f"{'':26} {'dense':>14} {'pruned':>14} {'pruned/dense':>13}")
     for name, a, b, r in rows:
         print(f"{name:26} {a:>14} {b:>14} {r:>13}")
-    print(f"({dense['device']}, {dense['threads']} threads, batch {dense['batch_size']}, prompt {dense['prompt_tokens']}, "
-          f"{dense['new_tokens']} new tokens, median of {dense['runs']} runs)")
+    print(
+        f"({dense['device']}, {dense['threads']} threads, batch {dense['batch_size']}, prompt {dense['prompt_tokens']}, "
+        f"{dense['new_tokens']} new tokens, median of {dense['runs']} runs)"
+    )
 
 
 def main() -> None:
@@ -81,15 +100,28 @@ def main() -> None:
     pruned = copy.deepcopy(dense)
     apply_plan(pruned, uniform_mlp_plan(pruned, args.fraction))
     result = compare_speed(
-        dense, pruned, tokenizer, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-        runs=args.runs, warmup=args.warmup, device=device, batch_size=args.batch_size,
+        dense,
+        pruned,
+        tokenizer,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        runs=args.runs,
+        warmup=args.warmup,
+        device=device,
+        batch_size=args.batch_size,
     )
     result["setup"] = {
-        "model": args.model, "fraction": args.fraction, "dtype": args.dtype, "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "model": args.model,
+        "fraction": args.fraction,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None,
-        "mlp_neurons": {"dense": get_adapter(dense).count_units(dense, 0, MLP),
-                        "pruned": get_adapter(pruned).count_units(pruned, 0, MLP)},
+        "mlp_neurons": {
+            "dense": get_adapter(dense).count_units(dense, 0, MLP),
+            "pruned": get_adapter(pruned).count_units(pruned, 0, MLP),
+        },
     }
     print_table(result)
     if args.out is not None:

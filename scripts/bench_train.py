@@ -77,8 +77,13 @@ def throughput(args) -> dict:
     for _ in range(args.rounds):  # alternate so drift in machine load hits both alike
         plain.append(plain_loop_tokens_per_s(model_plain, acc, batches))
         ours.append(ours_tokens_per_s(model_ours, acc, batches))
-    result = {"ours_tokens_per_s": statistics.median(ours), "plain_tokens_per_s": statistics.median(plain),
-              "rounds": args.rounds, "steps_per_round": args.steps, "batch": [args.batch_size, args.seq_len]}
+    result = {
+        "ours_tokens_per_s": statistics.median(ours),
+        "plain_tokens_per_s": statistics.median(plain),
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "batch": [args.batch_size, args.seq_len],
+    }
     result["ratio"] = result["ours_tokens_per_s"] / result["plain_tokens_per_s"]
     return result
 
@@ -92,11 +97,15 @@ def main() -> None:
     args = parse_args()
     report = {"throughput": throughput(args)}
     t = report["throughput"]
-    lines = ["| trainer | tokens/s |", "|---|---:|",
-             f"| plain accelerate loop | {t['plain_tokens_per_s']:.1f} |",
-             f"| adaptprune FullTrainer | {t['ours_tokens_per_s']:.1f} |",
-             "", f"Ratio ours/plain: **{t['ratio']:.3f}** (median of {t['rounds']} alternating rounds of "
-             f"{t['steps_per_round']} steps, batch {t['batch'][0]}x{t['batch'][1]}, SmolLM2-135M fp32)."]
+    lines = [
+        "| trainer | tokens/s |",
+        "|---|---:|",
+        f"| plain accelerate loop | {t['plain_tokens_per_s']:.1f} |",
+        f"| adaptprune FullTrainer | {t['ours_tokens_per_s']:.1f} |",
+        "",
+        f"Ratio ours/plain: **{t['ratio']:.3f}** (median of {t['rounds']} alternating rounds of "
+        f"{t['steps_per_round']} steps, batch {t['batch'][0]}x{t['batch'][1]}, SmolLM2-135M fp32).",
+    ]
     if not args.skip_runs:
         runs_dir = ROOT / "runs" / "bench_train"  # checkpoints stay out of docs/
         incremental = run(args.config, runs_dir / "incremental", [])
@@ -105,13 +114,21 @@ def main() -> None:
         share = incremental["prune_seconds_total"] / incremental["wall_seconds_this_process"]
         report["pruning_share_of_wall_time"] = share
         final = lambda r: r["history"][-1]  # noqa: E731
-        lines += ["", "| schedule | stages | final params | train tokens | final held-out ppl | wall s |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| schedule | stages | final params | train tokens | final held-out ppl | wall s |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for name, r in (("incremental (default)", incremental), ("one-shot, then train", oneshot)):
-            lines.append(f"| {name} | {r['stages']} | {r['final_params']:,} | {final(r)['train_tokens']:,} | "
-                         f"{final(r)['ppl']:.2f} | {r['wall_seconds_this_process']:.0f} |")
-        lines += ["", f"Calibration + scoring + surgery: {incremental['prune_seconds_total']:.1f} s of "
-                      f"{incremental['wall_seconds_this_process']:.0f} s wall time in the default run (**{share:.1%}**)."]
+            lines.append(
+                f"| {name} | {r['stages']} | {r['final_params']:,} | {final(r)['train_tokens']:,} | "
+                f"{final(r)['ppl']:.2f} | {r['wall_seconds_this_process']:.0f} |"
+            )
+        lines += [
+            "",
+            f"Calibration + scoring + surgery: {incremental['prune_seconds_total']:.1f} s of "
+            f"{incremental['wall_seconds_this_process']:.0f} s wall time in the default run (**{share:.1%}**).",
+        ]
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

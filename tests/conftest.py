@@ -20,9 +20,15 @@ def tiny_llama(num_heads: int = 4, num_kv_heads: int = 2, layers: int = 3, seed:
 
     torch.manual_seed(seed)
     values = dict(
-        vocab_size=128, hidden_size=16 * num_heads, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=16,
-        max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=128,
+        hidden_size=16 * num_heads,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
     values.update(overrides)
     model = to_heterogeneous(LlamaForCausalLM(LlamaConfig(**values)))

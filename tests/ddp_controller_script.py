@@ -13,8 +13,10 @@ from adaptprune.controller import Controller
 
 
 def main(config_path: str, out: str, corpus: str) -> None:
-    config = load_config(config_path, [f"output.dir={out}", f"data.corpus={corpus}", "eval.every_stage=false",
-                                       "output.tensorboard=false"])
+    config = load_config(
+        config_path,
+        [f"output.dir={out}", f"data.corpus={corpus}", "eval.every_stage=false", "output.tensorboard=false"],
+    )
     controller = Controller(config)
     controller.run()
     rank = controller.acc.process_index

@@ -63,8 +63,10 @@ def check_plan(layers, scores, plan, target: int, multiple: int = 1) -> None:
 
 def smollm_like(n_layers: int = 6, **floors) -> list[LayerBudget]:
     """SmolLM2-135M-like proportions, scaled down: 3 KV groups per layer, one group ≈ 43 neurons."""
-    return [LayerBudget(groups=3, neurons=192, params_per_group=9216, params_per_neuron=216, **floors)
-            for _ in range(n_layers)]
+    return [
+        LayerBudget(groups=3, neurons=192, params_per_group=9216, params_per_neuron=216, **floors)
+        for _ in range(n_layers)
+    ]
 
 
 # ---- exactness ------------------------------------------------------------------------------
@@ -85,8 +87,11 @@ def test_zero_target_is_an_empty_plan(name):
     assert get_allocator(name).plan(layers, random_scores(layers), torch.rand(len(layers)), 0) == {}
 
 
-@pytest.mark.parametrize("allocator", [get_allocator("uniform"), get_allocator("global"),
-                                       AdaptiveAllocator(max_sparsity=1.0)], ids=["uniform", "global", "adaptive"])
+@pytest.mark.parametrize(
+    "allocator",
+    [get_allocator("uniform"), get_allocator("global"), AdaptiveAllocator(max_sparsity=1.0)],
+    ids=["uniform", "global", "adaptive"],
+)
 def test_everything_above_the_floors_can_go(allocator):
     layers = smollm_like(min_groups=1, min_neurons=5)
     scores = random_scores(layers)
@@ -200,8 +205,9 @@ def test_plans_ignore_the_scale_of_each_kind(name):
     scaled = [{ATTENTION: s[ATTENTION] * 1e4, MLP: s[MLP] * (i + 1) * 1e-3} for i, s in enumerate(scores)]
     target = 50_000
     influence = torch.rand(6)
-    assert get_allocator(name).plan(layers, scores, influence, target) == \
-        get_allocator(name).plan(layers, scaled, influence, target)
+    assert get_allocator(name).plan(layers, scores, influence, target) == get_allocator(name).plan(
+        layers, scaled, influence, target
+    )
 
 
 def test_global_ranks_standardised_scores_across_layers():
@@ -219,8 +225,9 @@ def test_global_weighs_a_group_by_its_parameters():
     layers = [LayerBudget(3, 100, 10, 1, min_groups=1, min_neurons=0)]
     neurons = torch.linspace(0, 1, 100)
     below = int(((neurons - neurons.mean()) / neurons.std() < -1).sum())  # 21 neurons
-    plan = get_allocator("global").plan(layers, [{ATTENTION: torch.tensor([0.0, 1.0, 2.0]), MLP: neurons}],
-                                        torch.zeros(1), below + 4)
+    plan = get_allocator("global").plan(
+        layers, [{ATTENTION: torch.tensor([0.0, 1.0, 2.0]), MLP: neurons}], torch.zeros(1), below + 4
+    )
     assert plan == {0: {ATTENTION: [1, 2], MLP: list(range(below, 100))}}
 
 
@@ -241,7 +248,12 @@ def test_tied_scores_keep_chunks_in_order(name):
     mean of the next (3-neuron) chunk; taking the latter first would keep 163 neurons.
     """
     layers = [LayerBudget(1, 166, 100, 17, min_groups=1, min_neurons=2)]
-    scores = [{ATTENTION: torch.ones(1), MLP: torch.randint(0, 3, (166,), generator=torch.Generator().manual_seed(63)).float()}]
+    scores = [
+        {
+            ATTENTION: torch.ones(1),
+            MLP: torch.randint(0, 3, (166,), generator=torch.Generator().manual_seed(63)).float(),
+        }
+    ]
     for target in (51, 52, 300, 1000):
         plan = get_allocator(name).plan(layers, scores, torch.zeros(1), target, neuron_multiple=3)
         check_plan(layers, scores, plan, target, 3)
@@ -257,8 +269,12 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="2 layer budgets, 2 score dicts and 3 influence"):
         alloc.plan(layers, scores, torch.rand(3), 10)
     with pytest.raises(ValueError, match="NaN"):
-        alloc.plan(layers, [scores[0], {ATTENTION: torch.tensor([0.0, float("nan"), 1.0]), MLP: torch.rand(192)}],
-                   torch.rand(2), 10)
+        alloc.plan(
+            layers,
+            [scores[0], {ATTENTION: torch.tensor([0.0, float("nan"), 1.0]), MLP: torch.rand(192)}],
+            torch.rand(2),
+            10,
+        )
     with pytest.raises(ValueError, match="neuron_multiple"):
         alloc.plan(layers, scores, torch.rand(2), 10, neuron_multiple=0)
     with pytest.raises(ValueError, match="LayerBudget.groups"):
@@ -279,10 +295,19 @@ def test_registry():
 
 
 # ---- target strings ------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("90M", 90_000_000), ("1.2B", 1_200_000_000), ("134515008", 134_515_008), ("500k", 500_000),
-    (" 90 m ", 90_000_000), ("134_515_007", 134_515_007), ("0.7x", 1_400_000_000), (".5X", 1_000_000_000),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("90M", 90_000_000),
+        ("1.2B", 1_200_000_000),
+        ("134515008", 134_515_008),
+        ("500k", 500_000),
+        (" 90 m ", 90_000_000),
+        ("134_515_007", 134_515_007),
+        ("0.7x", 1_400_000_000),
+        (".5X", 1_000_000_000),
+    ],
+)
 def test_parse_target(text, expected):
     assert parse_target(text, 2_000_000_000) == expected
 
@@ -291,12 +316,22 @@ def test_parse_target_ratio_rounds_to_a_count():
     assert parse_target("0.7x", 134_515_008) == round(0.7 * 134_515_008)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("ninety", "is not a count"), ("90MB", "is not a count"), ("-0.5x", "is not a count"), ("", "is not a count"),
-    ("0x", "strictly between 0 and 1"), ("1x", "strictly between 0 and 1"), ("1.5x", "strictly between 0 and 1"),
-    ("12.5", "whole number"), ("0", "must lie between 1"), ("200M", "must lie between 1"),
-    ("134515008", "must lie between 1"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ninety", "is not a count"),
+        ("90MB", "is not a count"),
+        ("-0.5x", "is not a count"),
+        ("", "is not a count"),
+        ("0x", "strictly between 0 and 1"),
+        ("1x", "strictly between 0 and 1"),
+        ("1.5x", "strictly between 0 and 1"),
+        ("12.5", "whole number"),
+        ("0", "must lie between 1"),
+        ("200M", "must lie between 1"),
+        ("134515008", "must lie between 1"),
+    ],
+)
 def test_parse_target_errors(text, message):
     with pytest.raises(ValueError, match=message):
         parse_target(text, 134_515_008)
@@ -308,9 +343,12 @@ def budgets(draw):
     n_layers = draw(st.integers(1, 5))
     layers = [
         LayerBudget(
-            groups=draw(st.integers(0, 6)), neurons=draw(st.integers(0, 40)),
-            params_per_group=draw(st.integers(1, 400)), params_per_neuron=draw(st.integers(1, 40)),
-            min_groups=draw(st.integers(0, 2)), min_neurons=draw(st.integers(0, 6)),
+            groups=draw(st.integers(0, 6)),
+            neurons=draw(st.integers(0, 40)),
+            params_per_group=draw(st.integers(1, 400)),
+            params_per_neuron=draw(st.integers(1, 40)),
+            min_groups=draw(st.integers(0, 2)),
+            min_neurons=draw(st.integers(0, 6)),
         )
         for _ in range(n_layers)
     ]
@@ -345,11 +383,14 @@ def test_plan_applies_with_surgery(name):
     layers = []
     for i in range(len(adapter.decoder_layers(model))):
         shape = adapter.layer_shape(model, i)
-        layers.append(LayerBudget(
-            groups=shape.groups, neurons=shape.neurons,
-            params_per_group=adapter.params_per_unit(model, i, ATTENTION),
-            params_per_neuron=adapter.params_per_unit(model, i, MLP),
-        ))
+        layers.append(
+            LayerBudget(
+                groups=shape.groups,
+                neurons=shape.neurons,
+                params_per_group=adapter.params_per_unit(model, i, ATTENTION),
+                params_per_neuron=adapter.params_per_unit(model, i, MLP),
+            )
+        )
     scores = random_scores(layers, seed=7)
     target = int(0.2 * sum(b.prunable_params for b in layers))
     plan = get_allocator(name).plan(layers, scores, torch.tensor([0.1, 0.5, 0.3]), target, neuron_multiple=8)

@@ -30,10 +30,20 @@ REMOVED = {
 def hf_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=128,
-        sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=128,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = Gemma3ForCausalLM(config).eval()
     with torch.no_grad():  # HF initialises the norms to zero offsets; make them count

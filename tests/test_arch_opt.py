@@ -30,8 +30,15 @@ REMOVED = {
 def hf_opt(seed: int = 0) -> OPTForCausalLM:
     torch.manual_seed(seed)
     config = OPTConfig(
-        vocab_size=128, hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=128, word_embed_proj_dim=64, dropout=0.0, pad_token_id=1,
+        vocab_size=128,
+        hidden_size=64,
+        ffn_dim=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=64,
+        dropout=0.0,
+        pad_token_id=1,
     )
     model = OPTForCausalLM(config).eval()
     with torch.no_grad():  # HF initialises biases to zero; make them count

@@ -33,9 +33,18 @@ REMOVED = {
 def hf_phi3(heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Phi3ForCausalLM:
     torch.manual_seed(seed)
     config = Phi3Config(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, max_position_embeddings=128, original_max_position_embeddings=128,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     return Phi3ForCausalLM(config).eval()
 
@@ -69,7 +78,7 @@ def test_fused_rows_of_each_part_are_cut():
     qkv = model.model.layers[0].self_attn.qkv_proj.weight.detach().clone()  # (q 64 | k 32 | v 32, 64)
     gate_up = model.model.layers[0].mlp.gate_up_proj.weight.detach().clone()  # (gate 96 | up 96, 64)
     apply_plan(model, {0: {ATTENTION: [1], MLP: [0, 2, 95]}})
-    kept_q, kept_k, kept_v = qkv[32:64], qkv[64 + 16:96], qkv[96 + 16:128]  # group 1: q heads 2-3, kv head 1
+    kept_q, kept_k, kept_v = qkv[32:64], qkv[64 + 16 : 96], qkv[96 + 16 : 128]  # group 1: q heads 2-3, kv head 1
     assert torch.equal(model.model.layers[0].self_attn.qkv_proj.weight, torch.cat([kept_q, kept_k, kept_v]))
     rows = torch.tensor([0, 2, 95])
     assert torch.equal(model.model.layers[0].mlp.gate_up_proj.weight, torch.cat([gate_up[rows], gate_up[96 + rows]]))

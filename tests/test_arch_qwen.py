@@ -29,8 +29,14 @@ from .surgery_helpers import (
 )
 
 SIZES = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
 )
 FAMILIES = {
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),
@@ -43,7 +49,9 @@ REMOVED = {
     2: {ATTENTION: [1], MLP: [7]},
 }
 HETERO_CLASSES = {
-    "qwen2": "AdaptQwen2ForCausalLM", "qwen3": "AdaptQwen3ForCausalLM", "mistral": "AdaptMistralForCausalLM",
+    "qwen2": "AdaptQwen2ForCausalLM",
+    "qwen3": "AdaptQwen3ForCausalLM",
+    "mistral": "AdaptMistralForCausalLM",
 }
 
 

@@ -38,7 +38,11 @@ def _target(model, fraction: float = 0.3) -> int:
 
 def _largest_unit(model) -> int:
     adapter = get_adapter(model)
-    return max(adapter.params_per_unit(model, i, k) for i in range(len(adapter.decoder_layers(model))) for k in (ATTENTION, MLP))
+    return max(
+        adapter.params_per_unit(model, i, k)
+        for i in range(len(adapter.decoder_layers(model)))
+        for k in (ATTENTION, MLP)
+    )
 
 
 # ---- FLAP: pure math ------------------------------------------------------------------------
@@ -70,7 +74,9 @@ def test_flap_wifv_matches_activations_captured_by_hand():
     model, seqs = tiny_llama(layers=2), _sequences()
     captured = []
     down = model.model.layers[1].mlp.down_proj
-    handle = down.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    handle = down.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+    )
     with torch.no_grad():
         model(input_ids=seqs)
     handle.remove()
@@ -92,9 +98,11 @@ def _output_inputs(model) -> dict[tuple[int, str], torch.Tensor]:
     for i, layer in enumerate(adapter.decoder_layers(model)):
         for path in (adapter.attention_output, adapter.mlp_output):
             store = seen.setdefault((i, path), [])
-            handles.append(layer.get_submodule(path).register_forward_pre_hook(
-                lambda _m, args, store=store: store.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
-            ))
+            handles.append(
+                layer.get_submodule(path).register_forward_pre_hook(
+                    lambda _m, args, store=store: store.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+                )
+            )
     with torch.no_grad():
         model(input_ids=_sequences())
     for h in handles:
@@ -103,8 +111,9 @@ def _output_inputs(model) -> dict[tuple[int, str], torch.Tensor]:
 
 
 def test_flap_bias_compensation_keeps_every_pruned_projections_mean(llama_model):
-    dense = tiny_llama(num_heads=llama_model.config.num_attention_heads,
-                       num_kv_heads=llama_model.config.num_key_value_heads)
+    dense = tiny_llama(
+        num_heads=llama_model.config.num_attention_heads, num_kv_heads=llama_model.config.num_key_value_heads
+    )
     inputs = _output_inputs(dense)
     records = flap_prune(llama_model, _sequences(), _target(llama_model), progress=False)
     assert records
@@ -159,7 +168,9 @@ def test_second_order_salience_subtracts_half_the_fisher_curvature():
     expected = torch.tensor([[1.0, -6.0, -6.0], [-1.25, 3.0, -2.0]], dtype=torch.float64)
     assert torch.equal(salience(W, G, fisher), expected)
     rows = Coupling("x", 0, torch.tensor([0, 1]))
-    assert torch.equal(unit_scores(salience(W, G, fisher), rows, 2, False), torch.tensor([13.0, 6.25], dtype=torch.float64))
+    assert torch.equal(
+        unit_scores(salience(W, G, fisher), rows, 2, False), torch.tensor([13.0, 6.25], dtype=torch.float64)
+    )
 
 
 def test_default_layer_range_scales_the_published_4_to_30_of_32():
@@ -196,7 +207,11 @@ def _coupled_by_hand(layer, kind: str, n_rep: int, head_dim: int) -> list[tuple[
     """(weight, dim, unit id per position) of one layer's coupled matrices, built without the adapter."""
     if kind == MLP:
         ids = torch.arange(layer.mlp.down_proj.in_features)
-        return [(layer.mlp.gate_proj.weight, 0, ids), (layer.mlp.up_proj.weight, 0, ids), (layer.mlp.down_proj.weight, 1, ids)]
+        return [
+            (layer.mlp.gate_proj.weight, 0, ids),
+            (layer.mlp.up_proj.weight, 0, ids),
+            (layer.mlp.down_proj.weight, 1, ids),
+        ]
     groups = layer.self_attn.k_proj.out_features // head_dim
     kv = torch.arange(groups).repeat_interleave(head_dim)
     q = torch.arange(groups).repeat_interleave(n_rep * head_dim)

@@ -25,11 +25,17 @@ def _record(model, sequences):
     handles = []
     for i, layer in enumerate(adapter.decoder_layers(model)):
         for kind, path in ((MLP, adapter.mlp_output), (ATTENTION, adapter.attention_output)):
-            handles.append(layer.get_submodule(path).register_forward_pre_hook(
-                lambda _m, a, key=(i, kind): inputs[key].append(a[0].detach().reshape(-1, a[0].shape[-1]))))
-        handles.append(layer.register_forward_hook(
-            lambda _m, a, kw, out, i=i: streams[i].append((kw.get("hidden_states", a[0] if a else None), out)),
-            with_kwargs=True))
+            handles.append(
+                layer.get_submodule(path).register_forward_pre_hook(
+                    lambda _m, a, key=(i, kind): inputs[key].append(a[0].detach().reshape(-1, a[0].shape[-1]))
+                )
+            )
+        handles.append(
+            layer.register_forward_hook(
+                lambda _m, a, kw, out, i=i: streams[i].append((kw.get("hidden_states", a[0] if a else None), out)),
+                with_kwargs=True,
+            )
+        )
     with torch.no_grad():
         model(input_ids=sequences, use_cache=False)
     for h in handles:

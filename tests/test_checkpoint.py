@@ -36,7 +36,11 @@ def test_reload_with_registered_auto_classes_is_exact(tmp_path, input_ids):
     with torch.no_grad():
         assert torch.equal(model(input_ids).logits, reloaded(input_ids).logits)
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["per_layer_config"]["0"] == {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1}
+    assert config["per_layer_config"]["0"] == {
+        "intermediate_size": 48,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
     assert not any(p.name.startswith(".ckpt") for p in tmp_path.iterdir())  # no temp folders left
 
 

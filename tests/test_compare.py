@@ -11,10 +11,21 @@ from adaptprune.compare import METHODS, load_compare_config, run_compare
 
 
 def test_compare_runs_every_method_at_equal_size(tmp_path):
-    cfg = load_compare_config(None, [
-        "model=tiny-random-llama", "remove_non_embedding=0.2", "calib_tokens=1024", "seq_len=64",
-        "train_tokens=1024", "eval_tokens=512", "eval_context=128", "tasks=[piqa]", "limit=5", f"out={tmp_path}",
-    ])
+    cfg = load_compare_config(
+        None,
+        [
+            "model=tiny-random-llama",
+            "remove_non_embedding=0.2",
+            "calib_tokens=1024",
+            "seq_len=64",
+            "train_tokens=1024",
+            "eval_tokens=512",
+            "eval_context=128",
+            "tasks=[piqa]",
+            "limit=5",
+            f"out={tmp_path}",
+        ],
+    )
     rows = run_compare(cfg)
     assert [r["method"] for r in rows] == list(METHODS)
     target = json.loads((tmp_path / "comparison.json").read_text())["target"]
@@ -29,10 +40,21 @@ def test_compare_runs_every_method_at_equal_size(tmp_path):
 
 
 def _tiny_config(tmp_path, *extra):
-    return load_compare_config(None, [
-        "model=tiny-random-llama", "remove_non_embedding=0.2", "calib_tokens=512", "seq_len=64",
-        "train_tokens=0", "eval_tokens=256", "eval_context=128", "tasks=[]", f"out={tmp_path}", *extra,
-    ])
+    return load_compare_config(
+        None,
+        [
+            "model=tiny-random-llama",
+            "remove_non_embedding=0.2",
+            "calib_tokens=512",
+            "seq_len=64",
+            "train_tokens=0",
+            "eval_tokens=256",
+            "eval_context=128",
+            "tasks=[]",
+            f"out={tmp_path}",
+            *extra,
+        ],
+    )
 
 
 def test_compare_resumes_finished_methods_and_ignores_other_settings(tmp_path, monkeypatch):

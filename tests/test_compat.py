@@ -38,19 +38,24 @@ def test_the_installed_versions_are_supported():
 def test_an_out_of_range_version_names_package_version_and_range(capsys):
     fake = {"transformers": "4.46.0", "peft": "0.21.0"}
     problems = compat.version_problems({"transformers": ">=5.23,<5.24", "peft": ">=0.17,<0.22"}, fake.__getitem__)
-    assert problems == ["transformers 4.46.0 is installed; adaptprune supports transformers>=5.23,<5.24 "
-                        "(pip install 'transformers>=5.23,<5.24')"]
+    assert problems == [
+        "transformers 4.46.0 is installed; adaptprune supports transformers>=5.23,<5.24 "
+        "(pip install 'transformers>=5.23,<5.24')"
+    ]
 
     def missing(name: str) -> str:
         raise compat.metadata.PackageNotFoundError(name)
 
     assert compat.version_problems({"lm-eval": ">=0.4.9,<0.5"}, missing) == [
-        "lm-eval is not installed; adaptprune supports lm-eval>=0.4.9,<0.5"]
+        "lm-eval is not installed; adaptprune supports lm-eval>=0.4.9,<0.5"
+    ]
 
 
 def test_check_versions_warns_once_or_raises_when_strict(monkeypatch, capsys):
     monkeypatch.setattr(compat, "version_problems", lambda: ["peft 0.9.0 is installed; adaptprune supports peft>=0.17"])
-    assert compat.check_versions(strict=False, force=True) == ["peft 0.9.0 is installed; adaptprune supports peft>=0.17"]
+    assert compat.check_versions(strict=False, force=True) == [
+        "peft 0.9.0 is installed; adaptprune supports peft>=0.17"
+    ]
     assert capsys.readouterr().err == "adaptprune: warning: peft 0.9.0 is installed; adaptprune supports peft>=0.17\n"
     assert compat.check_versions() == []  # once per process
     with pytest.raises(compat.IncompatibleVersionError, match="peft 0.9.0"):
@@ -71,8 +76,16 @@ def test_strict_mode_is_a_one_line_cli_error(monkeypatch, capsys):
 def _llama_config(**kw):
     from transformers import LlamaConfig
 
-    values = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    values = dict(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
     return LlamaConfig(**{**values, **kw})
 
 
@@ -108,8 +121,11 @@ def test_llama_attention_reshapes_with_minus_one_heads():
     config = _llama_config()
     attn = LlamaAttention(config, layer_idx=0).eval()
     d = config.head_dim
-    attn.q_proj, attn.k_proj, attn.v_proj = nn.Linear(64, 2 * d, bias=False), nn.Linear(64, d, bias=False), \
-        nn.Linear(64, d, bias=False)  # one KV group (of 2) left: 2 query heads, 1 KV head
+    attn.q_proj, attn.k_proj, attn.v_proj = (
+        nn.Linear(64, 2 * d, bias=False),
+        nn.Linear(64, d, bias=False),
+        nn.Linear(64, d, bias=False),
+    )  # one KV group (of 2) left: 2 query heads, 1 KV head
     attn.o_proj = nn.Linear(2 * d, 64, bias=False)
     hidden = torch.randn(2, 5, 64)
     position_ids = torch.arange(5)[None].expand(2, -1)

@@ -28,8 +28,11 @@ def _outputs(model, seqs, kind) -> torch.Tensor:
     adapter = get_adapter(model)
     path = adapter.mlp_output if kind == MLP else adapter.attention_output
     seen = []
-    handle = adapter.decoder_layers(model)[LAYER].get_submodule(path).register_forward_hook(
-        lambda _m, _a, out: seen.append(out.detach().reshape(-1, out.shape[-1]).double()))
+    handle = (
+        adapter.decoder_layers(model)[LAYER]
+        .get_submodule(path)
+        .register_forward_hook(lambda _m, _a, out: seen.append(out.detach().reshape(-1, out.shape[-1]).double()))
+    )
     with torch.no_grad():
         model(input_ids=seqs, use_cache=False)
     handle.remove()
@@ -60,8 +63,9 @@ def test_mean_shift_and_energy_scale_by_hand():
 
 
 def test_compensate_needs_cov_for_energy():
-    stats = ChannelStats(4, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
-                         torch.ones(2, dtype=torch.float64))
+    stats = ChannelStats(
+        4, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="collect_cov=True"):
         compensate(torch.ones(3, 2), stats, torch.tensor([True, False]), mean=True, energy=True)
     assert compensate(torch.ones(3, 2), stats, torch.tensor([True, True]), mean=False, energy=True).scale == 1.0

@@ -81,8 +81,15 @@ def _run_cli(out: Path, corpus: Path, resume: bool = False, crash_at: str | None
     env.pop(CRASH_ENV, None)
     if crash_at:
         env[CRASH_ENV] = crash_at
-    cmd = [sys.executable, str(ROOT / "train_prune.py"), "--config", str(SMOKE), *_overrides(out, corpus),
-           "eval.every_stage=false", "output.tensorboard=false"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_prune.py"),
+        "--config",
+        str(SMOKE),
+        *_overrides(out, corpus),
+        "eval.every_stage=false",
+        "output.tensorboard=false",
+    ]
     if resume:
         cmd.insert(2, "--resume")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -108,8 +115,18 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path, toy_corpus):
 
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "ddp_controller_script.py"), str(SMOKE), str(out), str(toy_corpus)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "ddp_controller_script.py"),
+        str(SMOKE),
+        str(out),
+        str(toy_corpus),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
@@ -126,8 +143,23 @@ def test_report_and_eval_commands_on_the_finished_run(smoke_run, tmp_path):
     assert "| stage | params |" in (out / "report.md").read_text()
     assert (out / "layer_sizes.png").stat().st_size > 0 and (out / "stages.png").stat().st_size > 0
     eval_json = tmp_path / "eval.json"
-    assert main(["eval", str(out / "final"), "--tasks", "ppl", "--ppl-tokens", "512", "--context", "128",
-                 "--out", str(eval_json)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out / "final"),
+                "--tasks",
+                "ppl",
+                "--ppl-tokens",
+                "512",
+                "--context",
+                "128",
+                "--out",
+                str(eval_json),
+            ]
+        )
+        == 0
+    )
     result = json.loads(eval_json.read_text())["perplexity"]["shakespeare"]
     assert result["tokens"] > 0 and 1.0 < result["ppl"] < 1e6
 
@@ -136,8 +168,26 @@ def test_oneshot_prune_command_writes_a_self_explaining_folder(tmp_path):
     from adaptprune.cli import main
 
     out = tmp_path / "oneshot"
-    assert main(["prune", "--model", "tiny-random-llama", "--target-params", "0.8x", "--calib-tokens", "1024",
-                 "--set", "data.seq_len=64", "data.eval_tokens=512", "data.eval_context=128", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                "tiny-random-llama",
+                "--target-params",
+                "0.8x",
+                "--calib-tokens",
+                "1024",
+                "--set",
+                "data.seq_len=64",
+                "data.eval_tokens=512",
+                "data.eval_context=128",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["params_after"] <= metrics["target_params"] == round(0.8 * metrics["params_before"])
     assert set(metrics["phases"]) == {"calibration", "scoring", "surgery"}

@@ -18,17 +18,32 @@ from adaptprune.controller import Controller
 from adaptprune.inspection import describe
 from adaptprune.oneshot import run_oneshot
 
-COMMON = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256,
-              pad_token_id=0, bos_token_id=0, eos_token_id=0)
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=0,
+)
 FAMILIES = {
     "llama": dict(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
     "qwen2": dict(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
     "qwen3": dict(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     "mistral": dict(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32),
     "opt": dict(ffn_dim=96, num_attention_heads=4, word_embed_proj_dim=64, dropout=0.0),
-    "phi3": dict(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, original_max_position_embeddings=256),
-    "gemma3_text": dict(intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                        query_pre_attn_scalar=16, sliding_window=32),
+    "phi3": dict(
+        intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, original_max_position_embeddings=256
+    ),
+    "gemma3_text": dict(
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=32,
+    ),
 }
 
 
@@ -49,11 +64,24 @@ def model_dir(request, tmp_path, tokenizer) -> Path:
 
 
 def _config(model_dir: Path, out: Path, extra: list[str] = ()):
-    return load_config(None, [
-        f"model.name={model_dir}", "prune.target_params=0.9x", "prune.step_fraction=0.06", "prune.min_neurons=8",
-        "data.seq_len=64", "data.calib_tokens=512", "data.eval_tokens=256", "data.eval_context=64",
-        "schedule.train_tokens=1024", "train.batch_size=2", "output.tensorboard=false", f"output.dir={out}", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            "prune.target_params=0.9x",
+            "prune.step_fraction=0.06",
+            "prune.min_neurons=8",
+            "data.seq_len=64",
+            "data.calib_tokens=512",
+            "data.eval_tokens=256",
+            "data.eval_context=64",
+            "schedule.train_tokens=1024",
+            "train.batch_size=2",
+            "output.tensorboard=false",
+            f"output.dir={out}",
+            *extra,
+        ],
+    )
 
 
 def test_oneshot_prune_then_inspect(model_dir, tmp_path):

@@ -76,7 +76,9 @@ def test_cvr_interpolates_between_magnitude_and_stade():
     stats = _stats(mean=[0.0] * 4, std=[8.0, 1.0, 1.0, 0.25])  # median σ = 1
     cvr = lambda a: get_metric("cvr", alpha=a).column_scores(W, stats)  # noqa: E731
     torch.testing.assert_close(cvr(0.0), get_metric("magnitude").column_scores(W, stats))
-    torch.testing.assert_close(cvr(1.0), get_metric("stade").column_scores(W, stats))  # median 1: equal, not just same order
+    torch.testing.assert_close(
+        cvr(1.0), get_metric("stade").column_scores(W, stats)
+    )  # median 1: equal, not just same order
     # default α = 0.5: ‖W‖·sqrt(σ/median) = 1·√8, 2, 3, 4·0.5
     torch.testing.assert_close(cvr(0.5), torch.tensor([math.sqrt(8), 2.0, 3.0, 2.0], dtype=torch.float64))
     torch.testing.assert_close(get_metric("cvr").column_scores(W, stats), cvr(0.5))
@@ -111,8 +113,9 @@ def test_unit_scores_on_a_model_group_the_heads_columns():
     calib = _calib_for(model, adapter, mean=0.0, std=2.0)
     stade = get_metric("stade").unit_scores(model, adapter, 0, ATTENTION, calib)
     per_column = math.sqrt(96) * 2.0
-    torch.testing.assert_close(stade, torch.tensor([per_column * math.sqrt(48), 0.5 * per_column * math.sqrt(48)],
-                                                   dtype=torch.float64))
+    torch.testing.assert_close(
+        stade, torch.tensor([per_column * math.sqrt(48), 0.5 * per_column * math.sqrt(48)], dtype=torch.float64)
+    )
     mlp = get_metric("wanda").unit_scores(model, adapter, 1, MLP, calib)
     down = adapter.decoder_layers(model)[1].get_submodule(adapter.mlp_output).weight
     torch.testing.assert_close(mlp, down.double().norm(dim=0) * 2.0)
@@ -167,8 +170,9 @@ def test_every_metric_scores_every_unit_of_a_calibrated_model(name):
     adapter = get_adapter(model)
     metric = get_metric(name)
     torch.manual_seed(2)
-    calib = calibrate(model, torch.randint(0, 128, (2, 8)), taylor_batches=1 if metric.needs_grads else 0,
-                      progress=False)
+    calib = calibrate(
+        model, torch.randint(0, 128, (2, 8)), taylor_batches=1 if metric.needs_grads else 0, progress=False
+    )
     for layer in range(2):
         for kind in UNIT_KINDS:
             scores = metric.unit_scores(model, adapter, layer, kind, calib)

@@ -129,5 +129,7 @@ def test_resume_from_saved_state_continues_identically(tmp_path):
     batch = next(toy_batches(seed=4))
     for t in (trainer, resumed):
         t.run_phase(iter([batch]), 1, constant_lr(1e-2), 2)
-    for (name, a), b in zip(trainer.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters(), strict=True):
+    for (name, a), b in zip(
+        trainer.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters(), strict=True
+    ):
         assert torch.equal(a, b), name

@@ -14,8 +14,12 @@ from .conftest import tiny_llama
 def test_windows_score_each_token_at_most_once():
     # Overlapping windows score every token after the first; non-overlapping ones skip each
     # window's first token (it has no context inside its window).
-    cases = {(100, 16, 5): list(range(1, 100)), (17, 16, 8): list(range(1, 17)), (5, 16, 16): [1, 2, 3, 4],
-             (48, 16, 16): [t for t in range(48) if t % 16 != 0]}
+    cases = {
+        (100, 16, 5): list(range(1, 100)),
+        (17, 16, 8): list(range(1, 17)),
+        (5, 16, 16): [1, 2, 3, 4],
+        (48, 16, 16): [t for t in range(48) if t % 16 != 0],
+    }
     for (n, context, stride), expected in cases.items():
         scored = []
         for begin, end, first in _windows(n, context, stride):

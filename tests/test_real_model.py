@@ -49,7 +49,9 @@ def test_prune_ten_percent_of_neurons_save_reload_identical(smollm2_fresh, heldo
 def test_inspect_cli_reports_smollm2_geometry():
     out = subprocess.run(
         [sys.executable, "-m", "adaptprune.cli", "inspect", "smollm2-135m", "--json"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     info = json.loads(out)
     assert info["num_layers"] == 30

@@ -31,8 +31,12 @@ from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-QUIET_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-             "TOKENIZERS_PARALLELISM": "false"}
+QUIET_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -88,13 +92,28 @@ def entry_point_runs(tmp_path_factory, toy_corpus) -> dict[str, tuple[subprocess
     a_file = base / "a-file"
     a_file.write_text("not a folder")
     cases = {
-        "unknown_key": ([sys.executable, "train_prune.py", "--config", str(SMOKE)], base / "r1", ["prune.step_fractoin=0.5"]),
+        "unknown_key": (
+            [sys.executable, "train_prune.py", "--config", str(SMOKE)],
+            base / "r1",
+            ["prune.step_fractoin=0.5"],
+        ),
         "unwritable": ([sys.executable, "-m", "adaptprune.cli", "train", "--config", str(SMOKE)], a_file / "run", []),
     }
     env = {**os.environ, **QUIET_ENV}
-    procs = {name: (subprocess.Popen([*cmd, *_fast(out, toy_corpus, *extra)], cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE), out)
-             for name, (cmd, out, extra) in cases.items()}
+    procs = {
+        name: (
+            subprocess.Popen(
+                [*cmd, *_fast(out, toy_corpus, *extra)],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            ),
+            out,
+        )
+        for name, (cmd, out, extra) in cases.items()
+    }
     results = {}
     for name, (proc, out) in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
@@ -102,10 +121,13 @@ def entry_point_runs(tmp_path_factory, toy_corpus) -> dict[str, tuple[subprocess
     return results
 
 
-@pytest.mark.parametrize("case, needles", [
-    ("unknown_key", ["'prune.step_fractoin'", "did you mean 'prune.step_fraction'"]),
-    ("unwritable", ["output.dir=", "a-file", "not a folder"]),
-])
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("unknown_key", ["'prune.step_fractoin'", "did you mean 'prune.step_fraction'"]),
+        ("unwritable", ["output.dir=", "a-file", "not a folder"]),
+    ],
+)
 def test_entry_points_fail_with_one_line_and_write_nothing(entry_point_runs, case, needles):
     done, out = entry_point_runs[case]
     assert done.returncode == 2, done.stderr[-2000:]
@@ -114,19 +136,24 @@ def test_entry_points_fail_with_one_line_and_write_nothing(entry_point_runs, cas
 
 
 # ---- config values (in-process: same code path as the CLI) ----------------------------------
-@pytest.mark.parametrize("override, needles", [
-    ("train.batch_size=abc", ["train.batch_size='abc'", "must be an integer"]),
-    ("prune.step_fraction=-0.05", ["prune.step_fraction=-0.05", "must be > 0"]),
-    ("prune.step_fraction=1.5", ["prune.step_fraction=1.5", "must be <= 1"]),
-    ("prune.target_params=1.2x", ["prune.target_params='1.2x'", "between 0x and 1x"]),
-    ("prune.target_params=-5M", ["prune.target_params='-5M'", "'90M'"]),
-    ("train.on_nonfinite=ignore", ["train.on_nonfinite='ignore'", "rollback, stop"]),
-    ("train.lr=.nan", ["train.lr=nan", "finite"]),
-    ("prune.metric=wandaa", ["prune.metric='wandaa'", "did you mean 'wanda'"]),
-    ("prune.target_params=10B", ["target_params '10B'", "10,000,000,000", "must lie between 1 and"]),
-    ("prune.target_params=1000", ["prune.target_params='1000'", "below the smallest size the floors allow",
-                                  "prune.min_neurons=8"]),
-])
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("train.batch_size=abc", ["train.batch_size='abc'", "must be an integer"]),
+        ("prune.step_fraction=-0.05", ["prune.step_fraction=-0.05", "must be > 0"]),
+        ("prune.step_fraction=1.5", ["prune.step_fraction=1.5", "must be <= 1"]),
+        ("prune.target_params=1.2x", ["prune.target_params='1.2x'", "between 0x and 1x"]),
+        ("prune.target_params=-5M", ["prune.target_params='-5M'", "'90M'"]),
+        ("train.on_nonfinite=ignore", ["train.on_nonfinite='ignore'", "rollback, stop"]),
+        ("train.lr=.nan", ["train.lr=nan", "finite"]),
+        ("prune.metric=wandaa", ["prune.metric='wandaa'", "did you mean 'wanda'"]),
+        ("prune.target_params=10B", ["target_params '10B'", "10,000,000,000", "must lie between 1 and"]),
+        (
+            "prune.target_params=1000",
+            ["prune.target_params='1000'", "below the smallest size the floors allow", "prune.min_neurons=8"],
+        ),
+    ],
+)
 def test_bad_config_values_name_field_value_and_allowed(tmp_path, capsys, toy_corpus, override, needles):
     out = tmp_path / "run"
     code, err = _train(capsys, out, toy_corpus, override)
@@ -136,17 +163,43 @@ def test_bad_config_values_name_field_value_and_allowed(tmp_path, capsys, toy_co
 
 
 SECTIONS = {f.name: f.type for f in RunConfig.__dataclass_fields__.values()}
-_values = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.lists(st.text(max_size=4), max_size=3),
-                    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
-_names = st.sampled_from(["seq_len", "lr", "target_params", "metric", "dir", "trainer", "tasks", "min_groups",
-                          "step_fraction", "on_nonfinite", "dtype", "bogus", "every_stage", "amplitude"])
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.text(max_size=4), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+_names = st.sampled_from(
+    [
+        "seq_len",
+        "lr",
+        "target_params",
+        "metric",
+        "dir",
+        "trainer",
+        "tasks",
+        "min_groups",
+        "step_fraction",
+        "on_nonfinite",
+        "dtype",
+        "bogus",
+        "every_stage",
+        "amplitude",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.one_of(st.sampled_from(list(SECTIONS)), st.text(max_size=6)),
-                       st.one_of(_values, st.dictionaries(st.one_of(_names, st.text(max_size=6)), _values, max_size=4)),
-                       max_size=4))
+@given(
+    st.dictionaries(
+        st.one_of(st.sampled_from(list(SECTIONS)), st.text(max_size=6)),
+        st.one_of(_values, st.dictionaries(st.one_of(_names, st.text(max_size=6)), _values, max_size=4)),
+        max_size=4,
+    )
+)
 def test_any_mapping_loads_or_raises_config_error(data):
     try:
         config = from_dict(RunConfig, data)
@@ -190,8 +243,15 @@ def test_unsupported_architecture_is_one_line_naming_type_and_families(tmp_path,
 def test_heads_that_do_not_split_into_kv_groups_are_refused_before_any_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32, hidden_size=96, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=6, num_key_value_heads=4, head_dim=16)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=96,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=6,
+        num_key_value_heads=4,
+        head_dim=16,
+    )
     with pytest.raises(UnsupportedArchitectureError, match="6 query heads and 4 KV heads"):
         _check_head_groups(LlamaForCausalLM(config), LlamaAdapter())
 
@@ -211,11 +271,14 @@ def test_attention_is_only_removed_in_whole_kv_groups():
 
 
 # ---- corpora ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("content, needles", [
-    (b"", ["is empty", "0 characters"]),
-    (b"   \n\n  ", ["is empty", "7 characters"]),
-    (b"caf\xe9 au lait", ["not UTF-8", "byte 3", "iconv"]),
-])
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        (b"", ["is empty", "0 characters"]),
+        (b"   \n\n  ", ["is empty", "7 characters"]),
+        (b"caf\xe9 au lait", ["not UTF-8", "byte 3", "iconv"]),
+    ],
+)
 def test_bad_corpus_files_are_clear_errors(tmp_path, content, needles):
     path = tmp_path / "corpus.txt"
     path.write_bytes(content)
@@ -359,13 +422,20 @@ def test_source_never_unpickles_or_trusts_remote_code_by_default(path):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             args = node.args
             positional = args.posonlyargs + args.args
-            defaults = dict(zip([a.arg for a in positional[len(positional) - len(args.defaults):]], args.defaults))
+            defaults = dict(zip([a.arg for a in positional[len(positional) - len(args.defaults) :]], args.defaults))
             defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None})
             if "trust_remote_code" in defaults:
                 assert ast.literal_eval(defaults["trust_remote_code"]) is False, f"{node.name} defaults to remote code"
     for call, func in _calls(tree):
-        assert func not in {"torch.load", "pickle.load", "pickle.loads", "yaml.load", "yaml.unsafe_load",
-                            "yaml.full_load", "torch.serialization.load"}, f"{func} at line {call.lineno}"
+        assert func not in {
+            "torch.load",
+            "pickle.load",
+            "pickle.loads",
+            "yaml.load",
+            "yaml.unsafe_load",
+            "yaml.full_load",
+            "torch.serialization.load",
+        }, f"{func} at line {call.lineno}"
         for kw in call.keywords:
             if kw.arg == "trust_remote_code":
                 assert not (isinstance(kw.value, ast.Constant) and kw.value.value is True), f"line {call.lineno}"
@@ -381,8 +451,15 @@ def test_remote_code_is_off_unless_the_user_sets_it():
 def test_a_folder_with_only_pytorch_model_bin_is_refused(tmp_path, capsys):
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=16).save_pretrained(tmp_path)
+    LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    ).save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")  # never opened
     with pytest.raises(PickledWeightsError):
         require_safetensors(tmp_path)

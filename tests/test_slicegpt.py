@@ -62,8 +62,14 @@ def test_parameter_formula_equals_built_model(sparsity, slice_head, calibration)
 def test_as_published_counts_of_smollm2_match_the_original_code():
     """ASSETS.md: Microsoft's SliceGPT on SmolLM2-135M gives 140,652,288 (0.25) and 131,641,088 (0.30)."""
     smollm2 = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
     )
     assert count_sliced_params(smollm2, 0.25) == 140_652_288
     assert count_sliced_params(smollm2, 0.30) == 131_641_088

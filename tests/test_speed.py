@@ -11,8 +11,20 @@ from adaptprune.surgery import apply_plan
 
 from .conftest import tiny_llama
 
-KEYS = {"prefill_tokens_per_s", "decode_tokens_per_s", "generate_tokens_per_s", "prefill_s", "generate_s",
-        "decode_ms_per_token", "prompt_tokens", "new_tokens", "batch_size", "runs", "device", "threads"}
+KEYS = {
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "generate_tokens_per_s",
+    "prefill_s",
+    "generate_s",
+    "decode_ms_per_token",
+    "prompt_tokens",
+    "new_tokens",
+    "batch_size",
+    "runs",
+    "device",
+    "threads",
+}
 
 
 def test_measure_speed_keys_and_positive_numbers():

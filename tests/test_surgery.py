@@ -105,8 +105,9 @@ def test_bad_keep_lists_fail_clearly():
 
 def test_params_after_removing_takes_the_fraction_of_non_embedding_parameters_only():
     model = tiny_llama()
-    embedding = sum({id(p): p.numel() for p in (model.get_input_embeddings().weight,
-                                                 model.get_output_embeddings().weight)}.values())
+    embedding = sum(
+        {id(p): p.numel() for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values()
+    )
     total = count_parameters(model)
     assert params_after_removing(model, 0.0) == total
     assert params_after_removing(model, 1.0) == embedding

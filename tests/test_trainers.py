@@ -155,7 +155,9 @@ def test_lora_merge_before_surgery_is_exact_and_pruned_model_takes_a_new_adapter
     assert not any(isinstance(m, LoraLayer) for m in exported.modules())
     plain = trainer.merge_before_surgery()
     assert not any(isinstance(m, LoraLayer) for m in plain.modules())
-    assert all(type(plain.model.layers[0].mlp.get_submodule(p)) is nn.Linear for p in ("gate_proj", "up_proj", "down_proj"))
+    assert all(
+        type(plain.model.layers[0].mlp.get_submodule(p)) is nn.Linear for p in ("gate_proj", "up_proj", "down_proj")
+    )
     assert all(p.requires_grad for p in plain.parameters())
     with torch.no_grad():
         merged = plain(input_ids=ids).logits
@@ -176,8 +178,16 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     """torchrun, 2 gloo ranks, different data per rank: DDP keeps the replicas equal,
     through a surgery and a re-prepare."""
     env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_train_script.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests" / "ddp_train_script.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

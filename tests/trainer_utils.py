@@ -10,7 +10,9 @@ from accelerate import Accelerator
 from adaptprune.arch import ATTENTION, MLP, get_adapter
 
 
-def toy_batches(seed: int = 0, batch: int = 4, length: int = 16, period: int = 8, vocab: int = 128) -> Iterator[torch.Tensor]:
+def toy_batches(
+    seed: int = 0, batch: int = 4, length: int = 16, period: int = 8, vocab: int = 128
+) -> Iterator[torch.Tensor]:
     """Endless (B, L) batches of one fixed token cycle at random phases: after a token or two
     the next one is determined, so a tiny model's loss falls fast."""
     pattern = torch.randperm(vocab, generator=torch.Generator().manual_seed(1234))[:period]

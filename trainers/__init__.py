@@ -31,7 +31,19 @@ def get_trainer(name: str) -> type[Trainer]:
 
 
 __all__ = [
-    "OPTIMIZER_STATE_MODES", "TRAINERS", "BatchesExhaustedError", "DistillTrainer", "FullTrainer", "LoraTrainer",
-    "NonFiniteLossError", "PhaseResult", "Trainer", "TrainerConfig", "carry_optimizer_state", "get_trainer",
-    "load_optimizer_state", "save_optimizer_state", "state_by_name",
+    "OPTIMIZER_STATE_MODES",
+    "TRAINERS",
+    "BatchesExhaustedError",
+    "DistillTrainer",
+    "FullTrainer",
+    "LoraTrainer",
+    "NonFiniteLossError",
+    "PhaseResult",
+    "Trainer",
+    "TrainerConfig",
+    "carry_optimizer_state",
+    "get_trainer",
+    "load_optimizer_state",
+    "save_optimizer_state",
+    "state_by_name",
 ]

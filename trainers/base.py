@@ -294,13 +294,20 @@ class Trainer:
             losses.append(step_loss)
             tokens += step_tokens
             if on_step is not None:
-                on_step({
-                    "step": global_step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": step_tokens / max(elapsed, 1e-9),
-                })
+                on_step(
+                    {
+                        "step": global_step,
+                        "loss": step_loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": step_tokens / max(elapsed, 1e-9),
+                    }
+                )
         model.eval()
         return PhaseResult(
-            steps=steps, global_step=global_step, tokens=tokens,
+            steps=steps,
+            global_step=global_step,
+            tokens=tokens,
             mean_loss=sum(losses) / len(losses) if losses else math.nan,
             last_loss=losses[-1] if losses else math.nan,
             seconds=time.perf_counter() - phase_start,

@@ -13,7 +13,12 @@ from .phi3 import Phi3Adapter
 from .qwen import Qwen2Adapter, Qwen3Adapter
 
 ADAPTERS: tuple[ArchAdapter, ...] = (
-    LlamaAdapter(), Qwen2Adapter(), Qwen3Adapter(), MistralAdapter(), OPTAdapter(), Phi3Adapter(),
+    LlamaAdapter(),
+    Qwen2Adapter(),
+    Qwen3Adapter(),
+    MistralAdapter(),
+    OPTAdapter(),
+    Phi3Adapter(),
     Gemma3Adapter(),
 )
 
@@ -34,9 +39,7 @@ def get_adapter(model_or_config) -> ArchAdapter:
         if model_type in adapter.model_types:
             return adapter
     known = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in ADAPTERS)
-    raise UnsupportedArchitectureError(
-        f"model type '{model_type}' is not supported; supported families: {known}"
-    )
+    raise UnsupportedArchitectureError(f"model type '{model_type}' is not supported; supported families: {known}")
 
 
 def register_auto_classes() -> None:
@@ -52,6 +55,15 @@ def register_auto_classes() -> None:
 
 
 __all__ = [
-    "ADAPTERS", "ATTENTION", "MLP", "UNIT_KINDS", "ArchAdapter", "Coupling", "LayerShape",
-    "UnsupportedArchitectureError", "get_adapter", "register_auto_classes", "supported_families",
+    "ADAPTERS",
+    "ATTENTION",
+    "MLP",
+    "UNIT_KINDS",
+    "ArchAdapter",
+    "Coupling",
+    "LayerShape",
+    "UnsupportedArchitectureError",
+    "get_adapter",
+    "register_auto_classes",
+    "supported_families",
 ]

@@ -122,9 +122,7 @@ class ArchAdapter(ABC):
         overrides = {}
         for layer_idx in range(len(self.decoder_layers(model))):
             current = self.layer_overrides(model, layer_idx)
-            differing = {
-                k: v for k, v in current.items() if hf_compat.global_value(config, k) != v
-            }
+            differing = {k: v for k, v in current.items() if hf_compat.global_value(config, k) != v}
             if differing:
                 overrides[layer_idx] = differing
         hf_compat.set_layer_overrides(config, overrides)

@@ -148,9 +148,7 @@ class AdaptSlicedLlamaForCausalLM(LlamaForCausalLM):
         dims = config.stream_dims()
         inner = self.model
         inner.embed_tokens = nn.Embedding(config.vocab_size, dims[0], inner.padding_idx)
-        inner.layers = nn.ModuleList(
-            SlicedLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
-        )
+        inner.layers = nn.ModuleList(SlicedLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         inner.norm = ScaleFreeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(dims[-1], config.vocab_size, bias=False)
         self.post_init()

@@ -98,14 +98,16 @@ def add_output_biases(layers: Iterable[nn.Module], output_paths: Iterable[str]) 
 def with_bias(linear: nn.Linear) -> nn.Linear:
     """A copy of ``linear`` with a zero bias (same dtype and device)."""
     new = nn.Linear(
-        linear.in_features, linear.out_features, bias=True,
-        device=linear.weight.device, dtype=linear.weight.dtype,
+        linear.in_features,
+        linear.out_features,
+        bias=True,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
     )
     with torch.no_grad():
         new.weight.copy_(linear.weight)
         new.bias.zero_()
     return new
-
 
 
 def validate_heterogeneous(config, validate_homogeneous: Callable[[object], None]) -> None:
@@ -122,9 +124,7 @@ def validate_heterogeneous(config, validate_homogeneous: Callable[[object], None
         heads = getattr(layer_cfg, "num_attention_heads", None)
         kv_heads = getattr(layer_cfg, "num_key_value_heads", None) or heads
         if heads is not None and kv_heads and heads % kv_heads != 0:
-            raise ValueError(
-                f"layer {layer_idx}: {heads} query heads do not split into {kv_heads} KV groups"
-            )
+            raise ValueError(f"layer {layer_idx}: {heads} query heads do not split into {kv_heads} KV groups")
 
 
 class HeterogeneousCausalLM:

@@ -32,7 +32,9 @@ class OPTAdapter(ArchAdapter):
     def head_dim(self, config) -> int:
         head_dim = getattr(config, "head_dim", None)  # pinned by AdaptOPTConfig
         if head_dim is None:
-            head_dim = hf_compat.global_value(config, "hidden_size") // hf_compat.global_value(config, "num_attention_heads")
+            head_dim = hf_compat.global_value(config, "hidden_size") // hf_compat.global_value(
+                config, "num_attention_heads"
+            )
         return int(head_dim)
 
     def heads_per_group(self, config) -> int:

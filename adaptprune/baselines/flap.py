@@ -97,7 +97,9 @@ def flap_plan(
 
 
 # ---- model walking ---------------------------------------------------------------------------
-def _layer_scores(model: nn.Module, adapter: ArchAdapter, layer_idx: int, calib: CalibrationResult) -> dict[str, Tensor]:
+def _layer_scores(
+    model: nn.Module, adapter: ArchAdapter, layer_idx: int, calib: CalibrationResult
+) -> dict[str, Tensor]:
     layer = adapter.decoder_layers(model)[layer_idx]
     stats = calib.layers[layer_idx]
     out = {}
@@ -106,7 +108,9 @@ def _layer_scores(model: nn.Module, adapter: ArchAdapter, layer_idx: int, calib:
         weight = layer.get_submodule(coupling.path).weight
         channels: ChannelStats = stats.channels(kind)
         if kind == ATTENTION:
-            out[kind] = attention_scores(weight, channels.var, coupling.unit_ids, adapter.count_units(model, layer_idx, kind))
+            out[kind] = attention_scores(
+                weight, channels.var, coupling.unit_ids, adapter.count_units(model, layer_idx, kind)
+            )
         else:
             out[kind] = mlp_scores(weight, channels.var)
     return out
@@ -127,8 +131,9 @@ def flap_prune(
     slot), counted in the target.
     """
     adapter = get_adapter(model)
-    calib = calibrate(model, sequences, batch_size=batch_size, adapter=adapter, progress=progress,
-                      desc="FLAP calibrating")
+    calib = calibrate(
+        model, sequences, batch_size=batch_size, adapter=adapter, progress=progress, desc="FLAP calibrating"
+    )
     ensure_output_biases(model, adapter)  # before counting: the bias slots are part of the pruned model
     remove = count_parameters(model) - int(target_params)
     if remove < 0:

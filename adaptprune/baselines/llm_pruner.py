@@ -84,8 +84,12 @@ class LoraRecipe:
         from trainers import TrainerConfig  # deferred: pulls in accelerate and peft, which pruning never needs
 
         values = dict(
-            lora_r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            lora_target_modules=self.target_modules, betas=self.betas, weight_decay=self.weight_decay,
+            lora_r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            lora_target_modules=self.target_modules,
+            betas=self.betas,
+            weight_decay=self.weight_decay,
             grad_accum_steps=max(self.batch_size // self.micro_batch_size, 1),
         )
         values.update(overrides)
@@ -145,8 +149,10 @@ def uniform_removal(budgets: Sequence[LayerBudget], remove_params: int) -> list[
     the target falls inside a group jump, ⌊r·G⌋ is taken just below or at the jump, whichever
     leaves the neuron fraction nearer r.
     """
-    capacity = sum((b.groups - b.min_groups) * b.params_per_group + (b.neurons - b.min_neurons) * b.params_per_neuron
-                   for b in budgets)
+    capacity = sum(
+        (b.groups - b.min_groups) * b.params_per_group + (b.neurons - b.min_neurons) * b.params_per_neuron
+        for b in budgets
+    )
     if not 0 <= remove_params <= capacity:
         raise ValueError(f"cannot remove {remove_params:,} parameters from the pruned layers: at most {capacity:,}")
     if remove_params == 0:
@@ -174,11 +180,15 @@ def uniform_removal(budgets: Sequence[LayerBudget], remove_params: int) -> list[
 
 
 # ---- gradients ---------------------------------------------------------------------------------
-def _coupled_weights(model: nn.Module, adapter: ArchAdapter, layers: Sequence[int]) -> dict[tuple[int, str], nn.Parameter]:
+def _coupled_weights(
+    model: nn.Module, adapter: ArchAdapter, layers: Sequence[int]
+) -> dict[tuple[int, str], nn.Parameter]:
     decoder = adapter.decoder_layers(model)
     return {
         (i, c.path): decoder[i].get_submodule(c.path).weight
-        for i in layers for kind in (ATTENTION, MLP) for c in adapter.couplings(model, i, kind)
+        for i in layers
+        for kind in (ATTENTION, MLP)
+        for c in adapter.couplings(model, i, kind)
     }
 
 
@@ -274,10 +284,12 @@ def _check_importance(importance: str) -> None:
 def _budget(model: nn.Module, adapter: ArchAdapter, layer_idx: int) -> LayerBudget:
     shape = adapter.layer_shape(model, layer_idx)
     return LayerBudget(
-        groups=shape.groups, neurons=shape.neurons,
+        groups=shape.groups,
+        neurons=shape.neurons,
         params_per_group=adapter.params_per_unit(model, layer_idx, ATTENTION),
         params_per_neuron=adapter.params_per_unit(model, layer_idx, MLP),
-        min_groups=min(1, shape.groups), min_neurons=min(1, shape.neurons),
+        min_groups=min(1, shape.groups),
+        min_neurons=min(1, shape.neurons),
     )
 
 

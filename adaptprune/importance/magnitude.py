@@ -31,9 +31,11 @@ class Magnitude(ColumnImportance):
     ) -> Tensor:
         layer = adapter.decoder_layers(model)[layer_idx]
         units = adapter.count_units(model, layer_idx, kind)
-        couplings = adapter.couplings(model, layer_idx, kind) if self.coupled else [
-            adapter.output_coupling(model, layer_idx, kind)
-        ]
+        couplings = (
+            adapter.couplings(model, layer_idx, kind)
+            if self.coupled
+            else [adapter.output_coupling(model, layer_idx, kind)]
+        )
         squared = torch.zeros(units, dtype=torch.float64)
         for c in couplings:
             per_position = layer.get_submodule(c.path).weight.detach().double().norm(dim=1 - c.dim)  # (positions,)

@@ -27,7 +27,9 @@ class Taylor(Importance):
         terms = calib.taylor[layer_idx][kind]
         units = adapter.count_units(model, layer_idx, kind)
         if terms.numel() != units:
-            raise ValueError(f"taylor terms cover {terms.numel()} {kind} units in layer {layer_idx}, model has {units}; recalibrate")
+            raise ValueError(
+                f"taylor terms cover {terms.numel()} {kind} units in layer {layer_idx}, model has {units}; recalibrate"
+            )
         return taylor_scores(terms)
 
 
