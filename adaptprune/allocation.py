@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from .arch import ATTENTION, MLP
-from .surgery import Plan
+from .records import Plan
 
 _KIND_CODE = {ATTENTION: 0, MLP: 1}
 

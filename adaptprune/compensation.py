@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from .arch import UNIT_KINDS, ArchAdapter, get_adapter
 from .calibration import CalibrationResult, ChannelStats
-from .surgery import KeptRecord, Plan, apply_plan, ensure_output_biases
+from .records import KeptRecord, Plan
+from .surgery import apply_plan, ensure_output_biases
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from .compensation import apply_compensated_plan
 from .config import PruneConfig
 from .importance import get_metric
 from .profiling import Profile
-from .surgery import KeptRecord, Plan, count_parameters, ensure_output_biases
+from .records import KeptRecord, Plan
+from .surgery import count_parameters, ensure_output_biases
 
 
 @dataclass

@@ -8,44 +8,17 @@ invariants are checked: shapes agree, the parameter count equals the plan, forwa
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, get_adapter, hf_compat
-
-# {layer_idx: {"mlp": kept neuron ids, "attention": kept group ids}}; ids are current ones.
-Plan = Mapping[int, Mapping[str, Sequence[int]]]
+from .records import KeptRecord, Plan, SliceRecord
 
 
 class SurgeryError(RuntimeError):
     """A removal request that cannot be carried out, or a broken invariant afterwards."""
-
-
-@dataclass(frozen=True)
-class SliceRecord:
-    """One rebuilt matrix: the kept positions along ``dim`` (used to slice optimizer state)."""
-
-    path: str  # relative to the decoder layer, e.g. "mlp.down_proj"
-    dim: int
-    positions: torch.Tensor
-
-
-@dataclass(frozen=True)
-class KeptRecord:
-    """What one removal kept: unit ids (before renumbering) out of ``before`` units."""
-
-    layer: int
-    kind: str
-    kept: tuple[int, ...]
-    before: int
-    slices: tuple[SliceRecord, ...] = ()
-
-    @property
-    def removed(self) -> int:
-        return self.before - len(self.kept)
 
 
 def slice_linear(linear: nn.Linear, dim: int, index: torch.Tensor) -> nn.Linear:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from adaptprune.surgery import KeptRecord
+from adaptprune.records import KeptRecord
 
 from .optim_state import (
     OPTIMIZER_STATE_MODES,

@@ -41,7 +41,8 @@ from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
 from ..calibration import CalibrationResult, ChannelStats, calibrate
 from ..compensation import apply_compensated_plan
 from ..pruning import layer_budgets
-from ..surgery import KeptRecord, count_parameters, ensure_output_biases
+from ..records import KeptRecord
+from ..surgery import count_parameters, ensure_output_biases
 
 FLAP_PAPER_CALIBRATION = (1024, 128)  # sequences × tokens of WikiText2 in the paper
 

@@ -49,7 +49,8 @@ from tqdm.auto import tqdm
 
 from ..allocation import LayerBudget, apportion, solve_layer_targets
 from ..arch import ATTENTION, MLP, ArchAdapter, Coupling, get_adapter
-from ..surgery import KeptRecord, apply_plan, count_parameters
+from ..records import KeptRecord
+from ..surgery import apply_plan, count_parameters
 
 if TYPE_CHECKING:
     from trainers import TrainerConfig
