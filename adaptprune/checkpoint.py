@@ -16,11 +16,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
 from .arch import get_adapter, hf_compat
 from .assets import embedded_model_dir, is_embedded_model
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message says which file and what to do."""
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,13 +48,33 @@ def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: boo
     config_cls, model_cls = adapter.hetero_classes()
     if not isinstance(config, config_cls):
         config = adapter.to_hetero_config(config)
-    model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[dtype], use_safetensors=True)
+    try:
+        model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[dtype], use_safetensors=True)
+    except SafetensorError as err:  # a truncated or corrupt weights file
+        raise ModelLoadError(
+            f"the weights in {path} cannot be read ({err}); the file is truncated or corrupt"
+        ) from None
     model.eval()
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    """The tokenizer of a model folder or hub id; one line naming what is missing when it cannot load."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, TypeError) as err:
+        folder = Path(path)
+        if folder.is_dir():
+            found = [f for f in TOKENIZER_FILES if (folder / f).exists()]
+            raise ModelLoadError(
+                f"no usable tokenizer in {folder} (found {', '.join(found) or 'none'} of {', '.join(TOKENIZER_FILES)}); "
+                f"copy the tokenizer files there or name another folder with model.tokenizer / --tokenizer"
+            ) from None
+        raise ModelLoadError(f"cannot load the tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
 
 
 def to_heterogeneous(model: nn.Module) -> nn.Module:

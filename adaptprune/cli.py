@@ -23,6 +23,10 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("adaptprune.surgery", "SurgeryError"),
     ("adaptprune.compat", "IncompatibleVersionError"),
     ("adaptprune.compat", "PickledWeightsError"),
+    ("adaptprune.checkpoint", "ModelLoadError"),
+    ("adaptprune.evaluation.tasks", "UnknownTaskError"),
+    ("adaptprune.rundir", "CheckpointWriteError"),
+    ("adaptprune.export.errors", "ExportError"),
 )
 STOPPED = (("adaptprune.controller", "TrainingStoppedError"),)  # exit status 3
 
@@ -45,25 +49,38 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2) if args.json else format_table(info))
 
 
+# `adaptprune prune` flag -> config key. Flags default to "not given" (None) and override the
+# YAML only when given, so `--config x.yaml` keeps every value the file sets.
+PRUNE_FLAGS = {
+    "model": "model.name",
+    "tokenizer": "model.tokenizer",
+    "target_params": "prune.target_params",
+    "metric": "prune.metric",
+    "allocation": "prune.allocation",
+    "calib_tokens": "data.calib_tokens",
+    "energy_compensation": "prune.energy_compensation",
+    "mean_compensation": "prune.mean_compensation",
+}
+
+
+def flag_overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """``key=value`` overrides for the flags the user gave (argparse default None = not given)."""
+    return [f"{key}={getattr(args, attr)}" for attr, key in flags.items() if getattr(args, attr, None) is not None]
+
+
+def prune_config(args: argparse.Namespace):
+    """The run config of ``adaptprune prune``: defaults, then --config, then the given flags, then --set."""
+    from .config import load_config
+
+    return load_config(args.config, [*flag_overrides(args, PRUNE_FLAGS), *args.set])
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from .checkpoint import resolve_model_path
     from .compat import require_safetensors
-    from .config import load_config
     from .oneshot import run_oneshot
 
-    overrides = [
-        f"model.name={args.model}",
-        f"prune.target_params={args.target_params}",
-        f"prune.metric={args.metric}",
-        f"prune.allocation={args.allocation}",
-        f"data.calib_tokens={args.calib_tokens}",
-        *args.set,
-    ]
-    if args.energy_compensation:
-        overrides.append("prune.energy_compensation=true")
-    if args.no_mean_compensation:
-        overrides.append("prune.mean_compensation=false")
-    config = load_config(args.config, overrides)
+    config = prune_config(args)
     require_safetensors(resolve_model_path(config.model.name))
     metrics = run_oneshot(config, args.out)
     before, after = metrics["ppl_before"]["ppl"], metrics["ppl_after"]["ppl"]
@@ -86,24 +103,20 @@ def train(config_path: str | None, overrides: list[str], resume: bool) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, load_tokenizer
     from .evaluation.runner import evaluate, format_eval
+    from .evaluation.tasks import resolve_task
 
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    baseline = load_model(args.baseline) if args.baseline else None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for task in tasks:  # a typo fails before minutes of model loading
+        if task != "ppl":
+            resolve_task(task)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    baseline = load_model(args.baseline) if args.baseline else None
     texts = [t.strip() for t in args.texts.split(",") if t.strip()]
     result = evaluate(
-        model,
-        tokenizer,
-        tasks,
-        limit=args.limit,
-        texts=texts,
-        ppl_tokens=args.ppl_tokens,
-        context=args.context,
-        stride=args.stride,
-        speed=args.speed,
-        baseline=baseline,
-    )
+        model, tokenizer, tasks, limit=args.limit, texts=texts, ppl_tokens=args.ppl_tokens, context=args.context,
+        stride=args.stride, speed=args.speed, baseline=baseline,
+    )  # fmt: skip
     result["model"] = args.model
     print(format_eval(result))
     with open(args.out, "w", encoding="utf-8") as f:
@@ -125,6 +138,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"written {cfg.out}/comparison.md, comparison.json, comparison.png")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_model_dir
+
+    quants = tuple(q.strip() for q in args.check_quant.split(",") if q.strip())
+    report = export_model_dir(args.model, args.out, args.dtype, args.tokenizer, args.tokenizer_gguf, quants)
+    for warning in report.warnings:
+        print(f"adaptprune: warning: {warning}", file=sys.stderr)
+    sizes = "per-layer sizes" if report.arch == "deci" else "uniform sizes"
+    mib = report.path.stat().st_size / 2**20
+    print(f"written {report.path} ({report.arch} architecture, {sizes}, {report.dtype}, {mib:.1f} MiB)")
+
+
 def run_training(config_path: str | None, overrides: list[str], resume: bool) -> int:
     """The main job of ``train_prune.py``: ``train`` with errors turned into exit codes."""
     return run(lambda _: train(config_path, overrides, resume), argparse.Namespace())
@@ -132,6 +157,25 @@ def run_training(config_path: str | None, overrides: list[str], resume: bool) ->
 
 def cmd_train(args: argparse.Namespace) -> None:
     train(args.config, args.overrides, args.resume)
+
+
+def _names(registry: str) -> list[str]:
+    """Registered names for help texts, so they never go stale."""
+    if registry == "metrics":
+        from .importance import METRICS
+
+        return sorted(METRICS)
+    if registry == "tasks":
+        from .evaluation.tasks import TASKS
+
+        return list(TASKS)
+    if registry == "allocators":
+        from .allocation import ALLOCATORS
+
+        return list(ALLOCATORS)
+    from .methods import METHODS
+
+    return list(METHODS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,15 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("prune", help="one-shot structured pruning to an exact parameter count")
-    p.add_argument("--model", default="smollm2-135m", help="embedded name, model folder or hub id")
-    p.add_argument("--target-params", required=True, help="e.g. 90M, 1.2B, 0.7x")
-    p.add_argument("--metric", default="stade", help="magnitude, wanda, stade, cvr, taylor")
-    p.add_argument("--allocation", default="adaptive", help="uniform, adaptive, global")
-    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens")
-    p.add_argument("--energy-compensation", action="store_true", help="rescale to the dense output energy")
-    p.add_argument("--no-mean-compensation", action="store_true", help="no bias compensation")
-    p.add_argument("--config", default=None, help="optional YAML with more settings")
-    p.add_argument("--set", nargs="*", default=[], help="extra section.key=value overrides")
+    p.add_argument("--config", default=None, help="run config YAML; the flags below override its values")
+    p.add_argument("--model", default=None, help="embedded name, model folder or hub id (default smollm2-135m)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder when the model folder has none")
+    p.add_argument("--target-params", default=None, help="e.g. 90M, 1.2B, 0.7x")
+    p.add_argument("--metric", default=None, help=f"importance metric: {', '.join(_names('metrics'))} (default stade)")
+    p.add_argument("--allocation", default=None, help=f"allocation: {', '.join(_names('allocators'))}")
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens")
+    p.add_argument(
+        "--energy-compensation", action="store_const", const="true", default=None, help="rescale to the dense energy"
+    )
+    p.add_argument(
+        "--no-mean-compensation", dest="mean_compensation", action="store_const", const="false", default=None,
+        help="no bias compensation",
+    )  # fmt: skip
+    p.add_argument("--set", nargs="*", default=[], help="extra section.key=value overrides (applied last)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.set_defaults(func=cmd_prune)
 
@@ -162,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tasks",
         default="ppl",
-        help="comma list: ppl,piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa,siqa,lambada",
+        help=f"comma list of ppl and lm-eval tasks: {','.join(_names('tasks'))}",
     )
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     p.add_argument("--texts", default="shakespeare", help="corpora whose held-out split perplexity uses")
@@ -172,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", action="store_true", help="measure prefill/decode tokens/s")
     p.add_argument("--baseline", default=None, help="dense model to compare speed against")
     p.add_argument("--out", default="eval.json", help="JSON output")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder when the model folder has none")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -189,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last complete stage")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a (pruned) model as a GGUF file for llama.cpp")
+    p.add_argument("model", help="checkpoint folder, `adaptprune prune --out` folder or embedded name")
+    p.add_argument("--format", choices=["gguf"], default="gguf", help="output format")
+    p.add_argument("--out", required=True, help="output file, e.g. model.gguf")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32", help="type of 2-D weights")
+    p.add_argument("--check-quant", default="", help="llama-quantize types to check for fallbacks, e.g. Q4_K_M")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder when the model folder has none")
+    p.add_argument("--tokenizer-gguf", default=None, help="copy the tokenizer.* keys of this GGUF instead")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -13,39 +13,43 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .checkpoint import load_model, load_tokenizer
-from .config import ConfigError, PruneConfig, _f, from_dict, load_config
-from .data import load_corpus, pack, token_stream
+from .config import ConfigError, RunConfig, load_into, option, to_dict
 from .evaluation.perplexity import perplexity
-from .profiling import Profile
+from .methods import METHODS, MethodContext, get_method
+from .run_data import heldout_texts, shared_calibration
 from .surgery import count_parameters, params_after_removing
 
-TRAIN_BATCH = 4  # sequences per step for every method that trains (the controller's default too)
-METHODS = ("dense", "llm_pruner", "llm_pruner_lora", "flap", "slicegpt", "adaptprune_oneshot", "adaptprune_incremental")
+DEFAULT_METHODS = [
+    "dense",
+    "llm_pruner",
+    "llm_pruner_lora",
+    "flap",
+    "slicegpt",
+    "adaptprune_oneshot",
+    "adaptprune_incremental",
+]
 
 
 @dataclass
 class CompareConfig:
-    model: str = _f("smollm2-135m", "model every method starts from")
-    corpus: str = _f("shakespeare", "calibration/training text (train split) and held-out text")
-    remove_non_embedding: float = _f(0.30, "fraction of non-embedding parameters every method removes", gt=0, lt=1)
-    methods: list[str] = _f(list(METHODS), "methods to run, in table order")
-    calib_tokens: int = _f(8192, "calibration tokens (LLM-Pruner uses its own 10 x 64 of them)", min=64)
-    seq_len: int = _f(256, "calibration and training sequence length", min=8)
-    train_tokens: int = _f(16384, "training tokens for every method that trains", min=0)
-    eval_tokens: int = _f(4096, "held-out tokens for perplexity", min=16)
-    eval_context: int = _f(1024, "perplexity context length", min=8)
-    tasks: list[str] = _f(["piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa"], "lm-eval tasks")
-    limit: int = _f(0, "documents per task (0 = full validation sets)", min=0)
-    out: str = _f("runs/compare", "output folder")
-    resume: bool = _f(True, "reuse the rows of methods already finished in `out` by a run with the same settings")
+    run: RunConfig = field(default_factory=RunConfig)  # model, data, prune, schedule and train shared by every method
+    remove_non_embedding: float = option(0.30, "fraction of non-embedding parameters every method removes", gt=0, lt=1)
+    methods: list[str] = option(DEFAULT_METHODS, "methods to run, in table order (registry: adaptprune.methods)")
+    tasks: list[str] = option(["piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa"], "lm-eval tasks")
+    limit: int = option(0, "documents per task (0 = full validation sets)", min=0)
+    out: str = option("runs/compare", "output folder")
+    resume: bool = option(True, "reuse the rows of methods already finished in `out` by a run with the same settings")
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"methods={unknown} not known; choose from: {', '.join(METHODS)}")
 
 
 # Settings that do not change a method's row: rows computed under other values stay valid.
@@ -53,175 +57,33 @@ ROW_NEUTRAL_KEYS = ("methods", "out", "resume")
 
 
 def load_compare_config(path: str | None, overrides: list[str] | None = None) -> CompareConfig:
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
-    for item in overrides or []:
-        key, _, raw = item.partition("=")
-        data[key] = yaml.safe_load(raw)
-    cfg = from_dict(CompareConfig, data or {})
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"methods={unknown} not known; choose from: {', '.join(METHODS)}")
-    return cfg
-
-
-@dataclass
-class Context:
-    cfg: CompareConfig
-    tokenizer: object
-    calib: torch.Tensor  # (N, L) from the train split
-    train_stream: torch.Tensor
-    heldout: torch.Tensor
-    target: int
-    profile: Profile = field(default_factory=Profile)
-    train_tokens: int = 0
-
-
-# ---- methods: each returns the pruned (and maybe trained) model -----------------------------
-def _dense(ctx: Context, model: nn.Module) -> nn.Module:
-    return model
-
-
-def _llm_pruner(ctx: Context, model: nn.Module) -> nn.Module:
-    from .baselines.llm_pruner import CALIB_SAMPLES, CALIB_TOKENS, llm_pruner_prune
-
-    samples = pack(ctx.train_stream, CALIB_TOKENS, CALIB_SAMPLES)
-    with ctx.profile.phase("prune"):
-        llm_pruner_prune(model, samples, ctx.target, progress=False)
-    return model
-
-
-def _llm_pruner_lora(ctx: Context, model: nn.Module) -> nn.Module:
-    from .baselines.llm_pruner import LLM_PRUNER_LORA
-
-    model = _llm_pruner(ctx, model)
-    # Published recipe (r=8, alpha 16, dropout 0.05, all projections, lr 1e-4), but one micro-batch
-    # per step: at a CPU-sized token budget its 64-sequence batches would leave one or two steps.
-    return _train(ctx, model, "lora", LLM_PRUNER_LORA.trainer_config(grad_accum_steps=1), LLM_PRUNER_LORA.lr)
-
-
-def _flap(ctx: Context, model: nn.Module) -> nn.Module:
-    from .baselines.flap import flap_prune
-
-    with ctx.profile.phase("prune"):
-        flap_prune(model, ctx.calib, ctx.target, progress=False)
-    return model
-
-
-def _slicegpt(ctx: Context, model: nn.Module) -> nn.Module:
-    from .baselines.slicegpt import slice_to_params
-
-    with ctx.profile.phase("prune"):
-        # The head is sliced too: at equal parameters that is SliceGPT's better setting here.
-        return slice_to_params(model, ctx.calib, ctx.target, slice_head=True, progress=False)
-
-
-def _adaptprune_oneshot(ctx: Context, model: nn.Module) -> nn.Module:
-    from .pruning import prune_step
-
-    with ctx.profile.phase("prune"):
-        prune_step(model, ctx.calib, ctx.target, PruneConfig(), progress=False)
-    return model
-
-
-def _adaptprune_incremental(ctx: Context, model: nn.Module) -> nn.Module:
-    from .controller import Controller
-
-    del model  # the controller loads its own copy
-    gc.collect()
-    out = Path(ctx.cfg.out) / "incremental_run"
-    config = load_config(
-        None,
-        [
-            f"model.name={ctx.cfg.model}",
-            f"data.corpus={ctx.cfg.corpus}",
-            f"data.seq_len={ctx.cfg.seq_len}",
-            f"prune.target_params={ctx.target}",
-            f"schedule.train_tokens={ctx.cfg.train_tokens}",
-            f"train.batch_size={TRAIN_BATCH}",
-            "eval.every_stage=false",
-            "output.tensorboard=false",
-            f"output.dir={out}",
-        ],
-    )
-    with ctx.profile.phase("prune+train"):
-        results = Controller(config).run(resume=(out / "checkpoints").exists())
-    ctx.train_tokens = results["history"][-1]["train_tokens"]
-    return load_model(str(out / "final"))
-
-
-def _train(ctx: Context, model: nn.Module, trainer_name: str, trainer_config, lr: float) -> nn.Module:
-    from accelerate import Accelerator
-
-    from trainers import get_trainer
-
-    from .schedule import lr_at
-
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    steps = ctx.cfg.train_tokens // (TRAIN_BATCH * ctx.cfg.seq_len * trainer_config.grad_accum_steps)
-    if steps == 0:
-        return model
-    trainer = get_trainer(trainer_name)(model, acc, trainer_config)
-    sequences = pack(ctx.train_stream, ctx.cfg.seq_len)
-    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(0))
-    batches = _batches_of(sequences, order, TRAIN_BATCH)
-    with ctx.profile.phase("train"):
-        result = trainer.run_phase(batches, steps, lambda s: lr_at(s, steps, lr), 0)
-    ctx.train_tokens = result.tokens
-    return trainer.export_model()
-
-
-def _batches_of(sequences: torch.Tensor, order: torch.Tensor, batch: int):
-    """Endless batches in a fixed shuffled order (the same for every method that trains)."""
-    i = 0
-    while True:
-        idx = torch.stack([order[(i + k) % len(order)] for k in range(batch)])
-        yield sequences[idx]
-        i += batch
-
-
-RUNNERS: dict[str, Callable[[Context, nn.Module], nn.Module]] = {
-    "dense": _dense,
-    "llm_pruner": _llm_pruner,
-    "llm_pruner_lora": _llm_pruner_lora,
-    "flap": _flap,
-    "slicegpt": _slicegpt,
-    "adaptprune_oneshot": _adaptprune_oneshot,
-    "adaptprune_incremental": _adaptprune_incremental,
-}
+    """Defaults, then the YAML, then ``key=value`` / ``run.section.key=value`` overrides."""
+    return load_into(CompareConfig, path, overrides)
 
 
 # ---- the harness ---------------------------------------------------------------------------
 def run_compare(cfg: CompareConfig) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(cfg.model)
-    corpus = load_corpus(cfg.corpus)
-    train_stream = token_stream(corpus["train"], tokenizer)
-    dense = load_model(cfg.model)
+    model_cfg = cfg.run.model
+    tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.name)
+    dense = load_model(model_cfg.name, dtype=model_cfg.dtype)
     target = params_after_removing(dense, cfg.remove_non_embedding)
     del dense
-    base = Context(
-        cfg,
-        tokenizer,
-        pack(train_stream, cfg.seq_len, max(1, cfg.calib_tokens // cfg.seq_len)),
-        train_stream,
-        token_stream(corpus["heldout"], tokenizer, cfg.eval_tokens),
-        target,
-    )
+    calibration = shared_calibration(cfg.run, tokenizer)  # (N, L), the same for every method
+    texts = heldout_texts(cfg.run, tokenizer)
     finished = finished_rows(cfg, target) if cfg.resume else {}
     rows = []
-    for method in cfg.methods:
-        if method in finished:
-            print(f"[compare] {method}: reused from {out / 'comparison.json'} (resume=false recomputes)", flush=True)
-            rows.append(finished[method])
+    for name in cfg.methods:
+        if name in finished:
+            print(f"[compare] {name}: reused from {out / 'comparison.json'} (resume=false recomputes)", flush=True)
+            rows.append(finished[name])
             continue
-        print(f"[compare] {method} ...", flush=True)
-        ctx = Context(**{**base.__dict__, "profile": Profile(), "train_tokens": 0})
+        print(f"[compare] {name} ...", flush=True)
+        ctx = MethodContext(cfg.run, target, calibration, out / f"{name.replace('+', '_')}_run")
         start = time.perf_counter()
-        model = RUNNERS[method](ctx, load_model(cfg.model))
-        rows.append(_evaluate(ctx, method, model, time.perf_counter() - start))
+        model = get_method(name)(load_model(model_cfg.name, dtype=model_cfg.dtype), ctx)
+        rows.append(_evaluate(cfg, ctx, name, model, tokenizer, texts, time.perf_counter() - start))
         _write_json(cfg, _keeping_finished(rows, finished), target)
         del model
         gc.collect()
@@ -239,6 +101,10 @@ def _row_settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ROW_NEUTRAL_KEYS}
 
 
+def _config_dict(cfg: CompareConfig) -> dict:
+    return to_dict(cfg)
+
+
 def finished_rows(cfg: CompareConfig, target: int) -> dict[str, dict]:
     """Rows an earlier run in ``cfg.out`` finished under the same settings, by method.
 
@@ -250,7 +116,7 @@ def finished_rows(cfg: CompareConfig, target: int) -> dict[str, dict]:
         return {}
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        same = _row_settings(earlier["config"]) == _row_settings(cfg.__dict__) and earlier["target"] == target
+        same = _row_settings(earlier["config"]) == _row_settings(_config_dict(cfg)) and earlier["target"] == target
         return {r["method"]: r for r in earlier["rows"]} if same else {}
     except (json.JSONDecodeError, KeyError, TypeError):
         print(f"[compare] {path} is unreadable; recomputing every method", flush=True)
@@ -261,24 +127,28 @@ def _write_json(cfg: CompareConfig, rows: list[dict], target: int) -> None:
     """Written atomically after every method, so a crash never leaves half a file."""
     path = Path(cfg.out) / "comparison.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"config": cfg.__dict__, "target": target, "rows": rows}, indent=1), encoding="utf-8")
+    tmp.write_text(
+        json.dumps({"config": _config_dict(cfg), "target": target, "rows": rows}, indent=1), encoding="utf-8"
+    )
     os.replace(tmp, path)
 
 
-def _evaluate(ctx: Context, method: str, model: nn.Module, seconds: float) -> dict:
+def _evaluate(cfg: CompareConfig, ctx: MethodContext, method: str, model: nn.Module, tokenizer, texts, seconds) -> dict:
     from .evaluation.tasks import run_tasks
 
     model.eval()
     start = time.perf_counter()
-    context = min(ctx.cfg.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
-    ppl = perplexity(model, ctx.heldout, context=context)
-    tasks = run_tasks(model, ctx.tokenizer, ctx.cfg.tasks, limit=ctx.cfg.limit or None) if ctx.cfg.tasks else {}
+    context = min(cfg.run.data.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
+    ppl = {name: perplexity(model, tokens, context=context) for name, tokens in texts.items()}
+    tasks = run_tasks(model, tokenizer, cfg.tasks, limit=cfg.limit or None) if cfg.tasks else {}
     phases = ctx.profile.as_dict()
+    first = next(iter(ppl.values()))
     row = {
         "method": method,
         "params": count_parameters(model),
-        "ppl": ppl.ppl,
-        "ppl_tokens": ppl.tokens,
+        "ppl": first.ppl,
+        "ppl_tokens": first.tokens,
+        "ppl_by_text": {name: result.ppl for name, result in ppl.items()},
         "tasks": tasks,
         "prune_seconds": sum(p["seconds"] for n, p in phases.items() if "prune" in n),
         "method_seconds": round(seconds, 1),
@@ -286,7 +156,8 @@ def _evaluate(ctx: Context, method: str, model: nn.Module, seconds: float) -> di
         "train_tokens": ctx.train_tokens,
         "peak_rss_mb": max((p["peak_rss_mb"] for p in phases.values()), default=None),
     }
-    print(f"[compare] {method}: {row['params']:,} params, ppl {row['ppl']:.2f}", flush=True)
+    shown = ", ".join(f"{name} {value:.2f}" for name, value in row["ppl_by_text"].items())
+    print(f"[compare] {method}: {row['params']:,} params, ppl {shown}", flush=True)
     return row
 
 
@@ -299,14 +170,16 @@ def write_outputs(cfg: CompareConfig, rows: list[dict], target: int, json_rows: 
 
 
 def comparison_table(cfg: CompareConfig, rows: list[dict], target: int) -> str:
-    tasks = cfg.tasks
-    head = ["method", "params", f"ppl (ctx {cfg.eval_context})"]
+    tasks, data = cfg.tasks, cfg.run.data
+    texts = list(rows[0].get("ppl_by_text", {})) if rows else []
+    head = ["method", "params", *(f"ppl {t}" for t in texts)]
     for t in tasks:
         head += [f"{t} acc", f"{t} acc_norm"]
     head += ["prune s", "train tokens", "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
-        cells = [r["method"], f"{r['params']:,}", f"{r['ppl']:.2f}"]
+        by_text = r.get("ppl_by_text", {})
+        cells = [r["method"], f"{r['params']:,}", *(_num(by_text.get(t), ".2f") for t in texts)]
         for t in tasks:
             m = r["tasks"].get(t, {})
             cells += [_num(m.get("acc")), _num(m.get("acc_norm"))]
@@ -316,9 +189,10 @@ def comparison_table(cfg: CompareConfig, rows: list[dict], target: int) -> str:
     lines += [
         "",
         f"Target: {target:,} parameters ({cfg.remove_non_embedding:.0%} of the non-embedding parameters "
-        f"removed; every pruned row within ±0.5%). Held-out perplexity on {cfg.eval_tokens:,} tokens of "
-        f"'{cfg.corpus}' held-out text; tasks: lm-eval, {limit}; training methods get "
-        f"{cfg.train_tokens:,} tokens of the train split. Peak RSS: the compare process's resident memory "
+        f"removed; every pruned row within ±0.5%). Held-out perplexity on {data.eval_tokens:,} tokens of each "
+        f"text's held-out split at context {data.eval_context} ('{data.corpus}' is the calibration and training "
+        f"domain); tasks: lm-eval, {limit}; training methods get {cfg.run.schedule.train_tokens:,} tokens of the "
+        f"train split with trainer '{cfg.run.train.trainer}'. Peak RSS: the compare process's resident memory "
         f"during the method's prune/train phases; one process runs every method in turn, so memory that "
         f"libraries kept from earlier methods counts too (use `adaptprune prune` for a clean figure).",
     ]

@@ -25,22 +25,65 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line meant for the user."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **checks: Any) -> Any:
+    """A config field with its help text and checks (``min``/``ge``/``gt``/``le``/``lt``, ``pattern``,
+    ``choices``: a callable returning the allowed names, e.g. a registry's keys)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+_f = option  # short alias used by the field tables below
+
+
+def _metric_names() -> list[str]:
+    from .importance import METRICS
+
+    return sorted(METRICS)
+
+
+def _allocator_names() -> list[str]:
+    from .allocation import ALLOCATORS
+
+    return list(ALLOCATORS)
+
+
+def _trainer_names() -> list[str]:
+    from trainers import TRAINERS
+
+    return list(TRAINERS)
 
 
 @dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m", "embedded model name, HF model folder or hub id")
+    tokenizer: str | None = _f(None, "folder or hub id of the tokenizer (default: the model's own folder)")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "weights dtype for pruning and training")
     trust_remote_code: bool = _f(False, "allow custom modeling code from the checkpoint (off unless you trust it)")
 
 
 @dataclass
 class DataConfig:
-    corpus: str = _f("shakespeare", "'shakespeare' (embedded), a text file, a folder of .txt/.md, or a datasets name")
+    corpus: str = _f(
+        "shakespeare",
+        "'shakespeare' or 'kjv' (embedded), a .txt/.md file, a folder of .txt/.md, parquet/jsonl/arrow files or "
+        "a folder of them, or a datasets hub name (streamed)",
+    )
+    corpus_config: str = _f("", "datasets config name of the corpus (e.g. 'sample-10BT' for fineweb-edu); '' = default")
+    text_field: str = _f("text", "column holding the document text (parquet/jsonl/hub corpora)")
+    heldout_docs: int = _f(
+        1000,
+        "documents reserved from the start of the train split as held-out when a corpus has no "
+        "validation/test split (never trained or calibrated on)",
+        min=1,
+    )
+    shuffle_buffer: int = _f(
+        1024,
+        "packed sequences shuffled together per block, on top of a per-epoch shard order "
+        "(memory: shuffle_buffer x seq_len tokens; 1 = stream order)",
+        min=1,
+    )
+    eval_corpora: list[str] = _f(["kjv"], "other-domain corpora whose held-out perplexity is also reported")
     seq_len: int = _f(256, "tokens per packed training/calibration sequence", min=8)
     calib_tokens: int = _f(8192, "calibration tokens per pruning step (drawn from the train split)", min=8)
     eval_tokens: int = _f(4096, "held-out tokens for perplexity", min=16)
@@ -55,14 +98,50 @@ class PruneConfig:
     step_fraction: float = _f(
         0.05, "parameters removed per pruning step, as a fraction of the original count", gt=0, le=1
     )
-    metric: str = _f("stade", "unit importance: magnitude, wanda, stade, cvr, taylor")
-    allocation: Literal["uniform", "adaptive", "global"] = _f("adaptive", "how sparsity is spread over layers")
-    amplitude: float = _f(0.02, "adaptive allocation: how much layer importance shifts per-layer sparsity", ge=0, le=1)
+    metric: str = _f("stade", "unit importance metric (registry: adaptprune.importance)", choices=_metric_names)
+    allocation: str = _f(
+        "adaptive", "how sparsity is spread over layers (registry: adaptprune.allocation)", choices=_allocator_names
+    )
+    amplitude: float = _f(
+        0.02,
+        "adaptive/accumulating allocation: A in s_l = ... - A * normalised layer influence (Adapt-Pruner's "
+        "layer_prune_distribution_amplitude; its scripts use 0.02)",
+        ge=0,
+        le=1,
+    )
+    inner_step_fraction: float = _f(
+        0.02,
+        "accumulating allocation: nominal per-layer sparsity added per inner step (Adapt-Pruner's delta = 1.0/50); "
+        "a stage is split into ceil(removal / (delta * prunable params)) inner steps, each on fresh calibration text",
+        gt=0,
+        le=1,
+    )
+    sparsity_scope: Literal["stage", "run"] = _f(
+        "stage",
+        "accumulating allocation: per-layer sparsity restarts every stage at the stage's sizes (upstream: one "
+        "pruner per stage) or accumulates over the whole run relative to the original sizes",
+    )
+    same_ratio: bool = _f(
+        False,
+        "accumulating allocation: prune a layer's KV groups at its sparsity s (floor(s*G) of its original "
+        "groups) and spend the rest of its budget on neurons, as upstream; off = cheapest importance per parameter",
+    )
+    taylor_samples: int = _f(
+        512, "taylor_param_first: calibration windows with a backward pass per pruning step (upstream: 512)", min=1
+    )
+    taylor_seq_len: int = _f(64, "taylor_param_first: tokens per calibration window (upstream: 64)", min=2)
     mean_compensation: bool = _f(True, "fold removed units' mean contribution into an output bias")
     energy_compensation: bool = _f(False, "rescale kept weights so the output energy matches the dense layer")
     neuron_multiple: int = _f(1, "round kept MLP neurons per layer to a multiple of this", min=1)
     min_neurons: int = _f(8, "floor of MLP neurons kept in any layer", min=0)
     min_groups: int = _f(1, "floor of KV groups kept in any layer", min=1)
+
+    def __post_init__(self) -> None:
+        if self.same_ratio and self.allocation != "accumulating":
+            raise ConfigError(
+                f"prune.same_ratio=true needs prune.allocation=accumulating (got {self.allocation!r}): only the "
+                "accumulating allocator keeps the per-layer ratio it applies to groups and neurons"
+            )
 
 
 @dataclass
@@ -73,27 +152,66 @@ class ScheduleConfig:
     warmup_fraction: float = _f(0.05, "share of all steps spent in linear warmup", ge=0, lt=1)
     decay_fraction: float = _f(0.1, "share of all steps spent in the final linear decay", ge=0, le=1)
 
+    def __post_init__(self) -> None:
+        if self.warmup_fraction + self.decay_fraction > 1:
+            raise ConfigError(
+                f"schedule.warmup_fraction + schedule.decay_fraction = "
+                f"{self.warmup_fraction + self.decay_fraction:g} must be <= 1 (warmup and decay cannot overlap)"
+            )
+
+
+@dataclass
+class OptimArgs:
+    """AdamW, used by every trainer (decoupled weight decay on matrices only)."""
+
+    weight_decay: float = _f(0.0, "AdamW weight decay on matrices (norms and biases never decay)", ge=0)
+    beta1: float = _f(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = _f(0.95, "AdamW beta2", ge=0, lt=1)
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)", ge=0)
+    after_surgery: Literal["carry", "reset"] = _f(
+        "carry", "after surgery: slice the AdamW moments of kept units into the new optimizer, or start fresh"
+    )
+
+
+@dataclass
+class LoraArgs:
+    """The ``lora`` trainer (peft): adapters merged before every surgery, fresh ones after."""
+
+    r: int = _f(8, "LoRA rank", min=1)
+    alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r)", gt=0)
+    dropout: float = _f(0.05, "dropout on the LoRA branch input", ge=0, lt=1)
+    target_modules: list[str] = _f(
+        [], "linear module names that get adapters (empty = every linear in the decoder layers, peft's all-linear)"
+    )
+
+
+@dataclass
+class DistillArgs:
+    """The ``distill`` trainer: KL to the frozen unpruned teacher, optionally mixed with the LM loss."""
+
+    temperature: float = _f(1.0, "softmax temperature T of the KD loss (scaled by T^2)", gt=0)
+    kd_weight: float = _f(1.0, "loss = kd_weight * KD + (1 - kd_weight) * LM", ge=0, le=1)
+
 
 @dataclass
 class TrainConfig:
-    trainer: Literal["full", "lora", "distill"] = _f("full", "recovery strategy")
+    trainer: str = _f("full", "recovery strategy (registry: trainers)", choices=_trainer_names)
     lr: float = _f(5e-5, "peak learning rate", gt=0)
     min_lr_ratio: float = _f(0.1, "learning rate at the end of decay, as a fraction of lr", ge=0, le=1)
-    batch_size: int = _f(4, "sequences per optimizer step per process", min=1)
-    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
-    grad_clip: float = _f(1.0, "gradient norm clip (0 = off)", ge=0)
-    optimizer_state: Literal["carry", "reset"] = _f(
-        "carry", "after surgery: slice AdamW state of kept units, or start fresh"
+    batch_size: int = _f(4, "sequences per micro-batch per process", min=1)
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step", min=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f(
+        "no", "autocast for training (fp32 master weights; fp16 adds a loss scaler); handed to the Accelerator"
     )
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (re-enabled after every surgery)")
     on_nonfinite: Literal["rollback", "stop"] = _f(
         "rollback", "NaN/inf loss: reload the last checkpoint at half the lr, or stop"
     )
-    lora_r: int = _f(8, "LoRA rank", min=1)
-    lora_alpha: int = _f(16, "LoRA alpha", min=1)
-    lora_dropout: float = _f(0.05, "LoRA dropout", ge=0, lt=1)
-    kd_temperature: float = _f(1.0, "distillation temperature", gt=0)
-    kd_alpha: float = _f(1.0, "weight of the KD loss (1 - alpha goes to the LM loss)", ge=0, le=1)
     seed: int = _f(0, "seed for data order and initialisation")
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    distill: DistillArgs = field(default_factory=DistillArgs)
 
 
 @dataclass
@@ -107,6 +225,7 @@ class EvalConfig:
 class OutputConfig:
     dir: str = _f("runs/default", "run folder: checkpoints, TensorBoard events, results")
     tensorboard: bool = _f(True, "write TensorBoard scalars")
+    log_every: int = _f(10, "optimizer steps between one-line log records (printed and appended to train.log)", min=1)
 
 
 @dataclass
@@ -125,37 +244,50 @@ class RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then a YAML file, then ``section.key=value`` overrides; validated."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path} is not UTF-8 text (byte {err.start})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-    for item in overrides or []:
-        _apply_override(data, item)
-    return from_dict(RunConfig, data)
+    return load_into(RunConfig, path, overrides)
 
 
 def _apply_override(data: dict, item: str) -> None:
-    if "=" not in item or "." not in item.split("=", 1)[0]:
+    """``a.b.c=value`` sets data["a"]["b"]["c"] (the value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    path = key.split(".")
+    if not sep or not all(path):
         raise ConfigError(f"override '{item}' must look like section.key=value (e.g. prune.metric=wanda)")
-    key, raw = item.split("=", 1)
-    section, name = key.split(".", 1)
-    if data.get(section) is None:
-        data[section] = {}
-    if not isinstance(data[section], dict):
-        raise ConfigError(f"section '{section}' must be a mapping")
+    node = data
+    for depth, name in enumerate(path[:-1]):
+        if node.get(name) is None:
+            node[name] = {}
+        if not isinstance(node[name], dict):
+            raise ConfigError(f"'{'.'.join(path[: depth + 1])}' must be a mapping to set '{key}'")
+        node = node[name]
     try:
-        data[section][name] = yaml.safe_load(raw)
+        node[path[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise ConfigError(f"override '{item}': the value is not valid YAML (quote it)") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from ``path`` (``safe_load`` only); one-line ``ConfigError`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_into(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults of ``cls``, then a YAML file, then ``key.path=value`` overrides; validated."""
+    data = read_yaml(path) if path is not None else {}
+    for item in overrides or []:
+        _apply_override(data, item)
+    return from_dict(cls, data)
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -183,6 +315,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 
 def _check_value(name: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -214,8 +351,17 @@ def _check_value(name: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
         value = str(value)
         if meta.get("pattern") == "target":
             _check_target_text(name, value)
+        if "choices" in meta:
+            _check_choice(name, value, meta["choices"]())
     _check_range(name, value, meta)
     return value
+
+
+def _check_choice(name: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        near = difflib.get_close_matches(value, allowed, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError(f"{name}={value!r} is not known{hint}; choose one of: {', '.join(allowed)}")
 
 
 def _number_from_text(value: Any) -> Any:

@@ -1,47 +1,43 @@
 """The prune <-> train controller: incremental ~5% steps to a target size, then recovery.
 
-One explicit loop (Adapt-Accel, arXiv 2502.03460), per stage:
+One explicit loop (Adapt-Accel, arXiv 2502.03460)::
 
-    calibrate -> score -> allocate -> prune (with compensation) -> train a phase
-    -> evaluate held-out perplexity -> checkpoint (atomic)
+    preflight -> restore the last complete stage, or start from the dense model
+    for each stage: prune (calibrate -> score -> allocate -> remove) -> train a phase
+                    -> evaluate held-out perplexity -> checkpoint (atomic)
+    recovery phase -> final model, results, summary
 
-then a final recovery phase. Every stage ends in a complete checkpoint folder, so ``--resume``
-continues from the last finished stage with the same plan, data position, RNG state and
-optimizer state. Pruning is computed identically on every rank from identical weights and
-data; DDP re-broadcasts rank 0's weights when the model is prepared again after surgery.
+Every stage ends in a complete checkpoint, so ``--resume`` continues with the same plan, data
+position, RNG state and optimizer state. Pruning is computed identically on every rank from
+identical weights and data (rank 0's plan is broadcast); DDP re-broadcasts rank 0's weights when
+the model is prepared again after surgery.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from trainers import NonFiniteLossError, TrainerConfig, get_trainer, load_optimizer_state, save_optimizer_state
+from trainers import NonFiniteLossError, get_trainer, load_optimizer_state, save_optimizer_state
 
-from .allocation import get_allocator, parse_target, removable_params
-from .arch import UNIT_KINDS, ArchAdapter, UnsupportedArchitectureError, get_adapter, hf_compat
-from .checkpoint import atomic_dir, load_model, load_tokenizer, resolve_model_path, save_checkpoint
-from .checkpoint import load_config as load_model_config
-from .compat import require_safetensors
-from .config import ConfigError, PruneConfig, RunConfig, dump_yaml, to_dict
-from .data import CorpusError, load_corpus, pack, token_stream
+from .arch import UNIT_KINDS
+from .checkpoint import load_model
+from .config import RunConfig, to_dict
 from .evaluation.perplexity import perplexity
-from .importance import get_metric
-from .pruning import layer_budgets, prune_step
-from .report import write_model_card, write_summary_table
-from .schedule import lr_at, split_budget, stage_targets
+from .phase_log import PhaseLog
+from .preflight import Prepared, preflight
+from .run_data import RunData
+from .rundir import RunDir, RunState
+from .schedule import lr_at, split_budget
+from .stage_pruner import StagePruner, default_pruner
 from .surgery import count_parameters
 
 MAX_ROLLBACKS = 3
@@ -62,388 +58,234 @@ class TrainingStoppedError(RuntimeError):
     """Training hit a non-finite loss and was told (or ran out of rollbacks) to stop; one line."""
 
 
-@dataclass
-class RunState:
-    """What a stage checkpoint must restore: everything that is not the weights."""
-
-    stage: int = 0  # stages completed (0 = dense model, before any pruning)
-    global_step: int = 0
-    batches_seen: int = 0  # training batches consumed on each rank (the data position)
-    tokens: int = 0
-    lr_scale: float = 1.0  # lowered after a non-finite loss rollback
-    kept_ids: dict = field(default_factory=dict)  # {layer: {kind: original unit ids kept}}
-    history: list = field(default_factory=list)  # one row per stage for the summary table
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
+def build_accelerator(cfg: RunConfig) -> Accelerator:
+    """The run's Accelerator: precision from ``train.mixed_precision``, TensorBoard under output.dir."""
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=1,  # the trainer accumulates itself (and says so in its loop)
+        log_with="tensorboard" if cfg.output.tensorboard else None,
+        project_dir=str(Path(cfg.output.dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
 
 
 class Controller:
-    """Runs one configured prune-and-train job end to end."""
+    """Runs one configured prune-and-train job end to end.
 
-    def __init__(self, config: RunConfig, accelerator: Accelerator | None = None):
+    ``pruner`` decides how a stage removes parameters (default: adaptprune's calibrate -> score ->
+    allocate -> remove); the comparison harness passes a baseline's pruner to train it the same way.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        accelerator: Accelerator | None = None,
+        pruner: StagePruner | None = None,
+        dense: torch.nn.Module | None = None,  # the dense model when the caller has loaded it already
+    ):
         self.cfg = config
-        self.acc = accelerator or Accelerator(
-            log_with="tensorboard" if config.output.tensorboard else None,
-            project_dir=str(Path(config.output.dir)),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        )
-        self.out = Path(config.output.dir)
-        self.ckpt_dir = self.out / "checkpoints"
+        self.acc = accelerator or build_accelerator(config)
+        self.run_dir = RunDir(config.output.dir, is_main=self.acc.is_main_process)
+        self.pruner = pruner
+        self.dense = dense
 
-    # ---- set-up -------------------------------------------------------------------------
-    def _log(self, message: str) -> None:
+    def log(self, message: str) -> None:
         if self.acc.is_main_process:
             tqdm.write(f"[adaptprune] {message}")
 
-    def _check_output_dir(self, resume: bool) -> None:
-        """Refuse, without writing anything, an output.dir that is taken or cannot be created."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"output.dir={self.out} is a file; it must be a folder (new or empty)")
-        if self.out.is_dir() and not resume and self._last_stage_dir() is not None:
-            raise ConfigError(f"output.dir={self.out} already holds a run; pass --resume or choose another folder")
-        base = _existing_ancestor(self.out)
-        if not base.is_dir():
-            raise ConfigError(f"output.dir={self.out} is not writable: {base} is a file, not a folder")
-        if not os.access(base, os.W_OK | os.X_OK):
-            raise ConfigError(f"output.dir={self.out} is not writable: no write permission on {base}")
-
-    def _prepare_output(self, resume: bool) -> None:
-        """Create output.dir, prove a write works, and drop half-written stage folders."""
-        if self.acc.is_main_process:
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-                probe = self.out / ".write-probe"
-                probe.write_bytes(b"0" * 1024)
-                probe.unlink()
-            except OSError as err:
-                raise ConfigError(f"output.dir={self.out} is not writable: {err.strerror or err}") from None
-            self._remove_partial_stages()
-        self.acc.wait_for_everyone()
-
-    def _remove_partial_stages(self) -> None:
-        """Drop what a SIGKILL while saving leaves: ``.stage-XXX.tmp-*`` folders (never loaded:
-        only complete ``stage-XXX`` folders are) and ``.old-*`` copies already replaced."""
-        for path in self.ckpt_dir.glob(".stage-*"):
-            name, _, kind = path.name[1:].partition(".")
-            if kind.startswith("tmp-") or (kind.startswith("old-") and (self.ckpt_dir / name).exists()):
-                self._log(f"removing the half-written checkpoint folder {path.name}")
-                shutil.rmtree(path, ignore_errors=True)
-
-    def _check_disk(self, model: torch.nn.Module) -> None:
-        """Fail before any work if output.dir's disk cannot hold a stage checkpoint."""
-        need = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # model + optimizer + temp copy
-        free = shutil.disk_usage(_existing_ancestor(self.out)).free
-        if free < need:
-            raise ConfigError(
-                f"output.dir={self.out} has {free / 2**30:.1f} GiB free; a stage checkpoint needs about "
-                f"{need / 2**30:.1f} GiB (model, optimizer state and a temporary copy)"
-            )
-
-    def _validated_target(self, dense: torch.nn.Module, original: int) -> int:
-        """prune.target_params as a count, between the smallest size the floors allow and the model."""
-        prune = self.cfg.prune
-        try:
-            target = parse_target(prune.target_params, original)
-        except ValueError as err:
-            raise ConfigError(f"prune.{err}") from None
-        floor = smallest_reachable(dense, self.adapter, prune)
-        if target < floor:
-            raise ConfigError(
-                f"prune.target_params={prune.target_params!r} ({target:,} parameters) is below the smallest size "
-                f"the floors allow ({floor:,} with prune.min_groups={prune.min_groups}, "
-                f"prune.min_neurons={prune.min_neurons}); choose a target >= {floor:,} or lower the floors"
-            )
-        return target
-
-    def _load_data(self, tokenizer) -> None:
-        cfg = self.cfg.data
-        corpus = load_corpus(cfg.corpus)
-        self.train_stream = token_stream(corpus["train"], tokenizer)
-        self.heldout = token_stream(corpus["heldout"], tokenizer, cfg.eval_tokens)
-        if self.train_stream.numel() < cfg.calib_tokens + cfg.seq_len * self.cfg.train.batch_size:
-            raise CorpusError(
-                f"corpus '{cfg.corpus}' has {self.train_stream.numel():,} training tokens; calibration needs "
-                f"{cfg.calib_tokens:,} plus at least one batch of {cfg.seq_len * self.cfg.train.batch_size:,}"
-            )
-        self.train_sequences = pack(self.train_stream, cfg.seq_len)  # (N, L)
-        if self.heldout.numel() < 16:
-            raise CorpusError(f"held-out split of '{cfg.corpus}' has only {self.heldout.numel()} tokens")
-
-    def _calibration_sequences(self, stage: int) -> torch.Tensor:
-        """Fresh calibration text each stage, at a deterministic offset in the train split."""
-        cfg = self.cfg.data
-        span = self.train_stream.numel() - cfg.calib_tokens
-        offset = (stage * cfg.calib_tokens) % max(span, 1)
-        count = max(1, cfg.calib_tokens // cfg.seq_len)
-        return pack(self.train_stream, cfg.seq_len, count, offset)
-
-    def _batches(self, start: int):
-        """Endless shuffled training batches of this rank, from batch ``start`` on (resume)."""
-        cfg = self.cfg.train
-        loader = self.acc.prepare_data_loader(
-            DataLoader(TensorDataset(self.train_sequences), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-        )
-        per_epoch = len(loader)
-        if per_epoch == 0:
-            raise CorpusError(f"the train split packs into fewer than batch_size={cfg.batch_size} sequences")
-        epoch, skip = divmod(start, per_epoch)
-        while True:
-            loader.set_epoch(epoch)
-            source = self.acc.skip_first_batches(loader, skip) if skip else loader
-            for (batch,) in source:
-                yield batch
-            epoch, skip = epoch + 1, 0
-
-    # ---- checkpoints --------------------------------------------------------------------
-    def _stage_dir(self, stage: int) -> Path:
-        return self.ckpt_dir / f"stage-{stage:03d}"
-
-    def _last_stage_dir(self) -> Path | None:
-        done = sorted(p for p in self.ckpt_dir.glob("stage-*") if (p / "state.json").exists())
-        return done[-1] if done else None
-
-    def _save_stage(self, state: RunState, model, tokenizer) -> None:
-        """Weights, optimizer, data position and RNG in one folder, renamed into place at the end."""
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            with atomic_dir(self._stage_dir(state.stage)) as tmp:
-                save_checkpoint(model, tmp / "model", tokenizer)  # model: the exported plain model
-                fault_point("saving", state.stage)
-                save_optimizer_state(
-                    tmp / "optimizer.safetensors",
-                    self.trainer.optimizer_state_by_name(),
-                    extra={"global_step": state.global_step},
-                )
-                from safetensors.torch import save_file
-
-                save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-                (tmp / "state.json").write_text(json.dumps(state.to_json(), indent=1))
-            self._prune_old_stages(keep=state.stage)
-        self.acc.wait_for_everyone()
-
-    def _prune_old_stages(self, keep: int) -> None:
-        """Only the newest complete stage is needed to resume; older ones are removed."""
-        for path in self.ckpt_dir.glob("stage-*"):
-            if path.name != self._stage_dir(keep).name:
-                shutil.rmtree(path, ignore_errors=True)
-
-    def _restore(self, stage_dir: Path):
-        from safetensors.torch import load_file
-
-        state = RunState(**json.loads((stage_dir / "state.json").read_text()))
-        model = load_model(str(stage_dir / "model"), dtype=self.cfg.model.dtype)
-        torch.set_rng_state(load_file(str(stage_dir / "rng.safetensors"))["torch_rng"])
-        return state, model
-
     # ---- the loop -----------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
-        cfg = self.cfg
         self.started = time.perf_counter()
-        set_seed(cfg.train.seed)
-        # Everything that can be checked without writing is checked first: a bad value leaves
-        # no trace in output.dir, and a doomed run fails before hours of work.
-        self._check_output_dir(resume)
-        _check_metric(cfg.prune.metric)
-        require_safetensors(resolve_model_path(cfg.model.name))
-        get_adapter(load_model_config(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code))
-        tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-        self._load_data(tokenizer)
-        dense = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        self.adapter = get_adapter(dense)
-        _check_head_groups(dense, self.adapter)
-        original = count_parameters(dense)
-        target = self._validated_target(dense, original)
-        step = max(1, round(cfg.prune.step_fraction * original))
-        self.targets = stage_targets(original, target, step)
-        self.stage_steps, self.recovery_steps = split_budget(
-            cfg.schedule.train_tokens // self._tokens_per_step(),
-            len(self.targets),
-            cfg.schedule.split,
-            cfg.schedule.recovery_fraction,
-        )
-        self._check_disk(dense)
-        self._prepare_output(resume)
-        teacher = self._teacher(dense)
-
-        last = self._last_stage_dir() if resume else None
-        if last is not None:
-            state, model = self._restore(last)
-            self._log(f"resuming after stage {state.stage} from {last}")
-        else:
-            state, model = RunState(), dense
-            state.kept_ids = self._all_ids(model)
-            state.history.append(self._row(0, model, self._eval(model), 0, 0.0, 0.0))
-        self._start_trackers()
-        self.trainer = get_trainer(cfg.train.trainer)(model, self.acc, self._trainer_config(), teacher=teacher)
-        if last is not None and cfg.train.optimizer_state == "carry":
-            opt_state, _ = load_optimizer_state(last / "optimizer.safetensors")
-            self.trainer.load_optimizer_state_by_name(opt_state)
-        if last is None:
-            self._save_stage(state, model, tokenizer)
-        self.total_steps = self._total_steps()
-        self._log(self._plan_line(original, target))
-
+        set_seed(self.cfg.train.seed)
+        prep = preflight(self.cfg, self.run_dir, resume, dense=self.dense)
+        self.dense = None  # the run owns it now
+        self._setup(prep)
+        state, model = self._restore_or_start(prep, resume)
+        self._start_training(model, state, prep)
         rollbacks = 0
-        while state.stage <= len(self.targets):
-            try:
-                state = self._run_stage(state, tokenizer)
-            except NonFiniteLossError as err:
-                state, rollbacks = self._recover_from_nonfinite(err, state, rollbacks, tokenizer)
-        return self._finish(state, tokenizer, original)
+        try:
+            while state.stage <= len(self.targets):
+                try:
+                    state = self._run_stage(state)
+                except NonFiniteLossError as err:
+                    state, rollbacks = self._roll_back(err, state, rollbacks)
+            return self._finish(state)
+        finally:
+            self.run_dir.close()
 
-    def _run_stage(self, state: RunState, tokenizer) -> RunState:
+    def _setup(self, prep: Prepared) -> None:
+        cfg = self.cfg
+        self.tokenizer, self.adapter, self.targets = prep.tokenizer, prep.adapter, prep.targets
+        self.original, self.target = prep.original, prep.target
+        self.corpus = RunData(cfg, prep.tokenizer, self.acc.process_index, self.acc.num_processes)
+        self.heldout = self.corpus.heldout_texts(cfg.data.eval_tokens) if cfg.eval.every_stage else {}
+        self.pruner = self.pruner or default_pruner(cfg.prune, prep.adapter, progress=self.acc.is_main_process)
+        steps = cfg.schedule.train_tokens // self._tokens_per_step()
+        self.stage_steps, self.recovery_steps = split_budget(
+            steps, len(self.targets), cfg.schedule.split, cfg.schedule.recovery_fraction
+        )
+        self.total_steps = sum(self.stage_steps) + self.recovery_steps
+        self.run_dir.open()
+        self.acc.wait_for_everyone()
+
+    def _restore_or_start(self, prep: Prepared, resume: bool) -> tuple[RunState, torch.nn.Module]:
+        last = self.run_dir.last_stage() if resume else None
+        self.last_restored = last
+        if last is not None:
+            state, model = self.run_dir.load_stage(last, self.cfg.model.dtype)
+            self.pruner.load_state_dict(state.allocation)
+            self.log(f"resuming after stage {state.stage} from {last}")
+            return state, model
+        state = RunState(kept_ids=self._all_ids(prep.dense))
+        state.history.append(self._row(0, prep.dense, self._evaluate(prep.dense), 0.0, 0.0))
+        return state, prep.dense
+
+    def _start_training(self, model, state: RunState, prep: Prepared) -> None:
+        if self.cfg.output.tensorboard:
+            self.acc.init_trackers("tb", config=_flat_scalars(to_dict(self.cfg)))
+        self.teacher = self._load_teacher()
+        self.trainer = self._new_trainer(model, self.last_restored)
+        if self.last_restored is None:
+            self._save(state, model)
+        self.log(
+            f"{self.original:,} -> {self.target:,} parameters in {len(self.targets)} stages, "
+            f"{self.total_steps * self._tokens_per_step():,} training tokens in {self.total_steps} steps "
+            f"({self.recovery_steps} for recovery)"
+        )
+
+    def _run_stage(self, state: RunState) -> RunState:
         """Stage s (1-based) prunes to targets[s-1] then trains; s = N+1 is the recovery phase."""
         stage = state.stage + 1
         recovery = stage > len(self.targets)
         t0 = time.perf_counter()
-        prune_seconds = 0.0
-        if not recovery:
-            fault_point("calibration", stage)
-            model = self.trainer.before_surgery()
-            report = prune_step(
-                model,
-                self._calibration_sequences(stage),
-                self.targets[stage - 1],
-                self.cfg.prune,
-                self.adapter,
-                progress=self.acc.is_main_process,
-                label=f"({stage}/{len(self.targets)})",
-            )
-            fault_point("surgery", stage)
-            self.trainer.after_surgery(model, report.records)
-            state.kept_ids = _compose_ids(state.kept_ids, report.records)
-            prune_seconds = time.perf_counter() - t0
-            self._log_pruning(stage, model, state.global_step)
+        prune_seconds = 0.0 if recovery else self._prune(state, stage)
         steps = self.recovery_steps if recovery else self.stage_steps[stage - 1]
         phase = self._train_phase(state, steps, label="recovery" if recovery else f"stage {stage}")
         model = self.trainer.export_model()  # plain HF model (LoRA: a merged copy)
-        ppl = self._eval(model)
+        ppl = self._evaluate(model)
         state.stage = stage
         state.tokens += phase["tokens"]
-        state.history.append(
-            self._row(
-                stage,
-                model,
-                ppl,
-                state.tokens,
-                prune_seconds,
-                time.perf_counter() - t0,
-                loss=phase["loss"],
-                first_loss=phase["first_loss"],
-            )
-        )
-        if ppl is not None:
-            self.acc.log({"eval/ppl": ppl["ppl"]}, step=state.global_step)
-        self._save_stage(state, model, tokenizer)
+        wall = time.perf_counter() - t0
+        state.history.append(self._row(stage, model, ppl, prune_seconds, wall, phase, state.tokens))
+        if ppl:
+            self.acc.log({f"eval/ppl_{name}": value["ppl"] for name, value in ppl.items()}, step=state.global_step)
+        self._save(state, model)
         return state
 
+    def _prune(self, state: RunState, stage: int) -> float:
+        """Calibrate on fresh text, score, allocate and remove down to targets[stage-1]; seconds spent."""
+        t0 = time.perf_counter()
+        fault_point("calibration", stage)
+        model = self.trainer.before_surgery()
+        calibration = self.corpus.calibration_source(stage, state.calibration)
+        label = f"({stage}/{len(self.targets)})"
+        model, records = self.pruner(model, calibration, self.targets[stage - 1], label)
+        fault_point("surgery", stage)
+        self.trainer.after_surgery(model, records)
+        state.kept_ids = _compose_ids(state.kept_ids, records)
+        state.calibration = calibration.state()
+        state.allocation = self.pruner.state_dict()
+        self._log_pruning(stage, model, state.global_step)
+        return time.perf_counter() - t0
+
     def _train_phase(self, state: RunState, steps: int, label: str) -> dict:
-        cfg = self.cfg.train
         if steps == 0:
             return {"tokens": 0, "loss": math.nan, "first_loss": math.nan}
-        bar = tqdm(total=steps, desc=label, disable=not self.acc.is_main_process, leave=False)
-        losses: list[float] = []
+        log = PhaseLog(self.acc, self.run_dir, label, steps, self.total_steps, self.cfg.output.log_every)
+        log.on_halfway = lambda: fault_point("training", state.stage + 1)
+        rank = str(self.acc.process_index)
+        batches = self.corpus.train_batches(self.cfg.train.batch_size, self.cfg.data.seq_len, state.data.get(rank, {}))
+        try:
+            result = self.trainer.run_phase(batches, steps, self._lr(state), state.global_step, log.on_step)
+        finally:
+            log.close()
+        state.global_step = result.global_step
+        state.data = self._rank_states(batches.state(), state.data)
+        return {"tokens": result.tokens, "loss": result.last_loss, "first_loss": log.first_loss}
 
-        def on_step(m: dict) -> None:
-            losses.append(m["loss"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:.0f}")
-            self.acc.log(
-                {
-                    "train/loss": m["loss"],
-                    "train/lr": m["lr"],
-                    "train/tokens_per_s": m["tokens_per_s"],
-                    "train/grad_norm": m["grad_norm"],
-                },
-                step=m["step"],
-            )
-            if len(losses) == max(1, steps // 2):
-                fault_point("training", state.stage + 1)
+    def _rank_states(self, mine: dict, saved: dict) -> dict:
+        """Every rank's stream position, keyed by rank (the main process writes the checkpoint)."""
+        if self.acc.num_processes == 1:
+            return {"0": mine}
+        from accelerate.utils import gather_object
+
+        return {str(rank): state for rank, state in enumerate(gather_object([mine]))}
+
+    def _lr(self, state: RunState):
+        s, t = self.cfg.schedule, self.cfg.train
 
         def lr(step: int) -> float:
-            s = self.cfg.schedule
-            return state.lr_scale * lr_at(
-                step, self.total_steps, cfg.lr, s.warmup_fraction, s.decay_fraction, cfg.min_lr_ratio
-            )
+            curve = lr_at(step, self.total_steps, t.lr, s.warmup_fraction, s.decay_fraction, t.min_lr_ratio)
+            return state.lr_scale * curve
 
-        batches = self._batches(state.batches_seen)
-        try:
-            result = self.trainer.run_phase(batches, steps, lr, state.global_step, on_step)
-        finally:
-            bar.close()
-        state.global_step = result.global_step
-        state.batches_seen += steps * self.trainer.config.grad_accum_steps
-        return {"tokens": result.tokens, "loss": result.last_loss, "first_loss": losses[0]}
+        return lr
 
-    def _recover_from_nonfinite(self, err: NonFiniteLossError, state: RunState, rollbacks: int, tokenizer):
-        """Roll back to the last complete stage at half the learning rate, or stop cleanly."""
+    def _roll_back(self, err: NonFiniteLossError, state: RunState, rollbacks: int) -> tuple[RunState, int]:
+        """Reload the last complete stage at half the learning rate, or stop cleanly."""
+        last = self.run_dir.last_stage()
         if self.cfg.train.on_nonfinite == "stop" or rollbacks >= MAX_ROLLBACKS:
             why = "train.on_nonfinite=stop" if self.cfg.train.on_nonfinite == "stop" else f"{MAX_ROLLBACKS} rollbacks"
             raise TrainingStoppedError(
-                f"training stopped ({why}): {err}; the last complete checkpoint is {self._last_stage_dir()} "
+                f"training stopped ({why}): {err}; the last complete checkpoint is {last} "
                 f"(rerun with --resume, e.g. with a lower train.lr)"
             ) from None
-        last = self._last_stage_dir()
-        self._log(f"{err}; rolling back to {last.name} at half the learning rate")
-        restored, model = self._restore(last)
+        self.log(f"{err}; rolling back to {last.name} at half the learning rate")
+        restored, model = self.run_dir.load_stage(last, self.cfg.model.dtype)
         restored.lr_scale = state.lr_scale * 0.5
-        self.trainer = get_trainer(self.cfg.train.trainer)(
-            model, self.acc, self._trainer_config(), teacher=getattr(self.trainer, "teacher", None)
-        )
-        if self.cfg.train.optimizer_state == "carry":
-            self.trainer.load_optimizer_state_by_name(load_optimizer_state(last / "optimizer.safetensors")[0])
+        self.pruner.load_state_dict(restored.allocation)
+        self.trainer = self._new_trainer(model, last)
         return restored, rollbacks + 1
 
-    # ---- helpers ------------------------------------------------------------------------
-    def _teacher(self, dense):
+    # ---- pieces -------------------------------------------------------------------------
+    def _new_trainer(self, model, stage_dir: Path | None):
+        trainer = get_trainer(self.cfg.train.trainer)(model, self.acc, self.cfg.train, teacher=self.teacher)
+        if stage_dir is not None and self.cfg.train.optim.after_surgery == "carry":
+            trainer.load_optimizer_state_by_name(load_optimizer_state(stage_dir / "optimizer.safetensors")[0])
+        return trainer
+
+    def _load_teacher(self):
         if not get_trainer(self.cfg.train.trainer).needs_teacher:
             return None
-        teacher = load_model(
-            self.cfg.model.name, dtype=self.cfg.model.dtype, trust_remote_code=self.cfg.model.trust_remote_code
-        )
+        m = self.cfg.model
+        teacher = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
         return teacher.to(self.acc.device).eval().requires_grad_(False)
 
-    def _trainer_config(self) -> TrainerConfig:
-        t = self.cfg.train
-        return TrainerConfig(
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.grad_clip,
-            optimizer_state=t.optimizer_state,
-            lora_r=t.lora_r,
-            lora_alpha=float(t.lora_alpha),
-            lora_dropout=t.lora_dropout,
-            distill_temperature=t.kd_temperature,
-            distill_alpha=1.0 - t.kd_alpha,
+    def _save(self, state: RunState, model) -> None:
+        def write_optimizer(path: Path) -> None:
+            save_optimizer_state(path, self.trainer.optimizer_state_by_name(), extra={"global_step": state.global_step})
+
+        self.acc.wait_for_everyone()
+        self.run_dir.save_stage(
+            state, model, self.tokenizer, write_optimizer, on_written=lambda: fault_point("saving", state.stage)
         )
+        self.acc.wait_for_everyone()
+
+    def _evaluate(self, model) -> dict[str, dict]:
+        """Held-out perplexity on every evaluation text ({name: {ppl, tokens, ...}}; empty when off)."""
+        context = min(self.cfg.data.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
+        return {name: perplexity(model, tokens, context=context).as_dict() for name, tokens in self.heldout.items()}
 
     def _tokens_per_step(self) -> int:
-        return self.cfg.train.batch_size * self.cfg.data.seq_len * self.acc.num_processes
-
-    def _total_steps(self) -> int:
-        return sum(self.stage_steps) + self.recovery_steps
+        t = self.cfg.train
+        return t.batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.acc.num_processes
 
     def _all_ids(self, model) -> dict:
+        layers = range(len(self.adapter.decoder_layers(model)))
         return {
-            str(layer): {kind: list(range(self.adapter.count_units(model, layer, kind))) for kind in UNIT_KINDS}
-            for layer in range(len(self.adapter.decoder_layers(model)))
+            str(i): {kind: list(range(self.adapter.count_units(model, i, kind))) for kind in UNIT_KINDS} for i in layers
         }
 
-    def _eval(self, model) -> dict | None:
-        if not self.cfg.eval.every_stage:
-            return None
-        context = min(self.cfg.data.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
-        result = perplexity(model, self.heldout, context=context)
-        return result.as_dict()
-
-    def _row(self, stage, model, ppl, tokens, prune_s, wall_s, loss=None, first_loss=None) -> dict:
+    def _row(self, stage, model, ppl, prune_s, wall_s, phase=None, tokens=0) -> dict:
+        phase = phase or {}
+        first = next(iter(ppl.values()), None) if ppl else None
         return {
             "stage": stage,
             "params": count_parameters(model),
-            "ppl": ppl["ppl"] if ppl else None,
+            "ppl": first["ppl"] if first else None,
+            "ppl_by_text": {name: value["ppl"] for name, value in (ppl or {}).items()},
             "train_tokens": tokens,
-            "train_loss": _finite_or_none(loss),
-            "first_step_loss": _finite_or_none(first_loss),
+            "train_loss": _finite_or_none(phase.get("loss")),
+            "first_step_loss": _finite_or_none(phase.get("first_loss")),
             "prune_seconds": round(prune_s, 2),
             "wall_seconds": round(wall_s, 2),
         }
@@ -456,90 +298,25 @@ class Controller:
             scalars[f"prune/kept_neurons/layer_{layer:02d}"] = shape.neurons
             scalars[f"prune/kept_groups/layer_{layer:02d}"] = shape.groups
         self.acc.log(scalars, step=global_step)
-        self._log(f"stage {stage}: pruned to {params:,} parameters")
+        self.log(f"stage {stage}: pruned to {params:,} parameters")
 
-    def _start_trackers(self) -> None:
-        if self.cfg.output.tensorboard:
-            self.acc.init_trackers("tb", config=_flat_scalars(to_dict(self.cfg)))
-
-    def _plan_line(self, original: int, target: int) -> str:
-        return (
-            f"{original:,} -> {target:,} parameters in {len(self.targets)} stages, "
-            f"{self._total_steps() * self._tokens_per_step():,} training tokens in {self._total_steps()} steps "
-            f"({self.recovery_steps} for recovery)"
-        )
-
-    def _finish(self, state: RunState, tokenizer, original: int) -> dict:
+    def _finish(self, state: RunState) -> dict:
         model = self.trainer.export_model()
-        final_dir = self.out / "final"
         results = {
-            "original_params": original,
+            "original_params": self.original,
             "final_params": count_parameters(model),
             "stages": len(self.targets),
             "history": state.history,
-            "final_model": str(final_dir),
+            "final_model": str(self.run_dir.path / "final"),
             "wall_seconds_this_process": round(time.perf_counter() - self.started, 2),
             "prune_seconds_total": round(sum(r["prune_seconds"] for r in state.history), 2),
         }
+        table = self.run_dir.write_final(model, self.tokenizer, self.cfg, results, state.kept_ids)
         if self.acc.is_main_process:
-            save_checkpoint(model, final_dir, tokenizer)
-            dump_yaml(self.cfg, final_dir / "config.yaml")
-            dump_yaml(self.cfg, self.out / "config.yaml")
-            (self.out / "plan.json").write_text(json.dumps(state.kept_ids, indent=1))
-            (self.out / "results.json").write_text(json.dumps(results, indent=1))
-            write_model_card(final_dir, self.cfg, results)
-            print(write_summary_table(state.history, self.out / "summary.md"))
+            print(table)
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return results
-
-
-def _existing_ancestor(path: Path) -> Path:
-    """``path`` or its nearest ancestor that exists (where a new output.dir would be created)."""
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def smallest_reachable(model: torch.nn.Module, adapter: ArchAdapter, prune: PruneConfig) -> int:
-    """The fewest parameters pruning can reach without crossing prune.min_groups / min_neurons.
-
-    Mean compensation adds a bias to every o/down projection, and those count towards the target.
-    """
-    budgets = layer_budgets(model, adapter, prune.min_groups, prune.min_neurons)
-    cap = getattr(get_allocator(prune.allocation), "max_sparsity", 1.0)  # adaptive keeps >= 1% of a layer
-    removable = sum(
-        min(math.floor(b.prunable_params * cap), removable_params([b], neuron_multiple=prune.neuron_multiple))
-        for b in budgets
-    )
-    added = 0
-    if prune.mean_compensation:
-        for layer in adapter.decoder_layers(model):
-            for path in (adapter.attention_output, adapter.mlp_output):
-                linear = layer.get_submodule(path)
-                added += linear.out_features if linear.bias is None else 0
-    return count_parameters(model) + added - removable
-
-
-def _check_metric(name: str) -> None:
-    try:
-        get_metric(name)
-    except ValueError as err:
-        raise ConfigError(f"prune.metric={name!r}: {err}") from None
-
-
-def _check_head_groups(model: torch.nn.Module, adapter: ArchAdapter) -> None:
-    """Attention is pruned in whole KV groups, so every layer's query heads must split into them."""
-    for idx in range(len(adapter.decoder_layers(model))):
-        layer_cfg = hf_compat.layer_config(model.config, idx)
-        heads = getattr(layer_cfg, "num_attention_heads", None)
-        kv = getattr(layer_cfg, "num_key_value_heads", None) or heads
-        if heads and kv and heads % kv:
-            raise UnsupportedArchitectureError(
-                f"layer {idx} has {heads} query heads and {kv} KV heads: query heads must split evenly into "
-                f"KV groups (adaptprune removes whole groups: one KV head with its query heads)"
-            )
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -1,4 +1,4 @@
-"""Per-layer geometry and parameter counts of a (possibly pruned) model."""
+"""Per-layer geometry, residual width, depth and parameter counts of a (possibly pruned) model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .surgery import count_non_embedding_parameters, count_parameters
 
 
 def describe(model: nn.Module) -> dict:
-    """Layers with query heads, KV heads, MLP neurons and parameters; model totals."""
+    """Layers with query heads, KV heads, MLP neurons and parameters; hidden size, depth, totals."""
     adapter = get_adapter(model)
     n_rep = adapter.heads_per_group(model.config)
     layers = []
@@ -28,6 +28,7 @@ def describe(model: nn.Module) -> dict:
         "model_type": model.config.model_type,
         "family": adapter.family,
         "num_layers": len(layers),
+        "hidden_size": int(model.config.hidden_size),
         "head_dim": adapter.head_dim(model.config),
         "total_params": count_parameters(model),
         "non_embedding_params": count_non_embedding_parameters(model),
@@ -38,7 +39,8 @@ def describe(model: nn.Module) -> dict:
 def format_table(info: dict) -> str:
     """A readable text table of ``describe``'s output."""
     lines = [
-        f"{info['model_type']} ({info['family']} family), {info['num_layers']} layers, head_dim {info['head_dim']}",
+        f"{info['model_type']} ({info['family']} family), {info['num_layers']} layers, "
+        f"hidden size {info['hidden_size']}, head_dim {info['head_dim']}",
         f"{'layer':>5} {'q heads':>8} {'kv heads':>9} {'neurons':>8} {'params':>12}",
     ]
     for row in info["layers"]:

@@ -14,46 +14,46 @@ from pathlib import Path
 from .allocation import parse_target
 from .checkpoint import atomic_dir, load_model, load_tokenizer, save_checkpoint
 from .config import ConfigError, RunConfig, dump_yaml
-from .data import load_corpus, pack, token_stream
 from .evaluation.perplexity import perplexity
 from .inspection import describe
 from .pruning import prune_step
 from .report import plot_layer_sizes
+from .run_data import heldout_texts, shared_calibration
 from .surgery import count_non_embedding_parameters, count_parameters
 
 
 def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     out_dir = Path(out_dir)
-    model = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    m = cfg.model
+    tokenizer = load_tokenizer(m.tokenizer or m.name, trust_remote_code=m.trust_remote_code)
+    model = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     before = count_parameters(model)
     try:
         target = parse_target(cfg.prune.target_params, before)
     except ValueError as err:
         raise ConfigError(f"prune.{err}") from None
-    corpus = load_corpus(cfg.data.corpus)
-    calib_count = max(1, cfg.data.calib_tokens // cfg.data.seq_len)
-    calib = pack(token_stream(corpus["train"], tokenizer, cfg.data.calib_tokens), cfg.data.seq_len, calib_count)
-    heldout = token_stream(corpus["heldout"], tokenizer, cfg.data.eval_tokens)
-    context = min(cfg.data.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
+    calibration = shared_calibration(cfg, tokenizer)  # (N, L) from the start of the train split
+    texts = heldout_texts(cfg, tokenizer)
     dense_info = describe(model)
-    ppl_before = perplexity(model, heldout, context=context, progress=progress).as_dict()
-    report = prune_step(model, calib, target, cfg.prune, progress=progress, label="(1/1)")
-    ppl_after = perplexity(model, heldout, context=context, progress=progress).as_dict()
+    ppl_before = _perplexities(model, texts, cfg, progress)
+    report = prune_step(model, calibration, target, cfg.prune, progress=progress, label="(1/1)")
+    ppl_after = _perplexities(model, texts, cfg, progress)
+    first = next(iter(texts))
     metrics = {
         "params_before": before,
         "params_after": count_parameters(model),
         "target_params": target,
         "non_embedding_before": dense_info["non_embedding_params"],
         "non_embedding_after": count_non_embedding_parameters(model),
-        "ppl_before": ppl_before,
-        "ppl_after": ppl_after,
+        "ppl_before": ppl_before[first],
+        "ppl_after": ppl_after[first],
+        "ppl_before_by_text": ppl_before,
+        "ppl_after_by_text": ppl_after,
         "phases": report.profile.as_dict(),
-        "calibration_tokens": calib.numel(),
+        "inner_steps": report.inner_steps,
+        "calibration_tokens": calibration.numel(),
     }
-    plan = {str(r.layer): {} for r in report.records}
-    for r in report.records:
-        plan[str(r.layer)][r.kind] = list(r.kept)
+    plan = {str(layer): {kind: list(kept) for kind, kept in kinds.items()} for layer, kinds in report.plan.items()}
     with atomic_dir(out_dir) as tmp:
         save_checkpoint(model, tmp / "model", tokenizer)
         (tmp / "plan.json").write_text(json.dumps(plan))
@@ -61,3 +61,8 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
         dump_yaml(cfg, tmp / "config.yaml")
         plot_layer_sizes(dense_info, describe(model), tmp / "layer_sizes.png")
     return metrics
+
+
+def _perplexities(model, texts: dict, cfg: RunConfig, progress: bool) -> dict[str, dict]:
+    context = min(cfg.data.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
+    return {name: perplexity(model, t, context=context, progress=progress).as_dict() for name, t in texts.items()}

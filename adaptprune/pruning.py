@@ -3,16 +3,25 @@
 Shared by the one-shot ``adaptprune prune`` command and every stage of the controller. Pure
 math lives in ``importance``, ``allocation`` and ``compensation``; this module only walks the
 model through the adapter and times each phase.
+
+A stage may be split into inner steps when the allocator asks for it (``accumulating``:
+Adapt-Pruner's ~2% steps, each on fresh calibration text, re-scored and re-allocated). The
+calibration text is a tensor (reused by every inner step), a sequence of tensors (one per inner
+step) or a callable returning fresh sequences on every call (e.g. ``fresh_windows``, or a
+controller's calibration source's ``next``).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .allocation import LayerBudget, get_allocator
+from .allocation import Allocator, LayerBudget, get_allocator, removable_params
 from .arch import ATTENTION, MLP, ArchAdapter, get_adapter
 from .calibration import CalibrationResult, calibrate
 from .compensation import apply_compensated_plan
@@ -22,13 +31,34 @@ from .profiling import Profile
 from .records import KeptRecord, Plan
 from .surgery import count_parameters, ensure_output_biases
 
+Calibration = Tensor | Sequence[Tensor] | Callable[[], Tensor]
+
 
 @dataclass
 class StepReport:
-    plan: Plan
-    records: list[KeptRecord]
+    """What one ``prune_step`` did, over all of its inner steps."""
+
+    plan: Plan  # kept unit ids per (layer, kind) that lost units, as ids of the model before the step
+    records: list[KeptRecord]  # every removal, in the order surgery applied them (inner step by step)
     profile: Profile
-    influence: list[float]
+    influence: list[float]  # raw block influence I_l of the last inner step
+    inner_steps: int = 1  # inner steps planned (one whose target an earlier step's overshoot met is skipped)
+    allocator_state: dict | None = None  # ``allocator.to_json()`` afterwards: what a checkpoint carries
+
+
+def build_allocator(cfg: PruneConfig) -> Allocator:
+    """The allocator ``prune.allocation`` names, built from the prune config's knobs."""
+    if cfg.allocation == "adaptive":
+        return get_allocator("adaptive", amplitude=cfg.amplitude)
+    if cfg.allocation == "accumulating":
+        return get_allocator(
+            "accumulating",
+            amplitude=cfg.amplitude,
+            step=cfg.inner_step_fraction,
+            same_ratio=cfg.same_ratio,
+            scope=cfg.sparsity_scope,
+        )
+    return get_allocator(cfg.allocation)
 
 
 def layer_budgets(
@@ -51,7 +81,89 @@ def layer_budgets(
     return budgets
 
 
-TAYLOR_MINI_BATCHES = 2  # backward passes for Taylor scores (LLM-Pruner uses ~10 short samples)
+def smallest_reachable(model: nn.Module, adapter: ArchAdapter, prune: PruneConfig) -> int:
+    """The fewest parameters pruning can reach without crossing prune.min_groups / min_neurons.
+
+    Mean compensation adds a bias to every o/down projection, and those count towards the target.
+    """
+    budgets = layer_budgets(model, adapter, prune.min_groups, prune.min_neurons)
+    cap = getattr(build_allocator(prune), "max_sparsity", 1.0)  # adaptive keeps >= 1% of a layer
+    removable = sum(
+        min(math.floor(b.prunable_params * cap), removable_params([b], neuron_multiple=prune.neuron_multiple))
+        for b in budgets
+    )
+    added = 0
+    if prune.mean_compensation:
+        for layer in adapter.decoder_layers(model):
+            for path in (adapter.attention_output, adapter.mlp_output):
+                linear = layer.get_submodule(path)
+                added += linear.out_features if linear.bias is None else 0
+    return count_parameters(model) + added - removable
+
+
+TAYLOR_MINI_BATCHES = 2  # backward passes of the ``taylor`` metric (|Σ w·g|) on the calibration text
+TAYLOR_BATCH = 16  # sequences per backward of ``taylor_param_first`` (upstream hf_prune.py's --batch_size)
+
+
+# ---- calibration text ---------------------------------------------------------------------
+def random_windows(stream: Tensor, num: int, seq_len: int, seed: int) -> Tensor:
+    """``num`` non-overlapping windows of ``seq_len`` tokens at seeded random offsets of a 1-D stream.
+
+    Upstream samplers (LLM-Pruner's and Adapt-Pruner's ``get_examples``) draw distinct random
+    documents and a random window in each; a packed stream has no documents, so the gaps between
+    windows are random instead: the n − num·seq_len free tokens are cut at ``num`` sorted uniform
+    points. (num, seq_len) in stream order, reproducible from ``seed``.
+    """
+    free = stream.numel() - num * seq_len
+    if num < 1 or seq_len < 1 or free < 0:
+        raise ValueError(f"cannot cut {num} windows of {seq_len} tokens from a stream of {stream.numel():,} tokens")
+    generator = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randint(0, free + 1, (num,), generator=generator)).values
+    starts = cuts + torch.arange(num) * seq_len  # (num,)
+    return stream[starts[:, None] + torch.arange(seq_len)[None, :]]
+
+
+def fresh_windows(stream: Tensor, num: int, seq_len: int, seed: int) -> Callable[[], Tensor]:
+    """A calibration source for ``prune_step``: call j draws ``random_windows`` with seed ``seed + j``."""
+    calls = itertools.count()
+    return lambda: random_windows(stream, num, seq_len, seed + next(calls))
+
+
+def next_sequences(calibration: Calibration, step: int) -> Tensor:
+    """Inner step ``step``'s text: a tensor is reused, a sequence indexed, a callable called (fresh)."""
+    if isinstance(calibration, Tensor):
+        return calibration
+    if callable(calibration):
+        return calibration()
+    if step >= len(calibration):
+        raise ValueError(f"inner step {step + 1} needs calibration text; only {len(calibration)} batches were given")
+    return calibration[step]
+
+
+def taylor_rows(sequences: Tensor, samples: int, seq_len: int) -> Tensor:
+    """(samples, seq_len) Taylor sequences: each calibration row cut into whole windows, the first kept."""
+    rows = sequences[:, : (sequences.shape[1] // seq_len) * seq_len].reshape(-1, seq_len)
+    if rows.shape[0] < samples:
+        raise ValueError(
+            f"the Taylor pass needs {samples} x {seq_len} = {samples * seq_len:,} calibration tokens per pruning step "
+            f"(prune.taylor_samples x prune.taylor_seq_len); the calibration text holds {rows.shape[0]} windows of "
+            f"{seq_len} in {tuple(sequences.shape)}: raise data.calib_tokens or lower prune.taylor_samples"
+        )
+    return rows[:samples]
+
+
+def inner_targets(start: int, target: int, steps: int) -> list[int]:
+    """Parameter counts after each inner step: start − ⌊j·(start − target)/k⌋; the last is ``target``."""
+    return [start - (j * (start - target)) // steps for j in range(1, steps + 1)]
+
+
+def compose_records(records: Sequence[KeptRecord]) -> Plan:
+    """Kept ids per (layer, kind) as ids before the first record, through records applied in order."""
+    kept: dict[int, dict[str, list[int]]] = {}
+    for r in records:
+        current = kept.setdefault(r.layer, {}).get(r.kind, list(range(r.before)))
+        kept[r.layer][r.kind] = [current[k] for k in r.kept]
+    return kept
 
 
 def _same_plan_on_every_rank(plan: Plan) -> Plan:
@@ -69,19 +181,52 @@ def _same_plan_on_every_rank(plan: Plan) -> Plan:
 
 def prune_step(
     model: nn.Module,
-    sequences: torch.Tensor,
+    calibration: Calibration,
     target_params: int,
     cfg: PruneConfig,
     adapter: ArchAdapter | None = None,
     progress: bool = True,
     label: str = "",
+    allocator: Allocator | None = None,
 ) -> StepReport:
-    """Shrink ``model`` to at most ``target_params`` parameters (less than one unit below)."""
+    """Shrink ``model`` to at most ``target_params`` parameters (less than one unit below).
+
+    ``allocator`` defaults to ``build_allocator(cfg)``; pass the same object every stage to carry
+    its state (``accumulating`` with scope ``run``), or one rebuilt with ``allocator_from_json``
+    on resume. It splits the stage into ``allocator.inner_steps`` inner steps with cumulative
+    targets (``inner_targets``); each calibrates on ``next_sequences(calibration, j)``, scores,
+    allocates and removes, so the last lands on ``target_params`` exactly as one step would.
+    """
     adapter = adapter or get_adapter(model)
+    allocator = allocator or build_allocator(cfg)
     profile = Profile()
-    with profile.phase("calibration"):
-        calib = calibrate_for(model, sequences, cfg, adapter, progress=progress, desc=f"{label} calibrating".strip())
-    return prune_with_stats(model, calib, target_params, cfg, adapter, profile)
+    if cfg.mean_compensation:
+        ensure_output_biases(model, adapter)  # the bias slots count towards the target too
+    start = count_parameters(model)
+    if target_params > start:
+        raise ValueError(f"target {target_params:,} exceeds the model's {start:,} parameters")
+    budgets = layer_budgets(model, adapter, cfg.min_groups, cfg.min_neurons)
+    allocator.start_stage(budgets)
+    steps = allocator.inner_steps(budgets, start - target_params)
+    records: list[KeptRecord] = []
+    influence: list[float] = []
+    for j, goal in enumerate(inner_targets(start, target_params, steps)):
+        if count_parameters(model) <= goal:
+            continue  # nothing to remove (target met, or met by an earlier inner step's overshoot)
+        desc = f"{label} calibrating" + (f" {j + 1}/{steps}" if steps > 1 else "")
+        with profile.phase("calibration"):
+            calib = calibrate_for(model, next_sequences(calibration, j), cfg, adapter, progress, desc.strip())
+        report = prune_with_stats(model, calib, goal, cfg, adapter, profile, allocator=allocator)
+        records += report.records
+        influence = report.influence
+    return StepReport(
+        plan=compose_records(records),
+        records=records,
+        profile=profile,
+        influence=influence,
+        inner_steps=steps,
+        allocator_state=allocator.to_json(),
+    )
 
 
 def calibrate_for(
@@ -92,13 +237,33 @@ def calibrate_for(
     progress: bool = True,
     desc: str = "calibrating",
 ) -> CalibrationResult:
-    """One calibration pass collecting what the configured metric and compensation need."""
+    """One calibration pass collecting what the configured metric and compensation need.
+
+    ``taylor_param_first`` (Adapt-Pruner's scoring) calibrates on ``prune.taylor_samples`` windows
+    of ``prune.taylor_seq_len`` tokens cut from ``sequences``, all with a backward pass (mini-batches
+    of ``TAYLOR_BATCH``); its layer influence and channel statistics come from the same windows,
+    as upstream's layer importance does. Other metrics use all of ``sequences``.
+    """
     metric = get_metric(cfg.metric)
+    collect_cov = cfg.energy_compensation or metric.needs_cov
+    if metric.needs_elementwise_grads:
+        rows = taylor_rows(sequences, cfg.taylor_samples, cfg.taylor_seq_len)
+        return calibrate(
+            model,
+            rows,
+            batch_size=TAYLOR_BATCH,
+            adapter=adapter,
+            collect_cov=collect_cov,
+            taylor_batches=math.ceil(rows.shape[0] / TAYLOR_BATCH),
+            taylor_elementwise=True,
+            progress=progress,
+            desc=desc,
+        )
     return calibrate(
         model,
         sequences,
         adapter=adapter,
-        collect_cov=cfg.energy_compensation or metric.needs_cov,
+        collect_cov=collect_cov,
         taylor_batches=TAYLOR_MINI_BATCHES if metric.needs_grads else 0,
         progress=progress,
         desc=desc,
@@ -112,10 +277,13 @@ def prune_with_stats(
     cfg: PruneConfig,
     adapter: ArchAdapter | None = None,
     profile: Profile | None = None,
+    allocator: Allocator | None = None,
 ) -> StepReport:
-    """Score, allocate and remove (with compensation) from existing calibration statistics."""
+    """Score, allocate and remove (with compensation) from existing calibration statistics: one
+    step, one ``allocator.plan`` (``build_allocator(cfg)`` unless given)."""
     adapter = adapter or get_adapter(model)
     profile = profile or Profile()
+    allocator = allocator or build_allocator(cfg)
     metric = get_metric(cfg.metric)
     if cfg.mean_compensation:
         ensure_output_biases(model, adapter)  # the bias slots count towards the target too
@@ -126,9 +294,6 @@ def prune_with_stats(
             {kind: metric.unit_scores(model, adapter, i, kind, calib) for kind in (ATTENTION, MLP)} for i in layers
         ]
         influence = torch.tensor([s.influence for s in calib.layers], dtype=torch.float64)
-        allocator = get_allocator(
-            cfg.allocation, **({"amplitude": cfg.amplitude} if cfg.allocation == "adaptive" else {})
-        )
         plan = allocator.plan(
             layer_budgets(model, adapter, cfg.min_groups, cfg.min_neurons),
             scores,
@@ -141,4 +306,6 @@ def prune_with_stats(
         records = apply_compensated_plan(
             model, plan, calib, mean=cfg.mean_compensation, energy=cfg.energy_compensation, adapter=adapter
         )
-    return StepReport(plan=plan, records=records, profile=profile, influence=influence.tolist())
+    return StepReport(
+        plan=plan, records=records, profile=profile, influence=influence.tolist(), allocator_state=allocator.to_json()
+    )

@@ -36,26 +36,38 @@ def slice_linear(linear: nn.Linear, dim: int, index: torch.Tensor) -> nn.Linear:
     return new
 
 
-def _validated_keep(keep: Sequence[int], total: int, layer_idx: int, kind: str) -> torch.Tensor:
+def _validated_keep(
+    keep: Sequence[int], total: int, layer_idx: int, kind: str, allow_empty_attention: bool = False
+) -> torch.Tensor:
     kept = sorted(set(int(k) for k in keep))
     if len(kept) != len(list(keep)):
         raise SurgeryError(f"layer {layer_idx} {kind}: duplicate unit ids in keep list")
     if kept and (kept[0] < 0 or kept[-1] >= total):
         raise SurgeryError(f"layer {layer_idx} {kind}: unit ids must lie in [0, {total}); got {kept[0]}..{kept[-1]}")
-    if kind == ATTENTION and not kept:
+    if kind == ATTENTION and not kept and not allow_empty_attention:
         raise SurgeryError(f"layer {layer_idx}: cannot remove every attention group (keep at least 1)")
     return torch.tensor(kept, dtype=torch.long)
 
 
 def remove_units(
-    model: nn.Module, layer_idx: int, kind: str, keep: Sequence[int], adapter: ArchAdapter | None = None
+    model: nn.Module,
+    layer_idx: int,
+    kind: str,
+    keep: Sequence[int],
+    adapter: ArchAdapter | None = None,
+    allow_empty_attention: bool = False,
 ) -> KeptRecord:
-    """Keep only units ``keep`` of ``kind`` in one layer; every coupled matrix is rebuilt."""
+    """Keep only units ``keep`` of ``kind`` in one layer; every coupled matrix is rebuilt.
+
+    ``allow_empty_attention`` lets ``keep`` be empty for attention (FLAP without a floor): the
+    layer's q/k/v/o become zero-size linears, which HF's forward runs (attention adds only the o
+    bias), but HF cannot build such a layer from a config, so its checkpoint does not reload.
+    """
     adapter = adapter or get_adapter(model)
     if kind not in UNIT_KINDS:
         raise SurgeryError(f"unit kind must be one of {UNIT_KINDS}, got '{kind}'")
     total = adapter.count_units(model, layer_idx, kind)
-    kept = _validated_keep(keep, total, layer_idx, kind)
+    kept = _validated_keep(keep, total, layer_idx, kind, allow_empty_attention)
     layer = adapter.decoder_layers(model)[layer_idx]
     slices = []
     for coupling in adapter.couplings(model, layer_idx, kind):
@@ -94,15 +106,17 @@ def params_after_removing(model: nn.Module, non_embedding_fraction: float) -> in
     return count_parameters(model) - round(non_embedding_fraction * count_non_embedding_parameters(model))
 
 
-def apply_plan(model: nn.Module, plan: Plan, adapter: ArchAdapter | None = None) -> list[KeptRecord]:
-    """Apply a whole plan, sync the per-layer config and check the invariants."""
+def apply_plan(
+    model: nn.Module, plan: Plan, adapter: ArchAdapter | None = None, allow_empty_attention: bool = False
+) -> list[KeptRecord]:
+    """Apply a whole plan, sync the per-layer config and check the invariants (see ``remove_units``)."""
     adapter = adapter or get_adapter(model)
     expected = count_parameters(model)
     records = []
     for layer_idx in sorted(plan):
         for kind, keep in plan[layer_idx].items():
             per_unit = adapter.params_per_unit(model, layer_idx, kind)
-            record = remove_units(model, layer_idx, kind, keep, adapter)
+            record = remove_units(model, layer_idx, kind, keep, adapter, allow_empty_attention)
             expected -= record.removed * per_unit
             records.append(record)
     adapter.sync_config(model)

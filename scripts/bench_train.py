@@ -22,9 +22,9 @@ import torch
 from accelerate import Accelerator
 
 from adaptprune.checkpoint import load_model
-from adaptprune.config import load_config
+from adaptprune.config import TrainConfig, from_dict, load_config
 from adaptprune.controller import Controller
-from trainers import FullTrainer, TrainerConfig
+from trainers import FullTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def plain_loop_tokens_per_s(model, acc: Accelerator, batches: list[torch.Tensor]
 
 
 def ours_tokens_per_s(model, acc: Accelerator, batches: list[torch.Tensor]) -> float:
-    trainer = FullTrainer(model, acc, TrainerConfig(weight_decay=0.0, max_grad_norm=0.0))
+    trainer = FullTrainer(model, acc, from_dict(TrainConfig, {"optim": {"weight_decay": 0.0, "grad_clip": 0.0}}))
     result = trainer.run_phase(iter(batches), len(batches), lambda step: 1e-5, 0)
     trainer.before_surgery()  # release the prepared wrappers
     acc.free_memory()

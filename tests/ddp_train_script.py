@@ -16,10 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from adaptprune.config import TrainConfig  # noqa: E402
 from adaptprune.surgery import apply_plan  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 from tests.trainer_utils import constant_lr, half_plan, toy_batches  # noqa: E402
-from trainers import FullTrainer, TrainerConfig  # noqa: E402
+from trainers import FullTrainer  # noqa: E402
 
 
 def _wrapper_depth(fn) -> int:
@@ -33,7 +34,7 @@ def main(out_dir: Path) -> None:
     accelerator = Accelerator(mixed_precision="bf16")  # CPU autocast: the GPU path's wrappers, on gloo
     rank = accelerator.process_index
     model = tiny_llama(seed=0)
-    trainer = FullTrainer(model, accelerator, TrainerConfig(grad_accum_steps=2))
+    trainer = FullTrainer(model, accelerator, TrainConfig(grad_accum_steps=2))
     prepared_forward = _wrapper_depth(model.forward)
     batches = toy_batches(seed=100 + rank, batch=2)  # ranks see different data
     losses = []

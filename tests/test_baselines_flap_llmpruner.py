@@ -10,10 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from adaptprune.allocation import LayerBudget
 from adaptprune.arch import ATTENTION, MLP, Coupling, get_adapter
-from adaptprune.baselines.flap import attention_scores, flap_prune, mlp_scores, wifv
+from adaptprune.baselines.flap import attention_scores, emptied_attention, flap_prune, mlp_scores, wifv
 from adaptprune.baselines.llm_pruner import (
-    LLM_PRUNER_LORA,
+    CALIB_SAMPLES,
+    CALIB_TOKENS,
+    LORA_EPOCHS,
     default_skips,
+    llm_pruner_calibration,
+    llm_pruner_lora_config,
     llm_pruner_prune,
     llm_pruner_scores,
     pruned_layers,
@@ -133,6 +137,42 @@ def test_flap_lands_on_the_target_within_one_unit(llama_model):
     target = _target(llama_model)
     flap_prune(llama_model, _sequences(), target, progress=False)
     assert target - _largest_unit(llama_model) < count_parameters(llama_model) <= target
+
+
+def test_flap_without_a_floor_empties_attention_and_keeps_its_mean_output():
+    """FLAP's own rule (no group floor) at 70% removal empties layers 1 and 2 of this model: their
+    q/k/v/o become zero-size, the forward runs, and o now outputs its bias, the dense mean output."""
+    dense, model = tiny_llama(), tiny_llama()
+    inputs = _output_inputs(dense)
+    target = _target(model, 0.7)
+    records = flap_prune(model, _sequences(), target, min_groups=0, progress=False)
+    adapter = get_adapter(model)
+    emptied = [i for i in range(3) if adapter.layer_shape(model, i).groups == 0]
+    assert emptied == [1, 2]
+    assert target - _largest_unit(dense) < count_parameters(model) <= target
+    assert sum(r.removed for r in records if r.kind == ATTENTION and r.layer in emptied) == 4  # 2 groups each
+    for i in emptied:
+        o_dense = adapter.decoder_layers(dense)[i].get_submodule(adapter.attention_output)
+        o = adapter.decoder_layers(model)[i].get_submodule(adapter.attention_output)
+        assert o.weight.shape == (64, 0)
+        dense_mean = (inputs[(i, adapter.attention_output)] @ o_dense.weight.double().T).mean(0)
+        torch.testing.assert_close(o.bias.double(), dense_mean, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=_sequences()).logits).all()
+    floored = tiny_llama()
+    flap_prune(floored, _sequences(), target, progress=False)  # default: every layer keeps a group
+    assert all(get_adapter(floored).layer_shape(floored, i).groups >= 1 for i in range(3))
+    assert emptied_attention({0: {ATTENTION: []}, 1: {ATTENTION: [0]}, 2: {MLP: []}}) == [0]
+
+
+def test_llm_pruner_calibration_draws_seeded_random_windows():
+    stream = torch.arange(10_000)
+    samples = llm_pruner_calibration(stream, seed=42)
+    assert samples.shape == (CALIB_SAMPLES, CALIB_TOKENS) == (10, 64)
+    assert torch.equal(samples, samples[:, :1] + torch.arange(64))  # each a contiguous window
+    assert not torch.equal(samples.flatten(), stream[:640])  # not the first 640 tokens
+    assert torch.equal(samples, llm_pruner_calibration(stream, seed=42))
+    assert not torch.equal(samples, llm_pruner_calibration(stream, seed=0))
 
 
 @pytest.mark.parametrize("prune", [flap_prune, llm_pruner_prune], ids=["flap", "llm_pruner"])
@@ -267,7 +307,14 @@ def test_llm_pruner_lands_on_the_target_within_one_neuron(llama_model, importanc
 
 
 def test_lora_recipe_builds_the_published_trainer_config():
-    cfg = LLM_PRUNER_LORA.trainer_config()
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (8, 16.0, 0.05)
-    assert set(cfg.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert (LLM_PRUNER_LORA.lr, LLM_PRUNER_LORA.epochs) == (1e-4, 2)
+    from trainers.lora import attach_adapter
+
+    cfg = llm_pruner_lora_config()
+    assert (cfg.trainer, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("lora", 8, 16.0, 0.05)
+    assert (cfg.lr, LORA_EPOCHS, cfg.batch_size * cfg.grad_accum_steps) == (1e-4, 2, 64)
+    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay) == (0.9, 0.999, 0.0)
+    wrapped = attach_adapter(tiny_llama(layers=1), cfg.lora)  # every projection gets an adapter
+    adapted = {
+        name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in wrapped.named_parameters() if "lora_A" in name
+    }
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

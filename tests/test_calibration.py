@@ -138,6 +138,31 @@ def test_taylor_terms_match_autograd_and_leave_no_grads():
             torch.testing.assert_close(calib.taylor[layer_idx][kind], expected, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("elementwise", [False, True], ids=["signed", "elementwise"])
+def test_taylor_gradient_is_the_mean_token_loss_over_unequal_batches(elementwise):
+    """Mini-batches of 2 and 1 sequences: each batch loss weighs by its share, so the terms are those
+    of one backward over all three sequences; the element-wise mode keeps Σ|w·g| as well."""
+    model = tiny_llama(num_heads=4, num_kv_heads=2, layers=2)
+    adapter = get_adapter(model)
+    seqs = _sequences(3, length=10)
+    calib = calibrate(model, seqs, batch_size=2, taylor_batches=2, taylor_elementwise=elementwise, progress=False)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert (calib.taylor_abs is not None) == elementwise
+    model(input_ids=seqs, labels=seqs, use_cache=False).loss.backward()
+    for layer_idx in range(2):
+        layer = adapter.decoder_layers(model)[layer_idx]
+        for kind in UNIT_KINDS:
+            units = adapter.count_units(model, layer_idx, kind)
+            for absolute, got in ((False, calib.taylor), (True, calib.taylor_abs)):
+                if got is None:
+                    continue
+                expected = torch.zeros(units, dtype=torch.float64)
+                for c in adapter.couplings(model, layer_idx, kind):
+                    w = layer.get_submodule(c.path).weight
+                    expected += first_order_terms(w, w.grad, c, units, absolute=absolute)
+                torch.testing.assert_close(got[layer_idx][kind], expected, rtol=1e-4, atol=1e-9)
+
+
 def test_first_order_terms_by_hand():
     w = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     g = torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.0, -2.0]])
@@ -146,6 +171,7 @@ def test_first_order_terms_by_hand():
     assert cols.tolist() == [-2.0 + 0.0, (0.5 + 4.0) + (0.0 - 12.0)]
     rows = first_order_terms(w, g, Coupling("x", 0, torch.tensor([0, 0])), 1)
     assert rows.tolist() == [0.5 - 2.0 + 4.0 - 12.0]
+    assert first_order_terms(w, g, Coupling("x", 0, torch.tensor([0, 0])), 1, absolute=True).tolist() == [18.5]
 
 
 def test_bad_sequences_fail_clearly():

@@ -6,28 +6,28 @@ import json
 
 import pytest
 
-from adaptprune import compare
-from adaptprune.compare import METHODS, load_compare_config, run_compare
+from adaptprune.compare import DEFAULT_METHODS, load_compare_config, run_compare
+from adaptprune.methods import METHODS
 
 
 def test_compare_runs_every_method_at_equal_size(tmp_path):
     cfg = load_compare_config(
         None,
         [
-            "model=tiny-random-llama",
+            "run.model.name=tiny-random-llama",
             "remove_non_embedding=0.2",
-            "calib_tokens=1024",
-            "seq_len=64",
-            "train_tokens=1024",
-            "eval_tokens=512",
-            "eval_context=128",
+            "run.data.calib_tokens=1024",
+            "run.data.seq_len=64",
+            "run.schedule.train_tokens=1024",
+            "run.data.eval_tokens=512",
+            "run.data.eval_context=128",
             "tasks=[piqa]",
             "limit=5",
             f"out={tmp_path}",
         ],
     )
     rows = run_compare(cfg)
-    assert [r["method"] for r in rows] == list(METHODS)
+    assert [r["method"] for r in rows] == DEFAULT_METHODS
     target = json.loads((tmp_path / "comparison.json").read_text())["target"]
     for r in rows[1:]:
         assert abs(r["params"] - target) <= 0.005 * target, r
@@ -43,13 +43,13 @@ def _tiny_config(tmp_path, *extra):
     return load_compare_config(
         None,
         [
-            "model=tiny-random-llama",
+            "run.model.name=tiny-random-llama",
             "remove_non_embedding=0.2",
-            "calib_tokens=512",
-            "seq_len=64",
-            "train_tokens=0",
-            "eval_tokens=256",
-            "eval_context=128",
+            "run.data.calib_tokens=512",
+            "run.data.seq_len=64",
+            "run.schedule.train_tokens=0",
+            "run.data.eval_tokens=256",
+            "run.data.eval_context=128",
             "tasks=[]",
             f"out={tmp_path}",
             *extra,
@@ -60,11 +60,11 @@ def _tiny_config(tmp_path, *extra):
 def test_compare_resumes_finished_methods_and_ignores_other_settings(tmp_path, monkeypatch):
     first = run_compare(_tiny_config(tmp_path, "methods=[dense,flap]"))
 
-    def must_not_run(ctx, model):
+    def must_not_run(model, ctx):
         raise AssertionError("a finished method was recomputed")
 
-    monkeypatch.setitem(compare.RUNNERS, "flap", must_not_run)
-    monkeypatch.setitem(compare.RUNNERS, "dense", must_not_run)
+    monkeypatch.setitem(METHODS, "flap", must_not_run)
+    monkeypatch.setitem(METHODS, "dense", must_not_run)
     rows = run_compare(_tiny_config(tmp_path, "methods=[dense,flap,adaptprune_oneshot]"))
     assert rows[:2] == first
     assert rows[2]["method"] == "adaptprune_oneshot"
@@ -78,6 +78,6 @@ def test_compare_resumes_finished_methods_and_ignores_other_settings(tmp_path, m
     assert [r["method"] for r in saved["rows"]] == ["flap", "dense", "adaptprune_oneshot"]
 
     with pytest.raises(AssertionError, match="recomputed"):  # other settings: nothing is reused
-        run_compare(_tiny_config(tmp_path, "methods=[dense]", "eval_tokens=128"))
+        run_compare(_tiny_config(tmp_path, "methods=[dense]", "run.data.eval_tokens=128"))
     with pytest.raises(AssertionError, match="recomputed"):  # resume=false: nothing is reused
         run_compare(_tiny_config(tmp_path, "methods=[flap]", "resume=false"))

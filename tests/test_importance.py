@@ -31,9 +31,10 @@ W = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
 
 
 def test_registry_names_and_errors():
-    assert set(METRICS) == {"magnitude", "wanda", "stade", "cvr", "taylor"}
+    assert set(METRICS) == {"magnitude", "wanda", "stade", "cvr", "taylor", "taylor_param_first"}
     assert all(issubclass(cls, Importance) and cls.name == name for name, cls in METRICS.items())
     assert get_metric("taylor").needs_grads and not get_metric("stade").needs_grads
+    assert get_metric("taylor_param_first").needs_elementwise_grads and not get_metric("taylor").needs_elementwise_grads
     assert get_metric("cvr", alpha=0.25).alpha == 0.25
     with pytest.raises(ValueError, match="did you mean 'stade'"):
         get_metric("stad")
@@ -164,14 +165,70 @@ def test_taylor_metric_reads_calibrated_terms():
         torch.testing.assert_close(scores, calib.taylor[1][kind].abs())
 
 
-@pytest.mark.parametrize("name", ["magnitude", "wanda", "stade", "cvr", "taylor"])
+def _coupled_abs_terms(layer, n_rep: int, head_dim: int, grads: dict) -> dict[str, torch.Tensor]:
+    """Σ |w·g| per neuron and per KV group, slicing the HF projections by hand (no adapter)."""
+    e = {name: (w.detach() * grads[name]).abs().double() for name, w in _named_weights(layer).items()}
+    neurons = e["gate"].sum(1) + e["up"].sum(1) + e["down"].sum(0)
+    q, kv = n_rep * head_dim, head_dim  # rows of q (columns of o) and of k/v per group
+    groups = torch.stack(
+        [
+            e["q"][g * q : (g + 1) * q].sum()
+            + e["k"][g * kv : (g + 1) * kv].sum()
+            + e["v"][g * kv : (g + 1) * kv].sum()
+            + e["o"][:, g * q : (g + 1) * q].sum()
+            for g in range(layer.self_attn.k_proj.out_features // head_dim)
+        ]
+    )
+    return {MLP: neurons, ATTENTION: groups}
+
+
+def _named_weights(layer) -> dict[str, torch.Tensor]:
+    a, m = layer.self_attn, layer.mlp
+    return {
+        "gate": m.gate_proj.weight,
+        "up": m.up_proj.weight,
+        "down": m.down_proj.weight,
+        "q": a.q_proj.weight,
+        "k": a.k_proj.weight,
+        "v": a.v_proj.weight,
+        "o": a.o_proj.weight,
+    }
+
+
+def test_taylor_param_first_is_the_sum_of_abs_w_times_g_by_hand():
+    """Σ over each unit's coupled weights of |w·g|, g the gradient of the mean token loss over all
+    sequences (accumulated over mini-batches of 4 and 2 before the absolute value)."""
+    model = tiny_llama(num_heads=4, num_kv_heads=2, layers=2)
+    adapter = get_adapter(model)
+    torch.manual_seed(3)
+    seqs = torch.randint(0, 128, (6, 8))
+    calib = calibrate(model, seqs, batch_size=4, taylor_batches=2, taylor_elementwise=True, progress=False)
+    assert calib.taylor_tokens == seqs.numel()
+    layer = model.model.layers[1]
+    named = _named_weights(layer)
+    grads = dict(zip(named, torch.autograd.grad(model(input_ids=seqs, labels=seqs).loss, list(named.values()))))
+    expected = _coupled_abs_terms(layer, n_rep=2, head_dim=16, grads=grads)
+    metric = get_metric("taylor_param_first")
+    for kind in (MLP, ATTENTION):
+        scores = metric.unit_scores(model, adapter, 1, kind, calib)
+        torch.testing.assert_close(scores, expected[kind], rtol=1e-5, atol=1e-12)
+        assert (scores >= get_metric("taylor").unit_scores(model, adapter, 1, kind, calib)).all()  # |Σ| <= Σ|.|
+    with pytest.raises(ValueError, match="taylor_elementwise"):
+        metric.unit_scores(model, adapter, 1, MLP, calibrate(model, seqs, taylor_batches=1, progress=False))
+
+
+@pytest.mark.parametrize("name", ["magnitude", "wanda", "stade", "cvr", "taylor", "taylor_param_first"])
 def test_every_metric_scores_every_unit_of_a_calibrated_model(name):
     model = tiny_llama(num_heads=4, num_kv_heads=2, layers=2)
     adapter = get_adapter(model)
     metric = get_metric(name)
     torch.manual_seed(2)
     calib = calibrate(
-        model, torch.randint(0, 128, (2, 8)), taylor_batches=1 if metric.needs_grads else 0, progress=False
+        model,
+        torch.randint(0, 128, (2, 8)),
+        taylor_batches=1 if metric.needs_grads else 0,
+        taylor_elementwise=metric.needs_elementwise_grads,
+        progress=False,
     )
     for layer in range(2):
         for kind in UNIT_KINDS:

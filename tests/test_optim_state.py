@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter
+from adaptprune.config import TrainConfig
 from adaptprune.surgery import apply_plan, ensure_output_biases
-from trainers import FullTrainer, TrainerConfig, load_optimizer_state, save_optimizer_state
+from trainers import FullTrainer, load_optimizer_state, save_optimizer_state
 from trainers.optim_state import surgery_cuts
 
 from .conftest import tiny_llama
-from .trainer_utils import constant_lr, cpu_accelerator, half_plan, toy_batches
+from .trainer_utils import constant_lr, cpu_accelerator, half_plan, toy_batches, train_cfg
 
 
-def _trained(config: TrainerConfig | None = None, steps: int = 2, **model_kw) -> FullTrainer:
-    trainer = FullTrainer(tiny_llama(**model_kw), cpu_accelerator(), config or TrainerConfig())
+def _trained(config: TrainConfig | None = None, steps: int = 2, **model_kw) -> FullTrainer:
+    trainer = FullTrainer(tiny_llama(**model_kw), cpu_accelerator(), config or TrainConfig())
     trainer.run_phase(toy_batches(), steps, constant_lr(1e-2), 0)
     return trainer
 
@@ -87,7 +88,7 @@ def test_bias_slices_and_new_biases_start_fresh():
 
 
 def test_reset_mode_starts_from_scratch():
-    trainer = _trained(TrainerConfig(optimizer_state="reset"))
+    trainer = _trained(train_cfg(optim={"after_surgery": "reset"}))
     plain = trainer.before_surgery()
     trainer.after_surgery(plain, apply_plan(plain, half_plan(plain)))
     assert trainer.optimizer_state_by_name() == {} and trainer.last_carry is None

@@ -24,7 +24,7 @@ from adaptprune.arch import UnsupportedArchitectureError
 from adaptprune.arch.llama import LlamaAdapter
 from adaptprune.compat import PickledWeightsError, require_safetensors
 from adaptprune.config import ConfigError, RunConfig, from_dict, load_config
-from adaptprune.controller import Controller, _check_head_groups
+from adaptprune.controller import Controller
 from adaptprune.data import CorpusError, load_corpus
 from adaptprune.surgery import SurgeryError, remove_attention_groups
 from tests.conftest import tiny_llama
@@ -241,7 +241,7 @@ def test_unsupported_architecture_is_one_line_naming_type_and_families(tmp_path,
 
 
 def test_heads_that_do_not_split_into_kv_groups_are_refused_before_any_forward():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     config = LlamaConfig(
         vocab_size=32,
@@ -253,7 +253,7 @@ def test_heads_that_do_not_split_into_kv_groups_are_refused_before_any_forward()
         head_dim=16,
     )
     with pytest.raises(UnsupportedArchitectureError, match="6 query heads and 4 KV heads"):
-        _check_head_groups(LlamaForCausalLM(config), LlamaAdapter())
+        LlamaAdapter().check_geometry(config)
 
 
 def test_attention_is_only_removed_in_whole_kv_groups():
@@ -313,7 +313,7 @@ def test_disk_too_small_fails_before_any_work(tmp_path, capsys, monkeypatch, toy
     out = tmp_path / "run"
     code, err = _train(capsys, out, toy_corpus)
     assert code == 2
-    _assert_one_line(err, f"output.dir={out}", "0.0 GiB free", "a stage checkpoint needs about")
+    _assert_one_line(err, f"output.dir={out}", "0.0 MiB free", "a stage checkpoint needs about")
     assert not out.exists()
 
 

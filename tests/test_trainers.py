@@ -22,12 +22,11 @@ from trainers import (
     FullTrainer,
     LoraTrainer,
     NonFiniteLossError,
-    TrainerConfig,
     get_trainer,
 )
 
 from .conftest import tiny_llama
-from .trainer_utils import constant_lr, cpu_accelerator, half_plan, toy_batches
+from .trainer_utils import constant_lr, cpu_accelerator, half_plan, toy_batches, train_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,12 +43,12 @@ def test_registry():
     assert get_trainer("distill") is DistillTrainer
     with pytest.raises(ValueError, match="unknown trainer 'ful'"):
         get_trainer("ful")
-    with pytest.raises(ValueError, match="optimizer_state"):
-        TrainerConfig(optimizer_state="keep")
+    with pytest.raises(ValueError, match="after_surgery"):
+        train_cfg(optim={"after_surgery": "keep"})
 
 
 def test_full_loss_decreases():
-    trainer = FullTrainer(tiny_llama(), cpu_accelerator(), TrainerConfig())
+    trainer = FullTrainer(tiny_llama(), cpu_accelerator(), train_cfg())
     metrics = []
     result = trainer.run_phase(toy_batches(), 25, constant_lr(1e-2), 10, metrics.append)
     losses = [m["loss"] for m in metrics]
@@ -62,8 +61,8 @@ def test_full_loss_decreases():
 def test_grad_accumulation_matches_one_big_batch():
     """Two micro-batches of 2 give the gradient of one batch of 4 (seen through Adam's first moment;
     the first Adam step itself is ~lr * sign(g), too sensitive to compare)."""
-    big = FullTrainer(tiny_llama(), cpu_accelerator(), TrainerConfig())
-    small = FullTrainer(tiny_llama(), cpu_accelerator(), TrainerConfig(grad_accum_steps=2))
+    big = FullTrainer(tiny_llama(), cpu_accelerator(), train_cfg())
+    small = FullTrainer(tiny_llama(), cpu_accelerator(), train_cfg(grad_accum_steps=2))
     batch = next(toy_batches(batch=4))
     big.run_phase(iter([batch]), 1, constant_lr(1e-2), 0)
     small.run_phase(iter([batch[:2], batch[2:]]), 1, constant_lr(1e-2), 0)
@@ -77,7 +76,7 @@ def test_lora_loss_decreases_and_trains_only_adapters():
     # With the default 0.02 init the frozen head + final norm cap the logits near uniform, so
     # no adapter could fit the corpus; a wider init stands in for a pretrained model.
     model = tiny_llama(initializer_range=0.1)
-    trainer = LoraTrainer(model, cpu_accelerator(), TrainerConfig(lora_r=4, lora_dropout=0.0))
+    trainer = LoraTrainer(model, cpu_accelerator(), train_cfg(lora={"r": 4, "dropout": 0.0}))
     trainable = [n for n, p in trainer.unwrapped_model().named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert len(trainable) == 2 * 7 * 3  # A and B for q/k/v/o/gate/up/down in 3 layers
@@ -89,7 +88,7 @@ def test_distill_loss_decreases_and_teacher_stays_frozen():
     teacher = tiny_llama(seed=5)
     FullTrainer(teacher, cpu_accelerator()).run_phase(toy_batches(1), 15, constant_lr(1e-2), 0)
     teacher_before = copy.deepcopy(teacher.state_dict())
-    config = TrainerConfig(distill_temperature=2.0, distill_alpha=0.0)
+    config = train_cfg(distill={"temperature": 2.0, "kd_weight": 1.0})
     trainer = DistillTrainer(tiny_llama(seed=0), cpu_accelerator(), config, teacher=teacher)
     losses = _losses(trainer, 20, 1e-2)
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
@@ -119,7 +118,7 @@ def _poison_loss(trainer):
 
 @pytest.mark.parametrize("poison", [_poison_norm, _poison_loss], ids=["nan-parameter", "inf-loss"])
 def test_non_finite_loss_stops_before_the_optimizer_step(poison):
-    trainer = FullTrainer(tiny_llama(), cpu_accelerator(), TrainerConfig())
+    trainer = FullTrainer(tiny_llama(), cpu_accelerator(), train_cfg())
     trainer.run_phase(toy_batches(), 1, constant_lr(1e-2), 0)
     poison(trainer)
     weights = {n: p.detach().clone() for n, p in trainer.unwrapped_model().named_parameters()}
@@ -138,7 +137,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step(poison):
 
 def test_lora_merge_before_surgery_is_exact_and_pruned_model_takes_a_new_adapter():
     model = tiny_llama()
-    trainer = LoraTrainer(model, cpu_accelerator(), TrainerConfig(lora_r=4))
+    trainer = LoraTrainer(model, cpu_accelerator(), train_cfg(lora={"r": 4}))
     peft_model = trainer.unwrapped_model()
     torch.manual_seed(7)
     with torch.no_grad():  # B starts at zero; make the adapter do something

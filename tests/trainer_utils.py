@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter
+from adaptprune.config import TrainConfig, from_dict
 
 
 def toy_batches(
@@ -21,6 +22,11 @@ def toy_batches(
     while True:
         offsets = torch.randint(0, period, (batch, 1), generator=gen)
         yield pattern[(offsets + positions) % period]  # (B, L)
+
+
+def train_cfg(**values) -> TrainConfig:
+    """A validated ``TrainConfig`` from keyword values (nested sections as dicts, e.g. lora={"r": 4})."""
+    return from_dict(TrainConfig, values, "train.")
 
 
 def cpu_accelerator() -> Accelerator:

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -26,17 +26,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from adaptprune.config import OptimArgs, TrainConfig
 from adaptprune.records import KeptRecord
 
 from .optim_state import (
-    OPTIMIZER_STATE_MODES,
     CarryReport,
     StateByName,
     carry_optimizer_state,
     state_by_name,
 )
-
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,54 +52,6 @@ class NonFiniteLossError(FloatingPointError):
 
 class BatchesExhaustedError(RuntimeError):
     """The batch iterable ended before the phase's step count was reached."""
-
-
-@dataclass
-class TrainerConfig:
-    """Recovery-training settings shared by every strategy (the lr comes from ``lr_at``)."""
-
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW (beta1, beta2)."})
-    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    weight_decay: float = field(
-        default=0.1, metadata={"help": "AdamW decoupled weight decay, applied to matrices only (not norms/biases)."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global grad norm to this; 0 disables."})
-    grad_accum_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    optimizer_state: str = field(
-        default="carry",
-        metadata={
-            "help": "After surgery: 'carry' slices AdamW moments of kept units into the new optimizer "
-            "(step count kept); 'reset' starts the optimizer from scratch. LoRA always resets "
-            "(its adapters are new after every surgery)."
-        },
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch input."})
-    lora_target_modules: tuple[str, ...] = field(
-        default=DEFAULT_LORA_TARGETS, metadata={"help": "Linear module names that get adapters."}
-    )
-    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the KD loss."})
-    distill_alpha: float = field(
-        default=0.0,
-        metadata={"help": "Weight of the LM loss: loss = alpha * LM + (1 - alpha) * T^2 * KL(teacher || student)."},
-    )
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
-        self.lora_target_modules = tuple(self.lora_target_modules)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.eps <= 0 or self.max_grad_norm < 0:
-            raise ValueError("weight_decay and max_grad_norm must be >= 0 and eps > 0")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        if self.optimizer_state not in OPTIMIZER_STATE_MODES:
-            raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got '{self.optimizer_state}'")
-        if self.lora_r < 1 or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError("lora_r must be >= 1 and lora_dropout in [0, 1)")
-        if self.distill_temperature <= 0 or not 0.0 <= self.distill_alpha <= 1.0:
-            raise ValueError("distill_temperature must be > 0 and distill_alpha in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -126,7 +76,7 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1))
 
 
-def adamw_for(model: nn.Module, config: TrainerConfig) -> torch.optim.AdamW:
+def adamw_for(model: nn.Module, config: OptimArgs) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; matrices decay, 1-D tensors (norms, biases) do not."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -138,7 +88,8 @@ def adamw_for(model: nn.Module, config: TrainerConfig) -> torch.optim.AdamW:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # lr is set before every step from lr_at(global_step); 0 here so nothing steps unscheduled.
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=config.betas, eps=config.eps)
+    betas = (config.beta1, config.beta2)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=betas, eps=config.eps)
 
 
 def forget_prepared(accelerator: Accelerator, model: nn.Module) -> nn.Module:
@@ -163,6 +114,15 @@ def forget_prepared(accelerator: Accelerator, model: nn.Module) -> nn.Module:
     return model
 
 
+TRAINERS: dict[str, type[Trainer]] = {}
+
+
+def register_trainer(cls: type[Trainer]) -> type[Trainer]:
+    """Class decorator: make ``cls`` available as ``train.trainer: <cls.name>``."""
+    TRAINERS[cls.name] = cls
+    return cls
+
+
 class Trainer:
     """A recovery strategy: wraps the model for training, builds the optimizer, runs phases.
 
@@ -177,11 +137,11 @@ class Trainer:
         self,
         model: nn.Module,
         accelerator: Accelerator,
-        config: TrainerConfig | None = None,
+        config: TrainConfig | None = None,
         teacher: nn.Module | None = None,  # used only by strategies with needs_teacher
     ):
         self.accelerator = accelerator
-        self.config = config or TrainerConfig()
+        self.config = config or TrainConfig()
         self._held_state: StateByName | None = None
         self.last_carry: CarryReport | None = None  # what the last after_surgery did with the state
         self.model, self.optimizer = self._prepare(model, records=())
@@ -202,8 +162,11 @@ class Trainer:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _prepare(self, model: nn.Module, records: Sequence[KeptRecord]) -> tuple[nn.Module, torch.optim.Optimizer]:
+        if self.config.gradient_checkpointing:
+            # Surgery builds new modules, so the flag is set again on every (re-)prepare.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module = self.wrap_for_training(model)
-        optimizer = adamw_for(module, self.config)
+        optimizer = adamw_for(module, self.config.optim)
         if self._held_state is not None:
             # Before prepare: AcceleratedOptimizer re-loads the state onto the device itself.
             self.last_carry = carry_optimizer_state(self._held_state, records, optimizer, module)
@@ -225,7 +188,7 @@ class Trainer:
         says 'carry'), then releases the DDP wrapper and optimizer. Call ``after_surgery`` next.
         """
         module = self.accelerator.unwrap_model(self.model)
-        if self.carries_optimizer_state and self.config.optimizer_state == "carry":
+        if self.carries_optimizer_state and self.config.optim.after_surgery == "carry":
             self._held_state = state_by_name(self.optimizer, module)
         self.model = self.optimizer = None  # the old wrapper pins the old parameters
         forget_prepared(self.accelerator, module)
@@ -263,7 +226,7 @@ class Trainer:
         """
         acc, model, optimizer = self.accelerator, self.model, self.optimizer
         accum = self.config.grad_accum_steps
-        max_norm = self.config.max_grad_norm or math.inf  # inf: measure the norm, never scale
+        max_norm = self.config.optim.grad_clip or math.inf  # inf: measure the norm, never scale
         trainable = [p for p in model.parameters() if p.requires_grad]
         batch_iter = iter(batches)
         losses: list[float] = []

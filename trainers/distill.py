@@ -1,6 +1,6 @@
 """Knowledge distillation from the unpruned teacher (Minitron: KD recovers far more per token).
 
-loss = alpha * LM + (1 - alpha) * T^2 * KL(p_teacher^T || p_student^T), KL summed over the
+loss = kd_weight * T^2 * KL(p_teacher^T || p_student^T) + (1 - kd_weight) * LM, KL summed over the
 vocabulary and averaged over every token position; T^2 keeps gradient scale independent of T
 (Hinton et al., 2015). The student trains all parameters, as in ``FullTrainer``.
 """
@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from .base import TrainerConfig, lm_loss
+from adaptprune.config import TrainConfig
+
+from .base import lm_loss, register_trainer
 from .full import FullTrainer
 
 
@@ -25,6 +27,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature**2
 
 
+@register_trainer
 class DistillTrainer(FullTrainer):
     """Full-parameter student, frozen dense teacher (eval mode, no grads, never DDP-wrapped)."""
 
@@ -35,7 +38,7 @@ class DistillTrainer(FullTrainer):
         self,
         model: nn.Module,
         accelerator: Accelerator,
-        config: TrainerConfig | None = None,
+        config: TrainConfig | None = None,
         teacher: nn.Module | None = None,
     ):
         if teacher is None:
@@ -49,8 +52,8 @@ class DistillTrainer(FullTrainer):
         logits = model(input_ids=input_ids).logits  # (B, L, V), fp32 from accelerate's wrapper
         with torch.no_grad(), self.accelerator.autocast():
             teacher_logits = self.teacher(input_ids=input_ids).logits  # (B, L, V)
-        alpha, temperature = self.config.distill_alpha, self.config.distill_temperature
-        loss = (1.0 - alpha) * kd_loss(logits, teacher_logits, temperature)
-        if alpha > 0:
-            loss = loss + alpha * lm_loss(logits, input_ids)
+        kd_weight, temperature = self.config.distill.kd_weight, self.config.distill.temperature
+        loss = kd_weight * kd_loss(logits, teacher_logits, temperature)
+        if kd_weight < 1:
+            loss = loss + (1.0 - kd_weight) * lm_loss(logits, input_ids)
         return loss

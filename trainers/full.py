@@ -1,14 +1,15 @@
 """Full-parameter recovery training: every weight trains with AdamW (Adapt-Accel's default).
 
-bf16 on GPU comes from the ``Accelerator(mixed_precision="bf16")`` the controller builds:
+Mixed precision is ``train.mixed_precision``, handed to the ``Accelerator`` the controller builds:
 ``prepare`` wraps the forward in autocast and keeps fp32 master weights; nothing custom here.
 """
 
 from __future__ import annotations
 
-from .base import Trainer
+from .base import Trainer, register_trainer
 
 
+@register_trainer
 class FullTrainer(Trainer):
     """All parameters trainable; AdamW state is carried across surgery (``optimizer_state``)."""
 

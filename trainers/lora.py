@@ -13,21 +13,27 @@ import copy
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .base import Trainer, TrainerConfig
+from adaptprune.config import LoraArgs
+
+from .base import Trainer, register_trainer
 
 
-def lora_config(config: TrainerConfig) -> LoraConfig:
-    """peft's LoraConfig from our settings."""
+def lora_config(config: LoraArgs) -> LoraConfig:
+    """peft's LoraConfig from ``train.lora``: every linear of the decoder layers unless modules are named.
+
+    peft's ``all-linear`` finds the linears by type (q/k/v/o and gate/up/down on Llama, the fused
+    qkv_proj/gate_up_proj on Phi-3, fc1/fc2/out_proj on OPT) and leaves the LM head alone.
+    """
     return LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules),
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules) or "all-linear",
         bias="none",
     )
 
 
-def attach_adapter(model: nn.Module, config: TrainerConfig) -> PeftModel:
+def attach_adapter(model: nn.Module, config: LoraArgs) -> PeftModel:
     """Wrap a plain model with a fresh LoRA adapter; base weights are frozen by peft."""
     return get_peft_model(model, lora_config(config))
 
@@ -39,6 +45,7 @@ def merge_adapter(model: PeftModel) -> nn.Module:
     return plain.requires_grad_(True)
 
 
+@register_trainer
 class LoraTrainer(Trainer):
     """Only adapter weights train; merged into the base weights before each surgery."""
 
@@ -46,7 +53,7 @@ class LoraTrainer(Trainer):
     carries_optimizer_state = False
 
     def wrap_for_training(self, model: nn.Module) -> nn.Module:
-        return attach_adapter(model, self.config)
+        return attach_adapter(model, self.config.lora)
 
     def unwrap_for_surgery(self, model: nn.Module) -> nn.Module:
         return merge_adapter(model)

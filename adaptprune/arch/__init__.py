@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .base import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, Coupling, LayerShape
+from .base import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, Coupling, LayerShape, UnsupportedArchitectureError
 from .gemma3 import Gemma3Adapter
 from .llama import LlamaAdapter
 from .mistral import MistralAdapter
 from .opt import OPTAdapter
 from .phi3 import Phi3Adapter
 from .qwen import Qwen2Adapter, Qwen3Adapter
+from .stream import NORM, READ, WRITE, HiddenCoupling, StreamLayout
 
 ADAPTERS: tuple[ArchAdapter, ...] = (
     LlamaAdapter(),
@@ -21,10 +22,6 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
     Phi3Adapter(),
     Gemma3Adapter(),
 )
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model's family has no adapter."""
 
 
 def supported_families() -> list[str]:
@@ -58,10 +55,15 @@ __all__ = [
     "ADAPTERS",
     "ATTENTION",
     "MLP",
+    "NORM",
+    "READ",
     "UNIT_KINDS",
+    "WRITE",
     "ArchAdapter",
     "Coupling",
+    "HiddenCoupling",
     "LayerShape",
+    "StreamLayout",
     "UnsupportedArchitectureError",
     "get_adapter",
     "register_auto_classes",

@@ -6,6 +6,9 @@ matrix that holds a slice of it, the dimension the slice lies on, and for each p
 that dimension the unit it belongs to. Surgery keeps the positions of kept units; Taylor and
 magnitude scores sum over the same couplings; fused projections are just couplings whose
 positions repeat unit ids.
+
+The residual stream and the layer stack are described by ``StreamLayout`` (``stream.py``), which
+every adapter also is.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ import torch
 from torch import nn
 
 from . import hf_compat
+from .stream import StreamLayout
 
 MLP = "mlp"
 ATTENTION = "attention"
 UNIT_KINDS = (MLP, ATTENTION)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's family has no adapter, or its layout cannot be pruned (e.g. heads vs KV groups)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ class LayerShape:
     neurons: int
 
 
-class ArchAdapter(ABC):
+class ArchAdapter(StreamLayout, ABC):
     """All knowledge of one model family's layout. Subclasses register in ``arch/__init__``."""
 
     family: ClassVar[str]
@@ -69,6 +77,22 @@ class ArchAdapter(ABC):
         heads = hf_compat.global_value(config, "num_attention_heads")
         kv = hf_compat.global_value(config, "num_key_value_heads") or heads
         return heads // kv
+
+    def check_geometry(self, config) -> None:
+        """Refuse, before any forward, a model whose query heads do not split into KV groups.
+
+        Attention is pruned in whole KV groups (one KV head with its query heads).
+        """
+        layers = hf_compat.global_value(config, "num_hidden_layers")
+        for idx in range(layers):
+            layer_cfg = hf_compat.layer_config(config, idx)
+            heads = getattr(layer_cfg, "num_attention_heads", None)
+            kv = getattr(layer_cfg, "num_key_value_heads", None) or heads
+            if heads and kv and heads % kv:
+                raise UnsupportedArchitectureError(
+                    f"layer {idx} has {heads} query heads and {kv} KV heads: query heads must split evenly into "
+                    f"KV groups (adaptprune removes whole groups: one KV head with its query heads)"
+                )
 
     @abstractmethod
     def couplings(self, model: nn.Module, layer_idx: int, kind: str) -> list[Coupling]:

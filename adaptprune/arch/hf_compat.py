@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 OUTPUT_BIAS_KEY = "adaptprune_output_bias"
+# A scaled embedding's multiplier, kept from the dense model when the hidden size shrinks (Gemma 3:
+# HF derives it from config.hidden_size, which no longer is the width it was trained with).
+EMBED_SCALE_KEY = "adaptprune_embed_scale"
 
 
 def homogeneous_copy(config):
@@ -70,15 +73,16 @@ def global_value(config, attr: str):
 
 
 def rebuild_heterogeneous_layers(
-    layers: nn.ModuleList, build_layer: Callable[[object, int], nn.Module], config
+    layers: nn.ModuleList, build_layer: Callable[[object, int], nn.Module], config, every_layer: bool = False
 ) -> None:
-    """Replace each layer that has overrides by one built from its per-layer config.
+    """Replace each layer that has overrides (or, with ``every_layer``, every layer) by one built
+    from its per-layer config.
 
     Sizes are read once at construction; afterwards the modules point back at the global
     config so run-time switches (``_attn_implementation``) set on the model reach them.
     """
-    for layer_idx in layer_overrides(config):
-        layer_cfg = config.per_layer_config[layer_idx]
+    for layer_idx in range(len(layers)) if every_layer else layer_overrides(config):
+        layer_cfg = layer_config(config, layer_idx)
         layer = build_layer(layer_cfg, layer_idx)
         for module in layer.modules():
             if getattr(module, "config", None) is layer_cfg:
@@ -115,9 +119,16 @@ def validate_heterogeneous(config, validate_homogeneous: Callable[[object], None
 
     HF's family validators read sizes such as ``num_attention_heads`` globally (which a
     heterogeneous config forbids) and demand ``hidden_size % num_heads == 0``, which a pruned
-    layer with an explicit ``head_dim`` need not meet. Each layer only needs whole GQA groups.
+    layer with an explicit ``head_dim`` need not meet. Their hidden-size checks assume
+    ``hidden_size == num_heads * head_dim`` (e.g. Phi-3's rotary width); a pruned residual stream
+    need not be that wide, so they see the attention width instead. Each layer only needs whole
+    GQA groups.
     """
-    validate_homogeneous(homogeneous_copy(config))
+    base = homogeneous_copy(config)
+    head_dim, heads = getattr(base, "head_dim", None), getattr(base, "num_attention_heads", None)
+    if head_dim and heads and base.hidden_size != heads * head_dim:
+        base.hidden_size = heads * head_dim
+    validate_homogeneous(base)
     if not getattr(config, "is_heterogeneous", False):
         return
     for layer_idx, layer_cfg in enumerate(config.per_layer_config):

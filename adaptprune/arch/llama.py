@@ -13,6 +13,7 @@ from torch import nn
 
 from .base import ATTENTION, MLP, ArchAdapter, Coupling
 from .hetero_llama import AdaptLlamaConfig, AdaptLlamaForCausalLM
+from .stream import NORM, READ, WRITE, HiddenCoupling
 
 
 class LlamaAdapter(ArchAdapter):
@@ -21,9 +22,24 @@ class LlamaAdapter(ArchAdapter):
     hetero_model_type = "adaptprune_llama"
     mlp_output = "mlp.down_proj"
     attention_output = "self_attn.o_proj"
+    layers_path = "model.layers"
+    hidden_readers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    hidden_writers = ("self_attn.o_proj", "mlp.down_proj")
+    hidden_norms = ("input_layernorm", "post_attention_layernorm")
+    input_norm = "input_layernorm"
+    mid_norm = "post_attention_layernorm"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
+
+    def stream_couplings(self, model: nn.Module) -> list[HiddenCoupling]:
+        """Embedding columns, final norm entries, LM head columns (a tied head is the embedding)."""
+        return [HiddenCoupling("model.embed_tokens", 1, WRITE), HiddenCoupling("model.norm", 0, NORM)] + [
+            HiddenCoupling("lm_head", 1, READ)
+        ]
+
+    def final_norm_path(self, model: nn.Module) -> str | None:
+        return "model.norm"
 
     def hetero_classes(self) -> tuple[type, type]:
         return AdaptLlamaConfig, AdaptLlamaForCausalLM

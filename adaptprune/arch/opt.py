@@ -4,6 +4,11 @@ Per layer: q/k/v/out_proj in ``self_attn`` and ``fc1``/``fc2``, all with biases.
 ``head_dim`` rows (and bias entries) of q/k/v and the same columns of ``out_proj``; a neuron owns a
 row and bias entry of ``fc1`` and a column of ``fc2``. The output-side biases (out_proj, fc2) are
 shared by all units and never cut.
+
+Residual stream: the token embedding has ``word_embed_proj_dim`` columns; when that differs from
+``hidden_size``, ``project_in`` (rows) writes the stream and ``project_out`` (columns) reads it, and
+the embedding and LM head are not stream holders. The learned position embedding (columns) also
+writes it. LayerNorms carry a weight and a bias per channel; out_proj/fc2 rows carry bias entries.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from torch import nn
 from . import hf_compat
 from .base import ATTENTION, MLP, ArchAdapter, Coupling
 from .hetero_opt import AdaptOPTConfig, AdaptOPTForCausalLM
+from .stream import NORM, READ, WRITE, HiddenCoupling
 
 
 class OPTAdapter(ArchAdapter):
@@ -22,6 +28,13 @@ class OPTAdapter(ArchAdapter):
     hetero_model_type = "adaptprune_opt"
     mlp_output = "fc2"
     attention_output = "self_attn.out_proj"
+    layers_path = "model.decoder.layers"
+    hidden_readers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "fc1")
+    hidden_writers = ("self_attn.out_proj", "fc2")
+    hidden_norms = ("self_attn_layer_norm", "final_layer_norm")
+    input_norm = "self_attn_layer_norm"
+    mid_norm = "final_layer_norm"  # the layer's own, before fc1 (pre-LN); not the decoder's final norm
+    hidden_size_attributes = ("hidden_size", "embed_dim")
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.decoder.layers
@@ -67,3 +80,51 @@ class OPTAdapter(ArchAdapter):
         for layer in self.decoder_layers(model):
             attention = layer.self_attn
             attention.num_heads = attention.q_proj.out_features // attention.head_dim
+
+    # ---- residual stream ------------------------------------------------------------------
+    def stream_couplings(self, model: nn.Module) -> list[HiddenCoupling]:
+        decoder = model.model.decoder
+        couplings = [HiddenCoupling("model.decoder.embed_positions", 1, WRITE)]
+        if decoder.project_in is not None:  # the stream is hidden_size wide, the embedding is not
+            couplings += [
+                HiddenCoupling("model.decoder.project_in", 0, WRITE),
+                HiddenCoupling("model.decoder.project_out", 1, READ),
+            ]
+        else:
+            couplings += [HiddenCoupling("model.decoder.embed_tokens", 1, WRITE), HiddenCoupling("lm_head", 1, READ)]
+        final = self.final_norm_path(model)
+        return couplings + ([HiddenCoupling(final, 0, NORM)] if final else [])
+
+    def final_norm_path(self, model: nn.Module) -> str | None:
+        return "model.decoder.final_layer_norm" if model.model.decoder.final_layer_norm is not None else None
+
+    def stream_bias_path(self, config) -> str | None:
+        return self.mlp_output if config.do_layer_norm_before else None  # post-LN (350m): LN after the add
+
+    def scale_norm_gain(self, norm: nn.Module, factor: float) -> None:
+        """LayerNorm: the normalised part is scaled (weight), the bias added after it is not."""
+        if norm.weight is not None:
+            super().scale_norm_gain(norm, factor)
+
+    def new_norm(self, norm: nn.Module, width: int) -> nn.Module:
+        return nn.LayerNorm(width, eps=norm.eps, elementwise_affine=norm.elementwise_affine, bias=norm.bias is not None)
+
+    def new_embedding(self, embedding: nn.Embedding, width: int) -> nn.Embedding:
+        """Position embeddings keep HF's row offset (2); token embeddings are plain."""
+        offset = getattr(embedding, "offset", None)
+        if offset is not None:
+            return type(embedding)(embedding.num_embeddings - offset, width)
+        return super().new_embedding(embedding, width)
+
+    def hidden_config_updates(self, config, width: int) -> dict:
+        """``word_embed_proj_dim`` follows the stream when there are no projections; with them,
+        the width must stay different from it (HF builds projections only when they differ)."""
+        updates = super().hidden_config_updates(config, width)
+        if config.word_embed_proj_dim == config.hidden_size:
+            updates["word_embed_proj_dim"] = width
+        elif width == config.word_embed_proj_dim:
+            raise ValueError(
+                f"opt: a hidden size of {width} equals word_embed_proj_dim, so a reload would drop "
+                "project_in/project_out; keep one channel more or fewer"
+            )
+        return updates

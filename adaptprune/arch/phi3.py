@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .base import ATTENTION, MLP, Coupling
-from .hetero_phi3 import AdaptPhi3Config, AdaptPhi3ForCausalLM
+from .hetero_phi3 import AdaptPhi3Config, AdaptPhi3ForCausalLM, LiveLayerConfig
 from .llama import LlamaAdapter
 
 
@@ -21,6 +21,7 @@ class Phi3Adapter(LlamaAdapter):
     family = "phi3"
     model_types = ("phi3", "adaptprune_phi3")
     hetero_model_type = "adaptprune_phi3"
+    hidden_readers = ("self_attn.qkv_proj", "mlp.gate_up_proj")  # every fused part reads the same stream
 
     def hetero_classes(self) -> tuple[type, type]:
         return AdaptPhi3Config, AdaptPhi3ForCausalLM
@@ -50,3 +51,9 @@ class Phi3Adapter(LlamaAdapter):
         super().sync_config(model)
         for layer_idx, layer in enumerate(self.decoder_layers(model)):
             layer.self_attn.num_key_value_heads = self.count_units(model, layer_idx, ATTENTION)
+
+    def reindex_layers(self, model: nn.Module) -> None:
+        """Renumber ``layer_idx`` and re-bind each attention's live config view to its new index."""
+        super().reindex_layers(model)
+        for layer_idx, layer in enumerate(self.decoder_layers(model)):
+            layer.self_attn.config = LiveLayerConfig(model.config, layer_idx)

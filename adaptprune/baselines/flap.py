@@ -25,8 +25,17 @@ layer is pruned), no training. Different, and why:
   standardisation removes.
 - The cut: FLAP keeps the prefix whose kept count is *nearest* the ratio; here units are removed
   lowest-first until at least the requested parameters are gone (the library's rule for every
-  method: the result is ≤ target and less than one unit below it). Each layer keeps ≥ 1 KV group
-  and ≥ 1 neuron (FLAP has no floor; an empty attention cannot run in HF's forward).
+  method: the result is ≤ target and less than one unit below it). Each layer keeps ≥ 1 neuron
+  and, by default, ≥ 1 KV group. FLAP has no floor (``lib/prune.py`` ``prune_flap``: AL-AM keeps
+  the heads with score > threshold, and ``compress`` then cuts q/k/v/o to the retained heads, none
+  if none); ``min_groups=0`` does the same. HF's attention forward runs with zero-size q/k/v/o
+  (attention then adds only the o bias, which mean compensation set to the removed heads' mean
+  output), but HF builds attention from a config with ``hidden_size // num_attention_heads``, so
+  the saved checkpoint of a model with an emptied layer does not reload; it is in-memory only.
+  It rarely matters: the group scores of a layer are averages of channel z-scores, so they
+  average 0 and the layer's best group scores ≥ 0; a layer empties only once the global cut
+  passes 0. On SmolLM2-135M (8,192 Shakespeare tokens) no layer empties at 20-50% of the
+  non-embedding parameters, and both plans are identical.
 - Targets are parameter counts including the o/down bias slots the compensation adds.
 - Units are KV groups (GQA), the natural generalisation of FLAP's MHA heads.
 """
@@ -39,10 +48,10 @@ from torch import Tensor, nn
 from ..allocation import GlobalAllocator, LayerBudget, zscore
 from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
 from ..calibration import CalibrationResult, ChannelStats, calibrate
-from ..compensation import apply_compensated_plan
+from ..compensation import apply_compensated_plan, mean_shift
 from ..pruning import layer_budgets
 from ..records import KeptRecord
-from ..surgery import count_parameters, ensure_output_biases
+from ..surgery import apply_plan, count_parameters, ensure_output_biases
 
 FLAP_PAPER_CALIBRATION = (1024, 128)  # sequences × tokens of WikiText2 in the paper
 
@@ -97,6 +106,11 @@ def flap_plan(
     return _PrestandardisedGlobal().plan(budgets, scores, influence, remove_params)
 
 
+def emptied_attention(plan: dict[int, dict[str, list[int]]]) -> list[int]:
+    """Layers whose every KV group the plan removes (possible only with ``min_groups=0``)."""
+    return sorted(i for i, kinds in plan.items() if ATTENTION in kinds and not kinds[ATTENTION])
+
+
 # ---- model walking ---------------------------------------------------------------------------
 def _layer_scores(
     model: nn.Module, adapter: ArchAdapter, layer_idx: int, calib: CalibrationResult
@@ -123,13 +137,15 @@ def flap_prune(
     target_params: int,
     *,
     batch_size: int = 4,
+    min_groups: int = 1,
     progress: bool = True,
 ) -> list[KeptRecord]:
     """Prune ``model`` in place with FLAP to at most ``target_params`` parameters (< one unit below).
 
     ``sequences`` (N, L) are the calibration text (the paper: 1024 × 128 tokens of WikiText2,
     ``FLAP_PAPER_CALIBRATION``). Every layer's o/down projection gains a bias (the compensation's
-    slot), counted in the target.
+    slot), counted in the target. ``min_groups=0`` is FLAP's own rule (a layer may lose all its
+    heads; the model then runs in memory but its checkpoint does not reload, see the module notes).
     """
     adapter = get_adapter(model)
     calib = calibrate(
@@ -143,7 +159,35 @@ def flap_prune(
             "(including FLAP's bias slots)"
         )
     scores = [_layer_scores(model, adapter, i, calib) for i in range(len(calib.layers))]
-    budgets = layer_budgets(model, adapter)  # floors: one group and one neuron (FLAP has none)
-    plan = flap_plan(budgets, scores, remove)
-    # apply_plan checks the resulting count against the plan and runs a forward
-    return apply_compensated_plan(model, plan, calib, mean=True, energy=False, adapter=adapter)
+    plan = flap_plan(layer_budgets(model, adapter, min_groups=min_groups), scores, remove)
+    if not emptied_attention(plan):
+        # apply_plan checks the resulting count against the plan and runs a forward
+        return apply_compensated_plan(model, plan, calib, mean=True, energy=False, adapter=adapter)
+    return _apply_emptying_attention(model, plan, scores, calib, adapter)
+
+
+def _apply_emptying_attention(
+    model: nn.Module,
+    plan: dict[int, dict[str, list[int]]],
+    scores: list[dict[str, Tensor]],
+    calib: CalibrationResult,
+    adapter: ArchAdapter,
+) -> list[KeptRecord]:
+    """The plan in two surgeries: each emptied layer first keeps its best group (so the library's
+    compensated removal applies), then loses it too with its mean output W_o[:, g]·μ_g added to
+    the o bias, so the bias ends as W_o μ over every removed channel, as in one step."""
+    emptied = emptied_attention(plan)
+    last = {i: int(torch.argmax(scores[i][ATTENTION])) for i in emptied}
+    staged = {i: {**kinds, ATTENTION: [last[i]]} if i in last else kinds for i, kinds in plan.items()}
+    records = apply_compensated_plan(model, staged, calib, mean=True, energy=False, adapter=adapter)
+    layers = adapter.decoder_layers(model)
+    for i in emptied:
+        cut = next(r for r in records if r.layer == i and r.kind == ATTENTION)
+        columns = next(sl.positions for sl in cut.slices if sl.path == adapter.attention_output and sl.dim == 1)
+        o = layers[i].get_submodule(adapter.attention_output)
+        everything = torch.arange(o.weight.shape[1])
+        shift = mean_shift(o.weight, calib.layers[i].attention.mean[columns], everything)
+        with torch.no_grad():
+            o.bias.add_(shift.to(device=o.bias.device, dtype=o.bias.dtype))
+    empty = {i: {ATTENTION: []} for i in emptied}
+    return records + apply_plan(model, empty, adapter, allow_empty_attention=True)

@@ -4,7 +4,10 @@
    column k of down; an attention unit is a KV group (its k/v rows, the rows of its n_rep query
    heads, their o columns). The adapter's ``couplings`` are exactly LLM-Pruner's dependency groups
    (restricted to the block-wise setting, where the hidden size is not pruned).
-2. **Importance** from the LM loss on a few calibration samples (10 × 64 tokens). With the
+2. **Importance** from the LM loss on a few calibration samples: 10 windows of 64 tokens
+   (``llm_pruner_calibration``: at seeded random offsets, as the original draws 10 random
+   bookcorpus documents of ≥ 64 tokens and a random 64-token window in each, ``get_examples``;
+   not the first 640 tokens of the text). With the
    element-wise estimate e = w·g of the loss change when w is zeroed (Eq. 4), or its
    second-order form e = w·g − ½ w²·F with the Fisher diagonal F = E_s[g_s²] standing in for
    H_kk (Eq. 5), a unit scores (``importance``):
@@ -25,8 +28,8 @@
    heads) and of their neurons; each layer removes its own lowest-scored units. The first and
    last layers are left alone (the published 7B runs prune layers 4–30 of 32; the defaults
    scale that range to the model's depth).
-4. **Recovery**: LoRA, ``LLM_PRUNER_LORA`` (r=8, alpha 16, dropout 0.05, all projections,
-   lr 1e-4, 2 epochs, batch 64), run by the compare harness with ``trainers.get_trainer("lora")``.
+4. **Recovery**: LoRA, ``llm_pruner_lora_config`` (r=8, alpha 16, dropout 0.05, all projections,
+   lr 1e-4, 2 epochs, batch 64), run by the compare harness with the ``lora`` trainer.
 
 Different from the original, and why: the fraction r is solved for a **parameter count** (the
 comparison protocol matches parameters, not ratios): r is the smallest ratio whose ⌊r·G⌋ groups
@@ -38,10 +41,9 @@ groups (GQA) instead of MHA heads; each layer keeps ≥ 1 group and ≥ 1 neuron
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -49,55 +51,44 @@ from tqdm.auto import tqdm
 
 from ..allocation import LayerBudget, apportion, solve_layer_targets
 from ..arch import ATTENTION, MLP, ArchAdapter, Coupling, get_adapter
+from ..config import LoraArgs, TrainConfig
+from ..pruning import random_windows
 from ..records import KeptRecord
 from ..surgery import apply_plan, count_parameters
-
-if TYPE_CHECKING:
-    from trainers import TrainerConfig
 
 IMPORTANCE_MODES = ("element_first", "element_second", "vectorwise")
 CALIB_SAMPLES = 10  # calibration sequences (the paper's bookcorpus samples)
 CALIB_TOKENS = 64  # tokens per calibration sequence
-_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PAPER_SEED = 42  # hf_prune.py's --seed default (the original draws its samples with Python's random)
 
 
-@dataclass(frozen=True)
-class LoraRecipe:
-    """LLM-Pruner's published recovery (post_training.py run as in its README)."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = _LORA_TARGETS  # every projection
-    lr: float = 1e-4
-    epochs: int = 2
-    batch_size: int = 64  # sequences per optimizer step (micro-batches of 4 accumulated)
-    micro_batch_size: int = 4
-    cutoff_len: int = 256  # tokens per training sequence
-    # HF Trainer defaults the original inherits: AdamW betas, no weight decay, 100 warmup steps
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-
-    def trainer_config(self, **overrides) -> TrainerConfig:
-        """``trainers.TrainerConfig`` for ``trainers.get_trainer("lora")``; lr, epochs and warmup go to the
-        harness's schedule. ``overrides`` replace any TrainerConfig field."""
-        from trainers import TrainerConfig  # deferred: pulls in accelerate and peft, which pruning never needs
-
-        values = dict(
-            lora_r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            lora_target_modules=self.target_modules,
-            betas=self.betas,
-            weight_decay=self.weight_decay,
-            grad_accum_steps=max(self.batch_size // self.micro_batch_size, 1),
-        )
-        values.update(overrides)
-        return TrainerConfig(**values)
+def llm_pruner_calibration(train_stream: Tensor, seed: int = PAPER_SEED) -> Tensor:
+    """LLM-Pruner's calibration set from a token stream: ``CALIB_SAMPLES`` × ``CALIB_TOKENS`` windows
+    at seeded random, non-overlapping offsets (``pruning.random_windows``), (10, 64) LongTensor."""
+    return random_windows(train_stream, CALIB_SAMPLES, CALIB_TOKENS, seed)
 
 
-LLM_PRUNER_LORA = LoraRecipe()
+LORA_EPOCHS = 2  # the published recovery's epochs (the harness turns tokens into steps)
+LORA_WARMUP_STEPS = 100
+
+
+def llm_pruner_lora_config(base: TrainConfig | None = None) -> TrainConfig:
+    """LLM-Pruner's published recovery (post_training.py as run in its README) as a ``train`` config.
+
+    LoRA r=8, alpha 16, dropout 0.05 on every projection, lr 1e-4, batches of 64 sequences
+    (micro-batches of 4, 16 accumulated), AdamW betas (0.9, 0.999) and no weight decay (the HF
+    Trainer defaults it inherits). Everything else (precision, seed, ...) comes from ``base``.
+    """
+    base = base or TrainConfig()
+    return dataclasses.replace(
+        base,
+        trainer="lora",
+        lr=1e-4,
+        batch_size=4,
+        grad_accum_steps=16,
+        optim=dataclasses.replace(base.optim, beta1=0.9, beta2=0.999, weight_decay=0.0),
+        lora=LoraArgs(r=8, alpha=16.0, dropout=0.05, target_modules=[]),
+    )
 
 
 # ---- pure tensor math ----------------------------------------------------------------------

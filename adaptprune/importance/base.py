@@ -27,6 +27,7 @@ class Importance(ABC):
 
     name: ClassVar[str]
     needs_grads: ClassVar[bool] = False  # calibrate with taylor_batches > 0
+    needs_elementwise_grads: ClassVar[bool] = False  # ... and taylor_elementwise=True (Σ|w·g| per unit)
     needs_cov: ClassVar[bool] = False  # calibrate with collect_cov=True
     needs_stats: ClassVar[bool] = True  # False: calib may be None
 

@@ -1,56 +1,26 @@
-"""Allocation: turn per-unit scores into a pruning ``Plan`` that removes an exact parameter count.
+"""Shared allocation machinery: layer budgets, score normalisation, removal chunks, exact rounding.
 
-Pure tensor math; the caller gathers each layer's sizes (``LayerBudget``), unit scores and layer
-influence from the adapter. Three allocators, registered by name in ``ALLOCATORS``:
-
-- ``uniform``: every layer loses the same fraction of its prunable parameters.
-- ``adaptive`` (Adapt-Pruner, arXiv 2502.03460): layer l loses the fraction
-  s_l = clip(s̄ − A·Ĩ_l, 0, s_max) of its prunable parameters, Ĩ = normalised layer influence, so
-  more influential layers lose less; s̄ is solved so that the total equals the target.
-- ``global`` (FLAP "AL-AM", arXiv 2312.11983): scores z-scored per layer and kind, every group
-  and neuron ranked together, the lowest removed first, each costing its parameter count.
-
-**Units and chunks.** A removal candidate ("chunk") is one KV group, or a run of MLP neurons:
-with ``neuron_multiple`` m the kept neuron count of a pruned layer steps through multiples of m
-(n → m·⌊(n−1)/m⌋ → ... → the smallest multiple of m ≥ ``min_neurons``), so the first chunk holds
-1..m neurons and later ones m. Chunks of one kind are always taken lowest-score first, so every
-kept set is the highest-scored units of its kind in its layer.
-
-**Groups vs neurons inside a layer (uniform, adaptive).** Scores of each kind are divided by
-the kind's mean |score| in that layer. Under the neutral prior that an average attention
-parameter and an average MLP parameter matter equally, this ratio is the unit's importance per
-parameter, so the layer removes the lowest ratios first (the greedy fractional-knapsack order);
-a chunk's key is the mean ratio of its neurons, ties go to neurons. A KV group is coarse (often
-100+ neurons' worth of parameters) and is only cut when it is the cheapest importance per
-parameter at the layer's cut point, so early pruning lands mostly on neurons.
-
-**Guarantee (all allocators).** With C = the parameter cost of the last chunk taken (at most
-max over layers of max(params_per_group, neuron_multiple·params_per_neuron)):
-``remove_params ≤ removed < remove_params + C`` — the target is never missed, and overshot by
-less than one chunk; removed == 0 when ``remove_params == 0``. Floors are never crossed; a
-target above what the floors (and s_max for ``adaptive``) allow raises ``ValueError``.
-Layers whose neurons are untouched keep their count even if it is not a multiple of m.
-For ``uniform``/``adaptive`` each layer also ends within one chunk of its own sparsity target
-s_l·P_l (rounding by largest remainder, see ``apportion``).
+Pure tensor math. ``Allocator`` is the one extension point: scores + sizes -> a ``Plan`` that
+removes an exact parameter count (see the package docstring for the guarantee). Its lifecycle
+hooks ``start_stage`` and ``inner_steps`` let a stateful allocator split a pruning stage into
+several inner steps (``AccumulatingAllocator``); stateless allocators use one step per stage.
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import operator
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .arch import ATTENTION, MLP
-from .records import Plan
+from ..arch import ATTENTION, MLP
+from ..records import Plan
 
 _KIND_CODE = {ATTENTION: 0, MLP: 1}
 
@@ -235,9 +205,37 @@ def removed_params(layers: Sequence[LayerBudget], plan: Plan) -> int:
 
 # ---- allocators --------------------------------------------------------------------------
 class Allocator(ABC):
-    """Scores + sizes -> Plan removing ``remove_params`` (never fewer, fewer than one chunk more)."""
+    """Scores + sizes -> Plan removing ``remove_params`` (never fewer, fewer than one chunk more).
+
+    Lifecycle per pruning stage (``pruning.prune_step``): ``start_stage(layers)`` once, then
+    ``inner_steps(layers, remove)`` says into how many inner steps the stage's removal is split,
+    then one ``plan`` per inner step, each on freshly calibrated scores. A stateless allocator
+    takes the whole stage in one step. ``to_json``/``from_json`` round-trip the allocator (and any
+    state) through JSON so a checkpoint can carry it.
+    """
 
     name: ClassVar[str]
+
+    def start_stage(self, layers: Sequence[LayerBudget]) -> None:
+        """Called once at the start of every pruning stage; stateless allocators ignore it."""
+        return None
+
+    def inner_steps(self, layers: Sequence[LayerBudget], remove_params: int) -> int:
+        """How many inner steps (each recalibrated) the stage's ``remove_params`` is split into."""
+        return 1
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON values) that rebuild this allocator."""
+        return {}
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"name": ..., **config}``: everything ``allocator_from_json`` needs, JSON-serialisable."""
+        return {"name": self.name, **self.config()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Allocator:
+        """The allocator ``to_json`` described."""
+        return cls(**{k: v for k, v in data.items() if k != "name"})
 
     def plan(
         self,
@@ -264,29 +262,6 @@ class Allocator(ABC):
         self, layers: Sequence[LayerBudget], queues: Sequence[_LayerQueue], influence: Tensor, remove_params: int
     ) -> list[int]:
         """Chunks taken from the front of each layer's queue."""
-
-
-class _LayerwiseAllocator(Allocator):
-    """Per-layer removal targets r_l from sparsities, rounded to chunks by largest remainder."""
-
-    max_sparsity: float = 1.0
-
-    normalise = staticmethod(relative_to_mean)
-
-    @abstractmethod
-    def offsets(self, influence: Tensor) -> Tensor:
-        """Per-layer sparsity offsets o_l; layer l removes clip(s̄ + o_l, 0, s_max) of its params."""
-
-    def _take(
-        self, layers: Sequence[LayerBudget], queues: Sequence[_LayerQueue], influence: Tensor, remove_params: int
-    ) -> list[int]:
-        prunable = torch.tensor([b.prunable_params for b in layers], dtype=torch.float64)
-        capacity = torch.tensor([q.capacity for q in queues], dtype=torch.float64)
-        available = math.floor(torch.minimum(prunable * self.max_sparsity, capacity).sum())
-        if remove_params > available:
-            raise _infeasible(remove_params, available, f"floors, and at most {self.max_sparsity:g} of each layer")
-        targets = solve_layer_targets(self.offsets(influence), prunable, capacity, remove_params, self.max_sparsity)
-        return apportion([q.cost for q in queues], targets, remove_params)
 
 
 def solve_layer_targets(
@@ -327,110 +302,3 @@ def apportion(costs: Sequence[Tensor], targets: Tensor, remove_params: int) -> l
         removed += int(costs[best][taken[best]])
         taken[best] += 1
     return taken
-
-
-class UniformAllocator(_LayerwiseAllocator):
-    """Every layer loses the same fraction of its prunable parameters (layers at a floor excepted)."""
-
-    name = "uniform"
-
-    def offsets(self, influence: Tensor) -> Tensor:
-        return torch.zeros(influence.numel(), dtype=torch.float64)
-
-
-class AdaptiveAllocator(_LayerwiseAllocator):
-    """Adapt-Pruner (2502.03460) layer-wise sparsity: s_l = clip(s̄ − A·Ĩ_l, 0, s_max).
-
-    Stateless: applied once per pruning step with that step's ``remove_params``, so s_l is a
-    fraction of the layer's *current* prunable parameters, and each step shifts layers by the
-    paper's per-step A·Ĩ_l (the paper's s_l ← s_l + Δ − A·Ĩ_l, with s̄ playing Δ).
-    """
-
-    name = "adaptive"
-
-    def __init__(self, amplitude: float = 0.02, max_sparsity: float = 0.99) -> None:
-        if not 0.0 <= amplitude <= 1.0:
-            raise ValueError(f"amplitude must lie in [0, 1], got {amplitude}")
-        if not 0.0 < max_sparsity <= 1.0:
-            raise ValueError(f"max_sparsity must lie in (0, 1], got {max_sparsity}")
-        self.amplitude = float(amplitude)
-        self.max_sparsity = float(max_sparsity)
-
-    def offsets(self, influence: Tensor) -> Tensor:
-        return -self.amplitude * normalised_influence(influence)
-
-
-class GlobalAllocator(Allocator):
-    """FLAP AL-AM (2312.11983): z-score scores per layer and kind, remove the lowest globally.
-
-    Greedy removal by lowest standardised score with cost accounting: each chunk costs its
-    parameter count (a group weighs params_per_group / params_per_neuron neurons, FLAP's 512/3
-    for Llama-7B); chunks are taken in ascending z until the removed count reaches the target.
-    Differences from FLAP: group scores (not o_proj channels) are standardised, and the cut is
-    the first prefix reaching the target rather than the nearest one. Influence is unused.
-    """
-
-    name = "global"
-
-    normalise = staticmethod(zscore)
-
-    def _take(
-        self, layers: Sequence[LayerBudget], queues: Sequence[_LayerQueue], influence: Tensor, remove_params: int
-    ) -> list[int]:
-        available = sum(q.capacity for q in queues)
-        if remove_params > available:
-            raise _infeasible(remove_params, available, "floors")
-        keys = torch.cat([q.key for q in queues])
-        costs = torch.cat([q.cost for q in queues])
-        layer_of = torch.cat([torch.full_like(q.cost, i) for i, q in enumerate(queues)])
-        order = torch.sort(keys, stable=True).indices  # stable: each layer's queue order survives
-        spent = costs[order].cumsum(0)
-        count = int(torch.searchsorted(spent, torch.tensor([remove_params]))) + 1
-        return torch.bincount(layer_of[order[:count]], minlength=len(queues)).tolist()
-
-
-ALLOCATORS: dict[str, type[Allocator]] = {
-    cls.name: cls for cls in (UniformAllocator, AdaptiveAllocator, GlobalAllocator)
-}
-
-
-def get_allocator(name: str, **kwargs) -> Allocator:
-    """Build an allocator from its config name; unknown names suggest the nearest valid one."""
-    if name not in ALLOCATORS:
-        near = difflib.get_close_matches(name, ALLOCATORS, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ValueError(f"unknown allocator '{name}'{hint}; choose from {', '.join(ALLOCATORS)}")
-    try:
-        return ALLOCATORS[name](**kwargs)
-    except TypeError as err:
-        raise ValueError(f"allocator '{name}' does not accept {sorted(kwargs)}: {err}") from None
-
-
-# ---- target strings ----------------------------------------------------------------------
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
-_TARGET = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kmbx]?)$", re.IGNORECASE)
-
-
-def parse_target(text: str, total_params: int) -> int:
-    """A parameter count from ``'90M'``, ``'1.2B'``, ``'500k'``, ``'134515008'`` or ``'0.7x'`` (× total).
-
-    The result must lie in [1, total_params); anything else raises a one-line ``ValueError``.
-    """
-    match = _TARGET.match(str(text).strip().replace("_", ""))
-    if not match:
-        raise ValueError(
-            f"target_params '{text}' is not a count like '90M', '1.2B', '134515008' or a ratio like '0.7x'"
-        )
-    number, suffix = match.group(1), match.group(2).lower()
-    value = float(number)
-    if suffix == "x":
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"target_params ratio '{text}' must lie strictly between 0 and 1")
-        count = round(value * total_params)
-    elif suffix == "" and "." in number:
-        raise ValueError(f"target_params '{text}' must be a whole number of parameters (or use K/M/B or x)")
-    else:
-        count = round(value * _SUFFIX[suffix])
-    if not 0 < count < total_params:
-        raise ValueError(f"target_params '{text}' = {count:,} must lie between 1 and the model's {total_params:,} - 1")
-    return count

@@ -1,0 +1,78 @@
+"""adaptprune's own methods: one-shot, incremental, and one-shot followed by the incremental run's training."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from ..pruning import prune_step
+from .base import Method, MethodContext, register_method
+from .training import run_controller
+
+
+@register_method
+class Dense(Method):
+    name = "dense"
+    description = "the unpruned model"
+
+    def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        return model
+
+
+@register_method
+class AdaptpruneOneShot(Method):
+    name = "adaptprune_oneshot"
+    description = "one pruning step with adaptprune's defaults (run.prune), no training"
+
+    def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        with ctx.profile.phase("prune"):
+            prune_step(model, ctx.calibration, ctx.target, ctx.run.prune, progress=False)
+        return model
+
+
+@register_method
+class AdaptpruneIncremental(Method):
+    name = "adaptprune_incremental"
+    trains = True
+    description = "~5% pruning steps interleaved with training (run.schedule, run.train)"
+
+    def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        return run_controller(model, ctx, one_stage=False)
+
+
+@register_method
+class AdaptpruneOneShotFull(Method):
+    name = "adaptprune_oneshot+full"
+    trains = True
+    description = "adaptprune one-shot, then the incremental run's training on the same tokens"
+
+    def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        return run_controller(model, ctx, one_stage=True)
+
+
+@register_method
+class AdaptPrunerPublished(Method):
+    name = "adapt_pruner"
+    trains = True
+    description = (
+        "Adapt-Pruner as published (research4pan/AdaptPruner): Taylor param_first on 512 x 64 tokens per inner "
+        "step, per-layer sparsity accumulated in 2% inner steps with A = 0.02, KV heads and neurons at the same "
+        "ratio, no compensation; incremental with the same tokens and trainer"
+    )
+
+    def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        prune = dataclasses.replace(
+            ctx.run.prune,
+            metric="taylor_param_first",
+            allocation="accumulating",
+            amplitude=0.02,
+            inner_step_fraction=0.02,
+            sparsity_scope="stage",
+            same_ratio=True,
+            mean_compensation=False,
+            energy_compensation=False,
+        )
+        taylor_tokens = prune.taylor_samples * prune.taylor_seq_len
+        data = dataclasses.replace(ctx.run.data, calib_tokens=max(ctx.run.data.calib_tokens, taylor_tokens))
+        return run_controller(model, ctx, one_stage=False, prune=prune, data=data)

@@ -1,0 +1,75 @@
+"""Everything a run checks before it writes or trains: model, adapter, tokenizer, target, disk, output.
+
+A doomed run must fail in seconds with one line, before hours of work and without leaving a
+trace in ``output.dir``. ``preflight`` returns what the checks had to load anyway (the dense model,
+its tokenizer and adapter, the stage targets), so the controller loads nothing twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .allocation import parse_target
+from .arch import ArchAdapter, get_adapter
+from .checkpoint import load_config as load_model_config
+from .checkpoint import load_model, load_tokenizer, resolve_model_path
+from .compat import require_safetensors
+from .config import ConfigError, RunConfig
+from .pruning import smallest_reachable
+from .rundir import RunDir
+from .schedule import stage_targets
+from .surgery import count_parameters
+
+
+@dataclass
+class Prepared:
+    """The checked inputs of a run."""
+
+    dense: nn.Module
+    tokenizer: object
+    adapter: ArchAdapter
+    original: int  # parameters of the dense model
+    target: int  # parameters after the last stage
+    targets: list[int]  # parameters after each stage
+
+
+def preflight(cfg: RunConfig, run_dir: RunDir, resume: bool, dense: nn.Module | None = None) -> Prepared:
+    """Check the run's inputs in order of cost; nothing is written. ``dense``: the model, if already loaded."""
+    run_dir.check(resume)
+    model_cfg = cfg.model
+    require_safetensors(resolve_model_path(model_cfg.name))
+    hf_config = load_model_config(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
+    get_adapter(hf_config).check_geometry(hf_config)
+    tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
+    if dense is None:
+        dense = load_model(model_cfg.name, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
+    adapter = get_adapter(dense)
+    original = count_parameters(dense)
+    target = validated_target(dense, adapter, cfg, original)
+    targets = stage_targets(original, target, max(1, round(cfg.prune.step_fraction * original)))
+    run_dir.check_disk(checkpoint_bytes(dense))
+    return Prepared(dense, tokenizer, adapter, original, target, targets)
+
+
+def validated_target(dense: nn.Module, adapter: ArchAdapter, cfg: RunConfig, original: int) -> int:
+    """prune.target_params as a count, between the smallest size the floors allow and the model."""
+    prune = cfg.prune
+    try:
+        target = parse_target(prune.target_params, original)
+    except ValueError as err:
+        raise ConfigError(f"prune.{err}") from None
+    floor = smallest_reachable(dense, adapter, prune)
+    if target < floor:
+        raise ConfigError(
+            f"prune.target_params={prune.target_params!r} ({target:,} parameters) is below the smallest size "
+            f"the floors allow ({floor:,} with prune.min_groups={prune.min_groups}, "
+            f"prune.min_neurons={prune.min_neurons}); choose a target >= {floor:,} or lower the floors"
+        )
+    return target
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Disk one stage checkpoint needs: the model, AdamW's two moments... as model + optimizer + a temp copy."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())

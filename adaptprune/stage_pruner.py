@@ -1,0 +1,73 @@
+"""How one controller stage removes parameters: the ``StagePruner`` interface and adaptprune's own.
+
+The controller hands a pruner the plain model, a source of fresh calibration text and the
+stage's parameter target; the pruner returns the (possibly new) model and what it kept. Anything
+a pruner must remember across stages (e.g. accumulated per-layer sparsity) goes through
+``state_dict``/``load_state_dict`` into every stage checkpoint, so ``--resume`` is exact.
+Baselines become stage pruners too (``adaptprune.methods``), so they train under the same loop.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .allocation import allocator_from_json
+from .arch import ArchAdapter
+from .config import PruneConfig
+from .pruning import build_allocator, prune_step
+from .records import KeptRecord
+
+
+class CalibrationSource(Protocol):
+    """Fresh calibration sequences on every call (identical on every rank)."""
+
+    def next(self) -> torch.Tensor:
+        """(N, L) token ids not handed out before in this run."""
+
+    def state(self) -> dict:
+        """JSON-serialisable position, restored by the data module on resume."""
+
+
+class StagePruner(Protocol):
+    def __call__(
+        self, model: nn.Module, calibration: CalibrationSource, target: int, label: str
+    ) -> tuple[nn.Module, list[KeptRecord]]:
+        """Shrink ``model`` to at most ``target`` parameters; return it and the kept-unit records."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class AdaptprunePruner:
+    """adaptprune's step: calibrate -> score (``prune.metric``) -> allocate -> remove with compensation.
+
+    One allocator lives for the whole run, so a stateful one (``accumulating`` with
+    ``prune.sparsity_scope: run``) carries its per-layer sparsity from stage to stage; every inner
+    step of a stage calibrates on fresh text (``calibration.next``).
+    """
+
+    def __init__(self, cfg: PruneConfig, adapter: ArchAdapter, progress: bool = True) -> None:
+        self.cfg, self.adapter, self.progress = cfg, adapter, progress
+        self.allocator = build_allocator(cfg)
+
+    def __call__(
+        self, model: nn.Module, calibration: CalibrationSource, target: int, label: str
+    ) -> tuple[nn.Module, list[KeptRecord]]:
+        report = prune_step(
+            model, calibration.next, target, self.cfg, self.adapter, self.progress, label, allocator=self.allocator
+        )
+        return model, report.records
+
+    def state_dict(self) -> dict:
+        return self.allocator.to_json()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.allocator = allocator_from_json(state) if state else build_allocator(self.cfg)
+
+
+def default_pruner(cfg: PruneConfig, adapter: ArchAdapter, progress: bool = True) -> StagePruner:
+    return AdaptprunePruner(cfg, adapter, progress)

@@ -1,0 +1,195 @@
+"""The ``adaptprune`` command line: `prune --config` honours the YAML, flags override it, and every
+bad input ends in one ``adaptprune: error:`` line with nothing half-written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adaptprune import cli
+from adaptprune.assets import random_model_dir
+from adaptprune.config import RunConfig, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    yield
+    logging.enable_progress_bar()
+
+
+def _non_default_config() -> dict:
+    """A config whose every section differs from the defaults."""
+    values = to_dict(RunConfig())
+    values["model"].update(name="tiny-random-llama", tokenizer="tiny-random-llama")
+    values["data"].update(corpus="kjv", seq_len=64, calib_tokens=512, eval_tokens=256, eval_context=128)
+    values["prune"].update(target_params="0.9x", metric="magnitude", allocation="uniform", mean_compensation=False)
+    values["schedule"].update(train_tokens=1024, split="uniform", warmup_fraction=0.2)
+    values["train"].update(trainer="lora", lr=1e-3, grad_accum_steps=2, mixed_precision="bf16")
+    values["train"]["lora"].update(r=4, target_modules=["q_proj"])
+    values["train"]["distill"].update(kd_weight=0.5)
+    values["train"]["optim"].update(weight_decay=0.1, after_surgery="reset")
+    values["eval"].update(every_stage=False, tasks=["piqa"], limit=3)
+    values["output"].update(dir="elsewhere", tensorboard=False, log_every=3)
+    return values
+
+
+def test_prune_config_honours_every_yaml_field(tmp_path):
+    values = _non_default_config()
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    args = cli.build_parser().parse_args(["prune", "--config", str(path), "--out", str(tmp_path / "o")])
+    assert to_dict(cli.prune_config(args)) == values
+
+
+def test_prune_flags_override_the_yaml_only_when_given(tmp_path):
+    values = _non_default_config()
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    argv = ["prune", "--config", str(path), "--out", "o", "--metric", "wanda", "--target-params", "0.8x"]
+    argv += ["--no-mean-compensation", "--energy-compensation", "--calib-tokens", "256", "--set", "data.seq_len=32"]
+    got = to_dict(cli.prune_config(cli.build_parser().parse_args(argv)))
+    values["prune"].update(metric="wanda", target_params="0.8x", mean_compensation=False, energy_compensation=True)
+    values["data"].update(calib_tokens=256, seq_len=32)
+    assert got == values
+
+
+def test_prune_command_uses_the_yaml_model_and_methods(tmp_path):
+    path = tmp_path / "x.yaml"
+    settings = {
+        "model": {"name": "tiny-random-llama"},
+        "data": {"seq_len": 64, "calib_tokens": 512, "eval_tokens": 256, "eval_context": 128, "eval_corpora": []},
+        "prune": {"target_params": "0.9x", "metric": "magnitude", "allocation": "uniform"},
+    }
+    path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    assert cli.main(["prune", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
+    used = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert used["model"]["name"] == "tiny-random-llama"
+    assert (used["prune"]["metric"], used["prune"]["allocation"], used["data"]["calib_tokens"]) == (
+        "magnitude",
+        "uniform",
+        512,
+    )
+
+
+# ---- bad inputs: one line, exit 2, nothing written -------------------------------------------
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("bad")
+    good = random_model_dir("tiny-random-llama")
+    truncated = base / "truncated"
+    shutil.copytree(good, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    no_tokenizer = base / "no-tokenizer"
+    shutil.copytree(good, no_tokenizer)
+    for f in no_tokenizer.iterdir():
+        if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
+            f.unlink()
+    (base / "bad.yaml").write_text("prune: [unclosed\n", encoding="utf-8")
+    (base / "empty.txt").write_text("   \n", encoding="utf-8")
+    return {"base": base, "truncated": truncated, "no_tokenizer": no_tokenizer}
+
+
+TINY = ["--model", "tiny-random-llama", "--target-params", "0.9x", "--set", "data.seq_len=64", "data.eval_tokens=128"]
+BAD_INPUTS = {
+    "unknown metric": (["prune", *TINY, "--metric", "nosuch"], ["prune.metric='nosuch'", "choose one of"]),
+    "unknown allocation": (["prune", *TINY, "--allocation", "adaptiv"], ["did you mean 'adaptive'"]),
+    "ratio above 1": (["prune", "--model", "tiny-random-llama", "--target-params", "2x"], ["between 0x and 1x"]),
+    "not a size": (["prune", "--model", "tiny-random-llama", "--target-params", "lots"], ["is not a size"]),
+    "missing config": (["prune", "--config", "{base}/nope.yaml"], ["does not exist"]),
+    "invalid yaml": (["prune", "--config", "{base}/bad.yaml"], ["is not valid YAML"]),
+    "missing model": (["prune", "--model", "{base}/no-such-model", "--target-params", "0.9x"], ["no-such-model"]),
+    "truncated weights": (["prune", "--model", "{truncated}", "--target-params", "0.9x"], ["truncated or corrupt"]),
+    "no tokenizer": (["prune", "--model", "{no_tokenizer}", "--target-params", "0.9x"], ["no usable tokenizer"]),
+    "missing corpus": (["prune", *TINY, "data.corpus={base}/nope.txt"], ["nope.txt"]),
+    "empty corpus": (["prune", *TINY, "data.corpus={base}/empty.txt"], ["empty"]),
+    "unknown task": (["eval", "tiny-random-llama", "--tasks", "ppl,nosuchtask"], ["unknown evaluation task"]),
+    "warmup+decay": (
+        ["train", "--config", str(SMOKE), "schedule.warmup_fraction=0.6", "schedule.decay_fraction=0.5"],
+        ["must be <= 1"],
+    ),
+    "unknown trainer": (["train", "--config", str(SMOKE), "train.trainer=fulll"], ["did you mean 'full'"]),
+    "bad override": (["train", "--config", str(SMOKE), "prune.metric"], ["section.key=value"]),
+    "unknown method": (["compare", "methods=[dense,nosuch]"], ["nosuch", "not known"]),
+    "missing model for inspect": (["inspect", "{base}/no-such-model"], ["no-such-model"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_writes_nothing(case, folders, tmp_path, capsys):
+    argv, needles = BAD_INPUTS[case]
+    argv = [a.format(**folders) for a in argv]
+    out = tmp_path / "out"
+    if argv[0] == "prune":
+        argv += ["--out", str(out)]
+    elif argv[0] in ("train", "compare"):
+        argv += [f"output.dir={out}" if argv[0] == "train" else f"out={out}"]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("adaptprune: error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists()
+
+
+def test_resume_refuses_a_run_folder_another_process_is_writing(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "stage-000").mkdir(parents=True)
+    (out / "checkpoints" / "stage-000" / "state.json").write_text("{}")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True, env={**os.environ}
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code = cli.main(["train", "--config", str(SMOKE), "--resume", f"output.dir={out}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert f"in use by another adaptprune process (pid {holder.pid})" in err[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / "checkpoints" / "stage-000" / "state.json").read_text() == "{}"  # untouched
+
+
+HOLD_LOCK = """
+import sys, time
+from adaptprune.rundir import RunDir
+run = RunDir(sys.argv[1])
+run.path.mkdir(parents=True, exist_ok=True)
+run._acquire_lock()
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def test_disk_full_while_saving_is_one_line_naming_folder_and_size(tmp_path, monkeypatch, capsys):
+    from adaptprune import rundir
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    corpus = tmp_path / "toy.txt"
+    corpus.write_text(" ".join(["To be or not to be, that is the question."] * 300), encoding="utf-8")
+    monkeypatch.setattr(rundir, "save_checkpoint", no_space)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--config", str(SMOKE), f"output.dir={out}", f"data.corpus={corpus}"])
+    err = capsys.readouterr().err
+    last = [f for f in err.replace("\r", "\n").splitlines() if f.strip()][-1]
+    assert code == 2 and last.startswith("adaptprune: error: could not write"), err[-2000:]
+    assert "stage-000" in last and "MiB" in last and "--resume" in last
+    assert time.time() > 0 and not list((out / "checkpoints").glob("stage-*"))
