@@ -1,4 +1,4 @@
-"""The ``adaptprune`` command: inspect, prune, eval, report, compare, train.
+"""The ``adaptprune`` command: inspect, prune, eval, report, compare, train, export, plan.
 
 Each subcommand is a thin wrapper over a library function; errors a user can fix (bad config,
 missing asset, unsupported model, bad corpus) are printed as one line and exit with status 2.
@@ -150,6 +150,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"written {report.path} ({report.arch} architecture, {sizes}, {report.dtype}, {mib:.1f} MiB)")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .plan import PlanOptions, format_plan, make_plan
+
+    config = load_config(args.config, args.overrides)
+    plan = make_plan(config, PlanOptions(args.gpus, args.gpu_memory, args.tokens_per_s))
+    print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
+
+
 def run_training(config_path: str | None, overrides: list[str], resume: bool) -> int:
     """The main job of ``train_prune.py``: ``train`` with errors turned into exit codes."""
     return run(lambda _: train(config_path, overrides, resume), argparse.Namespace())
@@ -178,16 +187,15 @@ def _names(registry: str) -> list[str]:
     return list(METHODS)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptprune", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="per-layer heads, neurons and parameter counts")
     p.add_argument("model", help="embedded name (smollm2-135m), model folder or hub id")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own modeling code")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="one-shot structured pruning to an exact parameter count")
     p.add_argument("--config", default=None, help="run config YAML; the flags below override its values")
     p.add_argument("--model", default=None, help="embedded name, model folder or hub id (default smollm2-135m)")
@@ -207,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.set_defaults(func=cmd_prune)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, offline lm-eval tasks and speed of a model")
     p.add_argument("model", help="embedded name, model folder or hub id")
     p.add_argument(
@@ -226,21 +236,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="report.md with plots from a finished run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="dense, LLM-Pruner, FLAP, SliceGPT and adaptprune side by side")
     p.add_argument("--config", default=None, help="compare YAML (see configs/compare.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. limit=100")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help=f"key=value overrides, e.g. limit=100 methods=[...] ({', '.join(_names('methods'))})",
+    )
     p.set_defaults(func=cmd_compare)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="incremental prune-and-train run (same as train_prune.py)")
     p.add_argument("--config", default=None, help="run config YAML (defaults: the embedded SmolLM2 job)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete stage")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_train)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a (pruned) model as a GGUF file for llama.cpp")
     p.add_argument("model", help="checkpoint folder, `adaptprune prune --out` folder or embedded name")
     p.add_argument("--format", choices=["gguf"], default="gguf", help="output format")
@@ -250,6 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder when the model folder has none")
     p.add_argument("--tokenizer-gguf", default=None, help="copy the tokenizer.* keys of this GGUF instead")
     p.set_defaults(func=cmd_export)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="dry run on the meta device: stages, tokens, per-layer sizes, GPU memory")
+    p.add_argument("--config", default=None, help="run config YAML (defaults: the embedded SmolLM2 job)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run will use")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB")
+    p.add_argument("--tokens-per-s", type=float, default=None, help="training throughput, all GPUs together")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_plan)
+
+
+SUBCOMMANDS = (_add_inspect, _add_prune, _add_eval, _add_report, _add_compare, _add_train, _add_export, _add_plan)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptprune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

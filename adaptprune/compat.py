@@ -96,3 +96,13 @@ def require_safetensors(model_dir: str | os.PathLike) -> None:
             f"only. If you trust the file, convert it once: load it with transformers and save_pretrained() "
             f"to a new folder (writes model.safetensors)"
         )
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in backward (non-reentrant). transformers 5.23 renamed
+    ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name warns)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -1,37 +1,26 @@
 """Typed, validated run configuration that maps 1:1 onto YAML.
 
-Nested dataclasses (model, data, prune, schedule, train, eval, output); every field carries its
-help text in ``metadata``. Unknown keys, wrong types and out-of-range values raise one
-``ConfigError`` line naming the field, the value and what is allowed (with the nearest valid key
-for typos). YAML is read with ``yaml.safe_load`` only.
+Nested dataclasses (model, data, prune, schedule, train, eval, output; ``train`` nests each
+trainer's own arguments); every field carries its help text and checks (``option``). The
+validation machinery is in ``config_schema``: unknown keys, wrong types and out-of-range values
+raise one ``ConfigError`` line naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line meant for the user."""
-
-
-def option(default: Any, help: str, **checks: Any) -> Any:
-    """A config field with its help text and checks (``min``/``ge``/``gt``/``le``/``lt``, ``pattern``,
-    ``choices``: a callable returning the allowed names, e.g. a registry's keys)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks})
-    return field(default=default, metadata={"help": help, **checks})
-
+from .config_schema import (  # noqa: F401  (the config API: one import place for callers)
+    ConfigError,
+    dump_yaml,
+    from_dict,
+    load_into,
+    option,
+    read_yaml,
+    to_dict,
+)
 
 _f = option  # short alias used by the field tables below
 
@@ -135,6 +124,41 @@ class PruneConfig:
     neuron_multiple: int = _f(1, "round kept MLP neurons per layer to a multiple of this", min=1)
     min_neurons: int = _f(8, "floor of MLP neurons kept in any layer", min=0)
     min_groups: int = _f(1, "floor of KV groups kept in any layer", min=1)
+    dims: list[str] = _f(
+        ["neurons", "groups"],
+        "what a pruning step may remove: neurons (MLP), groups (KV groups), hidden (residual channels, every layer "
+        "at once), layers (whole decoder layers); neurons or groups must be among them: they fill each step's "
+        "exact remainder",
+    )
+    layer_grid: str = _f(
+        "0, 0.5, 1",
+        "dims with layers: comma-separated candidate fractions of a step's removal that may go to whole layers "
+        "(the least important ones that fit); every (layer, hidden) pair of the grids is tried on a copy and the "
+        "lowest calibration loss wins",
+    )
+    hidden_grid: str = _f(
+        "0, 0.25, 0.5",
+        "dims with hidden: comma-separated candidate fractions of a step's removal that may go to residual channels "
+        "(the lowest Minitron scores), out of what the layers left",
+    )
+    layer_score: Literal["influence", "loss"] = _f(
+        "influence",
+        "dims with layers: remove the lowest block influence 1 - cos(h_in, h_out) first (free), or the smallest "
+        "calibration-loss increase when the layer is bypassed (one extra pass per layer)",
+    )
+    hidden_multiple: int = _f(
+        8, "round the kept hidden size to a multiple of this (32: every GGUF 32-block type fits the rows)", min=1
+    )
+    min_hidden: int = _f(8, "floor of residual channels (hidden size) kept", min=1)
+    min_layers: int = _f(1, "floor of decoder layers kept", min=1)
+    layer_compensation: bool = _f(
+        True, "fold removed layers' mean residual contribution into the down bias of the kept layer before them"
+    )
+    norm_compensation: bool = _f(
+        False, "after removing hidden channels, rescale every stream norm's gain so its normaliser keeps its scale"
+    )
+
+    DIMS = ("neurons", "groups", "hidden", "layers")  # not a field: no annotation
 
     def __post_init__(self) -> None:
         if self.same_ratio and self.allocation != "accumulating":
@@ -142,6 +166,52 @@ class PruneConfig:
                 f"prune.same_ratio=true needs prune.allocation=accumulating (got {self.allocation!r}): only the "
                 "accumulating allocator keeps the per-layer ratio it applies to groups and neurons"
             )
+        self._check_dims()
+        for name in ("layer_grid", "hidden_grid"):
+            self._fractions(name)
+        if "layers" in self.dims and self.allocation == "accumulating" and self.sparsity_scope == "run":
+            raise ConfigError(
+                "prune.dims with layers needs prune.sparsity_scope=stage for prune.allocation=accumulating: "
+                "a run-long per-layer state cannot follow layers that are removed"
+            )
+
+    def _check_dims(self) -> None:
+        unknown = [d for d in self.dims if d not in self.DIMS]
+        if unknown or not self.dims or len(set(self.dims)) != len(self.dims):
+            what = f"unknown {unknown[0]!r}" if unknown else "empty" if not self.dims else "repeats a dimension"
+            raise ConfigError(f"prune.dims={self.dims!r}: {what}; choose from: {', '.join(self.DIMS)}")
+        if "neurons" not in self.dims and "groups" not in self.dims:
+            raise ConfigError(
+                f"prune.dims={self.dims!r} needs neurons or groups: those units fill each step's exact remainder"
+            )
+
+    def _fractions(self, name: str) -> tuple[float, ...]:
+        """``"0, 0.5, 1"`` -> (0.0, 0.5, 1.0): at least one, each in [0, 1], no repeats."""
+        text = str(getattr(self, name))
+        try:
+            values = tuple(float(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            values = ()
+        if not values or any(not 0.0 <= v <= 1.0 for v in values) or len(set(values)) != len(values):
+            raise ConfigError(
+                f"prune.{name}={text!r} must be comma-separated fractions in [0, 1] without repeats, e.g. '0, 0.5, 1'"
+            )
+        return values
+
+    @property
+    def layer_fractions(self) -> tuple[float, ...]:
+        """``layer_grid`` as numbers (only 0 when ``layers`` is not in ``dims``)."""
+        return self._fractions("layer_grid") if "layers" in self.dims else (0.0,)
+
+    @property
+    def hidden_fractions(self) -> tuple[float, ...]:
+        """``hidden_grid`` as numbers (only 0 when ``hidden`` is not in ``dims``)."""
+        return self._fractions("hidden_grid") if "hidden" in self.dims else (0.0,)
+
+    @property
+    def reshapes(self) -> bool:
+        """Whether a step may change the hidden size or the depth."""
+        return "hidden" in self.dims or "layers" in self.dims
 
 
 @dataclass
@@ -245,171 +315,3 @@ class RunConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then a YAML file, then ``section.key=value`` overrides; validated."""
     return load_into(RunConfig, path, overrides)
-
-
-def _apply_override(data: dict, item: str) -> None:
-    """``a.b.c=value`` sets data["a"]["b"]["c"] (the value parsed as YAML)."""
-    key, sep, raw = item.partition("=")
-    path = key.split(".")
-    if not sep or not all(path):
-        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. prune.metric=wanda)")
-    node = data
-    for depth, name in enumerate(path[:-1]):
-        if node.get(name) is None:
-            node[name] = {}
-        if not isinstance(node[name], dict):
-            raise ConfigError(f"'{'.'.join(path[: depth + 1])}' must be a mapping to set '{key}'")
-        node = node[name]
-    try:
-        node[path[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"override '{item}': the value is not valid YAML (quote it)") from None
-
-
-def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from ``path`` (``safe_load`` only); one-line ``ConfigError`` otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def load_into(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults of ``cls``, then a YAML file, then ``key.path=value`` overrides; validated."""
-    data = read_yaml(path) if path is not None else {}
-    for item in overrides or []:
-        _apply_override(data, item)
-    return from_dict(cls, data)
-
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, validating every field."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; allowed: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")  # repr: one line, whatever the key
-    values = {}
-    for name, f in fields.items():
-        if name not in data:
-            continue
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = from_dict(hint, {} if data[name] is None else data[name], f"{prefix}{name}.")
-        else:
-            values[name] = _check_value(f"{prefix}{name}", data[name], hint, f.metadata)
-    return cls(**values)
-
-
-def _check_value(name: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
-        if value is None:
-            return None
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        origin = typing.get_origin(hint)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ConfigError(f"{name}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
-        return value
-    if origin in (list, types.GenericAlias) or hint is list or origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name}={value!r} must be a list of strings")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} must be true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}={value!r} must be an integer")
-    elif hint is float:
-        value = _number_from_text(value)  # YAML 1.1 reads 1e-4 as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}={value!r} must be a number")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"{name}={value!r} must be a finite number")
-    elif hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} must be a string")
-        value = str(value)
-        if meta.get("pattern") == "target":
-            _check_target_text(name, value)
-        if "choices" in meta:
-            _check_choice(name, value, meta["choices"]())
-    _check_range(name, value, meta)
-    return value
-
-
-def _check_choice(name: str, value: str, allowed: list[str]) -> None:
-    if value not in allowed:
-        near = difflib.get_close_matches(value, allowed, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ConfigError(f"{name}={value!r} is not known{hint}; choose one of: {', '.join(allowed)}")
-
-
-def _number_from_text(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-_TARGET = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([kmbx]?)$", re.IGNORECASE)  # as allocation.parse_target
-
-
-def _check_target_text(name: str, value: str) -> None:
-    """The model-independent part of a size: its form, and a ratio strictly inside (0, 1).
-
-    Whether a count fits the model (and its floors) is checked when the model is loaded.
-    """
-    match = _TARGET.match(value.strip().replace("_", ""))
-    if not match:
-        raise ConfigError(
-            f"{name}={value!r} is not a size; use a count like '90M', '1.2B', '134515008' or a ratio like '0.7x'"
-        )
-    number, suffix = float(match.group(1)), match.group(2).lower()
-    if suffix == "x" and not 0.0 < number < 1.0:
-        raise ConfigError(f"{name}={value!r} is out of range; a ratio must lie strictly between 0x and 1x")
-    if suffix != "x" and number <= 0:
-        raise ConfigError(f"{name}={value!r} is out of range; a count must be at least 1")
-
-
-def _check_range(name: str, value: Any, meta: typing.Mapping) -> None:
-    checks = {
-        "min": (lambda v, b: v >= b, ">="),
-        "ge": (lambda v, b: v >= b, ">="),
-        "gt": (lambda v, b: v > b, ">"),
-        "le": (lambda v, b: v <= b, "<="),
-        "lt": (lambda v, b: v < b, "<"),
-    }
-    for key, (ok, sign) in checks.items():
-        if key in meta and not ok(value, meta[key]):
-            raise ConfigError(f"{name}={value!r} is out of range; it must be {sign} {meta[key]}")
-
-
-def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
-
-
-def dump_yaml(config: RunConfig, path: str | Path) -> None:
-    """Write the resolved config (the run's own record of what it did)."""
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from trainers import NonFiniteLossError, get_trainer, load_optimizer_state, save_optimizer_state
 
-from .arch import UNIT_KINDS
 from .checkpoint import load_model
 from .config import RunConfig, to_dict
 from .evaluation.perplexity import perplexity
+from .kept_ids import compose_kept_ids, initial_kept_ids
 from .phase_log import PhaseLog
 from .preflight import Prepared, preflight
 from .run_data import RunData
@@ -60,6 +60,10 @@ class TrainingStoppedError(RuntimeError):
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
     """The run's Accelerator: precision from ``train.mixed_precision``, TensorBoard under output.dir."""
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        print(
+            "[adaptprune] train.mixed_precision=fp16 has no effect without a GPU (accelerate autocasts fp16 on CUDA only)"
+        )
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=1,  # the trainer accumulates itself (and says so in its loop)
@@ -146,7 +150,7 @@ class Controller:
         self.teacher = self._load_teacher()
         self.trainer = self._new_trainer(model, self.last_restored)
         if self.last_restored is None:
-            self._save(state, model)
+            self._save(state, self.trainer.export_model())  # the prepared model (gathered under FSDP)
         self.log(
             f"{self.original:,} -> {self.target:,} parameters in {len(self.targets)} stages, "
             f"{self.total_steps * self._tokens_per_step():,} training tokens in {self.total_steps} steps "
@@ -190,7 +194,7 @@ class Controller:
 
     def _train_phase(self, state: RunState, steps: int, label: str) -> dict:
         if steps == 0:
-            return {"tokens": 0, "loss": math.nan, "first_loss": math.nan}
+            return {"tokens": 0, "loss": math.nan, "first_loss": math.nan, "seconds": 0.0}
         log = PhaseLog(self.acc, self.run_dir, label, steps, self.total_steps, self.cfg.output.log_every)
         log.on_halfway = lambda: fault_point("training", state.stage + 1)
         rank = str(self.acc.process_index)
@@ -201,7 +205,12 @@ class Controller:
             log.close()
         state.global_step = result.global_step
         state.data = self._rank_states(batches.state(), state.data)
-        return {"tokens": result.tokens, "loss": result.last_loss, "first_loss": log.first_loss}
+        return {
+            "tokens": result.tokens,
+            "loss": result.last_loss,
+            "first_loss": log.first_loss,
+            "seconds": result.seconds,
+        }
 
     def _rank_states(self, mine: dict, saved: dict) -> dict:
         """Every rank's stream position, keyed by rank (the main process writes the checkpoint)."""
@@ -251,8 +260,10 @@ class Controller:
         return teacher.to(self.acc.device).eval().requires_grad_(False)
 
     def _save(self, state: RunState, model) -> None:
+        optimizer_state = self.trainer.optimizer_state_by_name()  # every rank: a collective under FSDP
+
         def write_optimizer(path: Path) -> None:
-            save_optimizer_state(path, self.trainer.optimizer_state_by_name(), extra={"global_step": state.global_step})
+            save_optimizer_state(path, optimizer_state, extra={"global_step": state.global_step})
 
         self.acc.wait_for_everyone()
         self.run_dir.save_stage(
@@ -270,10 +281,8 @@ class Controller:
         return t.batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.acc.num_processes
 
     def _all_ids(self, model) -> dict:
-        layers = range(len(self.adapter.decoder_layers(model)))
-        return {
-            str(i): {kind: list(range(self.adapter.count_units(model, i, kind))) for kind in UNIT_KINDS} for i in layers
-        }
+        """Every unit id of the dense model, by layer (``kept_ids.initial_kept_ids``)."""
+        return initial_kept_ids(model, self.adapter)
 
     def _row(self, stage, model, ppl, prune_s, wall_s, phase=None, tokens=0) -> dict:
         phase = phase or {}
@@ -287,18 +296,21 @@ class Controller:
             "train_loss": _finite_or_none(phase.get("loss")),
             "first_step_loss": _finite_or_none(phase.get("first_loss")),
             "prune_seconds": round(prune_s, 2),
+            "train_seconds": round(phase.get("seconds", 0.0), 2),
             "wall_seconds": round(wall_s, 2),
         }
 
     def _log_pruning(self, stage: int, model, global_step: int) -> None:
         params = count_parameters(model)
-        scalars = {"prune/params": params, "prune/stage": stage}
-        for layer in range(len(self.adapter.decoder_layers(model))):
+        depth, width = len(self.adapter.decoder_layers(model)), int(model.config.hidden_size)
+        scalars = {"prune/params": params, "prune/stage": stage, "prune/layers": depth, "prune/hidden_size": width}
+        for layer in range(depth):
             shape = self.adapter.layer_shape(model, layer)
             scalars[f"prune/kept_neurons/layer_{layer:02d}"] = shape.neurons
             scalars[f"prune/kept_groups/layer_{layer:02d}"] = shape.groups
         self.acc.log(scalars, step=global_step)
-        self.log(f"stage {stage}: pruned to {params:,} parameters")
+        reshaped = f" ({depth} layers, hidden {width})" if self.cfg.prune.reshapes else ""
+        self.log(f"stage {stage}: pruned to {params:,} parameters{reshaped}")
 
     def _finish(self, state: RunState) -> dict:
         model = self.trainer.export_model()
@@ -325,12 +337,9 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def _compose_ids(kept_ids: dict, records) -> dict:
-    """Map each record's kept (current) unit ids back to ids of the original model."""
-    out = {layer: dict(kinds) for layer, kinds in kept_ids.items()}
-    for r in records:
-        current = out[str(r.layer)][r.kind]
-        out[str(r.layer)][r.kind] = [current[k] for k in r.kept]
-    return out
+    """Map each record's kept (current) ids back to ids of the original model: units per original
+    layer, and once reshaped the original ``layers`` and ``hidden`` channels kept (``kept_ids``)."""
+    return compose_kept_ids(kept_ids, records)
 
 
 def _flat_scalars(tree: dict, prefix: str = "") -> dict:

@@ -2,8 +2,9 @@
 
 Loads the model, measures held-out perplexity, runs one ``prune_step`` to the target, measures
 again and writes a self-explaining folder: the checkpoint, ``plan.json`` (kept original unit
-ids per layer), ``config.yaml``, ``metrics.json`` (sizes, perplexities, seconds and peak memory
-per phase) and ``layer_sizes.png``.
+ids per layer that lost units, plus the original ``layers`` and ``hidden`` channels kept when the
+step reshaped the model, see ``kept_ids``), ``config.yaml``, ``metrics.json`` (sizes, depth and
+width, perplexities, the shape search, seconds and peak memory per phase) and ``layer_sizes.png``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import json
 from pathlib import Path
 
 from .allocation import parse_target
+from .arch import get_adapter
 from .checkpoint import atomic_dir, load_model, load_tokenizer, save_checkpoint
 from .config import ConfigError, RunConfig, dump_yaml
 from .evaluation.perplexity import perplexity
 from .inspection import describe
+from .kept_ids import changed_kept_ids, compose_kept_ids, initial_kept_ids
 from .pruning import prune_step
 from .report import plot_layer_sizes
 from .run_data import heldout_texts, shared_calibration
@@ -35,6 +38,7 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
     calibration = shared_calibration(cfg, tokenizer)  # (N, L) from the start of the train split
     texts = heldout_texts(cfg, tokenizer)
     dense_info = describe(model)
+    dense_ids = initial_kept_ids(model, get_adapter(model))
     ppl_before = _perplexities(model, texts, cfg, progress)
     report = prune_step(model, calibration, target, cfg.prune, progress=progress, label="(1/1)")
     ppl_after = _perplexities(model, texts, cfg, progress)
@@ -52,15 +56,27 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
         "phases": report.profile.as_dict(),
         "inner_steps": report.inner_steps,
         "calibration_tokens": calibration.numel(),
+        "layers": [dense_info["num_layers"], len(get_adapter(model).decoder_layers(model))],
+        "hidden_size": [dense_info["hidden_size"], int(model.config.hidden_size)],
     }
-    plan = {str(layer): {kind: list(kept) for kind, kept in kinds.items()} for layer, kinds in report.plan.items()}
+    if report.shape is not None:
+        metrics["shape"] = report.shape.as_dict()  # the (layers, hidden) candidates tried and the one kept
+    plan = changed_kept_ids(dense_ids, compose_kept_ids(dense_ids, report.records))
     with atomic_dir(out_dir) as tmp:
         save_checkpoint(model, tmp / "model", tokenizer)
         (tmp / "plan.json").write_text(json.dumps(plan))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         dump_yaml(cfg, tmp / "config.yaml")
-        plot_layer_sizes(dense_info, describe(model), tmp / "layer_sizes.png")
+        plot_layer_sizes(dense_info, _by_original_layer(describe(model), plan, dense_info), tmp / "layer_sizes.png")
     return metrics
+
+
+def _by_original_layer(pruned: dict, plan: dict, dense: dict) -> dict:
+    """``describe`` rows of the pruned model at their original layer ids; removed layers as empty rows."""
+    original = plan.get("layers", [row["layer"] for row in dense["layers"]])
+    rows = {layer: {**row, "layer": layer} for layer, row in zip(original, pruned["layers"], strict=True)}
+    empty = {"query_heads": 0, "kv_heads": 0, "mlp_neurons": 0, "params": 0}
+    return {**pruned, "layers": [rows.get(row["layer"], {**empty, "layer": row["layer"]}) for row in dense["layers"]]}
 
 
 def _perplexities(model, texts: dict, cfg: RunConfig, progress: bool) -> dict[str, dict]:

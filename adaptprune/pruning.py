@@ -9,10 +9,15 @@ Adapt-Pruner's ~2% steps, each on fresh calibration text, re-scored and re-alloc
 calibration text is a tensor (reused by every inner step), a sequence of tensors (one per inner
 step) or a callable returning fresh sequences on every call (e.g. ``fresh_windows``, or a
 controller's calibration source's ``next``).
+
+With ``hidden`` or ``layers`` in ``prune.dims`` a step first removes whole layers and residual
+channels, chosen among a small grid by calibration loss (``shape_search``), and the units then fill
+the exact remainder; unit kinds missing from ``prune.dims`` are never removed (``unit_floors``).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -28,22 +33,26 @@ from .compensation import apply_compensated_plan
 from .config import PruneConfig
 from .importance import get_metric
 from .profiling import Profile
-from .records import KeptRecord, Plan
+from .records import DepthRecord, HiddenRecord, KeptRecord, Plan
+from .shape_search import ShapeStep, layer_compensation_applies, search_shape
 from .surgery import count_parameters, ensure_output_biases
 
 Calibration = Tensor | Sequence[Tensor] | Callable[[], Tensor]
+Record = KeptRecord | HiddenRecord | DepthRecord  # what surgery returns, in the order it was applied
+KEEP_ALL = 2**62  # a floor no layer reaches: ``layer_budgets`` keeps every unit of a kind not in prune.dims
 
 
 @dataclass
 class StepReport:
     """What one ``prune_step`` did, over all of its inner steps."""
 
-    plan: Plan  # kept unit ids per (layer, kind) that lost units, as ids of the model before the step
-    records: list[KeptRecord]  # every removal, in the order surgery applied them (inner step by step)
+    plan: Plan  # kept unit ids per (layer, kind) that lost units (layer ids after any layer removal)
+    records: list[Record]  # every removal (layers, channels, units), in the order surgery applied them
     profile: Profile
     influence: list[float]  # raw block influence I_l of the last inner step
     inner_steps: int = 1  # inner steps planned (one whose target an earlier step's overshoot met is skipped)
     allocator_state: dict | None = None  # ``allocator.to_json()`` afterwards: what a checkpoint carries
+    shape: ShapeStep | None = None  # the (layers, hidden) search, when prune.dims has hidden or layers
 
 
 def build_allocator(cfg: PruneConfig) -> Allocator:
@@ -59,6 +68,12 @@ def build_allocator(cfg: PruneConfig) -> Allocator:
             scope=cfg.sparsity_scope,
         )
     return get_allocator(cfg.allocation)
+
+
+def unit_floors(cfg: PruneConfig) -> tuple[int, int]:
+    """(min_groups, min_neurons) for ``layer_budgets``: a unit kind missing from prune.dims keeps all."""
+    groups = cfg.min_groups if "groups" in cfg.dims else KEEP_ALL
+    return groups, cfg.min_neurons if "neurons" in cfg.dims else KEEP_ALL
 
 
 def layer_budgets(
@@ -86,14 +101,14 @@ def smallest_reachable(model: nn.Module, adapter: ArchAdapter, prune: PruneConfi
 
     Mean compensation adds a bias to every o/down projection, and those count towards the target.
     """
-    budgets = layer_budgets(model, adapter, prune.min_groups, prune.min_neurons)
+    budgets = layer_budgets(model, adapter, *unit_floors(prune))
     cap = getattr(build_allocator(prune), "max_sparsity", 1.0)  # adaptive keeps >= 1% of a layer
     removable = sum(
         min(math.floor(b.prunable_params * cap), removable_params([b], neuron_multiple=prune.neuron_multiple))
         for b in budgets
     )
     added = 0
-    if prune.mean_compensation:
+    if prune.mean_compensation or layer_compensation_applies(prune, adapter, model.config):
         for layer in adapter.decoder_layers(model):
             for path in (adapter.attention_output, adapter.mlp_output):
                 linear = layer.get_submodule(path)
@@ -196,37 +211,74 @@ def prune_step(
     on resume. It splits the stage into ``allocator.inner_steps`` inner steps with cumulative
     targets (``inner_targets``); each calibrates on ``next_sequences(calibration, j)``, scores,
     allocates and removes, so the last lands on ``target_params`` exactly as one step would.
+    With hidden or layers in ``prune.dims`` the step first chooses and removes layers and hidden
+    channels (``shape_search``, on ``next_sequences(calibration, 0)``); the units fill the rest.
     """
     adapter = adapter or get_adapter(model)
     allocator = allocator or build_allocator(cfg)
     profile = Profile()
-    if cfg.mean_compensation:
+    if cfg.mean_compensation or layer_compensation_applies(cfg, adapter, model.config):
         ensure_output_biases(model, adapter)  # the bias slots count towards the target too
+    if target_params > count_parameters(model):
+        raise ValueError(f"target {target_params:,} exceeds the model's {count_parameters(model):,} parameters")
+    shape = _shape_step(model, calibration, target_params, cfg, adapter, allocator, profile, progress, label)
+    reuse = shape.calibration if shape is not None else None  # the text's statistics, if the shape stayed
+    records: list[Record] = list(shape.records) if shape is not None else []
     start = count_parameters(model)
-    if target_params > start:
-        raise ValueError(f"target {target_params:,} exceeds the model's {start:,} parameters")
-    budgets = layer_budgets(model, adapter, cfg.min_groups, cfg.min_neurons)
+    budgets = layer_budgets(model, adapter, *unit_floors(cfg))
     allocator.start_stage(budgets)
     steps = allocator.inner_steps(budgets, start - target_params)
-    records: list[KeptRecord] = []
     influence: list[float] = []
     for j, goal in enumerate(inner_targets(start, target_params, steps)):
         if count_parameters(model) <= goal:
             continue  # nothing to remove (target met, or met by an earlier inner step's overshoot)
         desc = f"{label} calibrating" + (f" {j + 1}/{steps}" if steps > 1 else "")
-        with profile.phase("calibration"):
-            calib = calibrate_for(model, next_sequences(calibration, j), cfg, adapter, progress, desc.strip())
+        if j == 0 and reuse is not None:
+            calib = reuse
+        else:
+            with profile.phase("calibration"):
+                calib = calibrate_for(model, next_sequences(calibration, j), cfg, adapter, progress, desc.strip())
         report = prune_with_stats(model, calib, goal, cfg, adapter, profile, allocator=allocator)
         records += report.records
         influence = report.influence
     return StepReport(
-        plan=compose_records(records),
+        plan=compose_records([r for r in records if isinstance(r, KeptRecord)]),
         records=records,
         profile=profile,
         influence=influence,
         inner_steps=steps,
         allocator_state=allocator.to_json(),
+        shape=shape,
     )
+
+
+def _shape_step(
+    model: nn.Module,
+    calibration: Calibration,
+    target_params: int,
+    cfg: PruneConfig,
+    adapter: ArchAdapter,
+    allocator: Allocator,
+    profile: Profile,
+    progress: bool = True,
+    label: str = "",
+) -> ShapeStep | None:
+    """Calibrate once with the residual stream, then let ``search_shape`` choose and remove layers and
+    hidden channels; each candidate's units are estimated on its copy with a copy of the allocator."""
+    if not cfg.reshapes:
+        return None
+    sequences = next_sequences(calibration, 0)
+    with profile.phase("calibration"):
+        desc = f"{label} calibrating".strip()
+        calib = calibrate_for(model, sequences, cfg, adapter, progress, desc, collect_residual=True)
+
+    def estimate_units(trial: nn.Module, trial_calib: CalibrationResult) -> None:
+        trial_allocator = copy.deepcopy(allocator)
+        trial_allocator.start_stage(layer_budgets(trial, adapter, *unit_floors(cfg)))
+        prune_with_stats(trial, trial_calib, target_params, cfg, adapter, allocator=trial_allocator)
+
+    with profile.phase("shape"):
+        return search_shape(model, calib, sequences, target_params, cfg, adapter, estimate_units, progress, label)
 
 
 def calibrate_for(
@@ -236,8 +288,10 @@ def calibrate_for(
     adapter: ArchAdapter,
     progress: bool = True,
     desc: str = "calibrating",
+    collect_residual: bool = False,
 ) -> CalibrationResult:
-    """One calibration pass collecting what the configured metric and compensation need.
+    """One calibration pass collecting what the configured metric and compensation need
+    (``collect_residual``: also the residual stream's moments, for width and depth pruning).
 
     ``taylor_param_first`` (Adapt-Pruner's scoring) calibrates on ``prune.taylor_samples`` windows
     of ``prune.taylor_seq_len`` tokens cut from ``sequences``, all with a backward pass (mini-batches
@@ -256,6 +310,7 @@ def calibrate_for(
             collect_cov=collect_cov,
             taylor_batches=math.ceil(rows.shape[0] / TAYLOR_BATCH),
             taylor_elementwise=True,
+            collect_residual=collect_residual,
             progress=progress,
             desc=desc,
         )
@@ -265,6 +320,7 @@ def calibrate_for(
         adapter=adapter,
         collect_cov=collect_cov,
         taylor_batches=TAYLOR_MINI_BATCHES if metric.needs_grads else 0,
+        collect_residual=collect_residual,
         progress=progress,
         desc=desc,
     )
@@ -295,7 +351,7 @@ def prune_with_stats(
         ]
         influence = torch.tensor([s.influence for s in calib.layers], dtype=torch.float64)
         plan = allocator.plan(
-            layer_budgets(model, adapter, cfg.min_groups, cfg.min_neurons),
+            layer_budgets(model, adapter, *unit_floors(cfg)),
             scores,
             influence,
             remove_params,

@@ -83,10 +83,38 @@ def _unique_coupled_params(model: nn.Module, couplings: Sequence[HiddenCoupling]
 
 def hidden_params_per_channel(model: nn.Module, adapter: ArchAdapter | None = None) -> int:
     """Parameters one residual channel owns across every holder (tied weights counted once)."""
+    outside, per_layer = channel_shares(model, adapter)
+    return outside + sum(per_layer)
+
+
+def channel_shares(model: nn.Module, adapter: ArchAdapter | None = None) -> tuple[int, list[int]]:
+    """(c_out, [c_l]): parameters one residual channel owns outside the decoder layers (embedding,
+    final norm, an untied head, projections) and inside each layer l (reader columns, writer rows
+    and biases, norm entries). Removing layers first lowers a channel's cost by their c_l."""
     adapter = adapter or get_adapter(model)
-    return sum(
-        p.numel() // p.shape[dim] for _, _, p, dim in _unique_coupled_params(model, adapter.hidden_couplings(model))
+    head = f"{adapter.layers_path}."
+    outside, per_layer = 0, [0] * len(adapter.decoder_layers(model))
+    for c, _, p, dim in _unique_coupled_params(model, adapter.hidden_couplings(model)):
+        share = p.numel() // p.shape[dim]
+        if c.path.startswith(head):
+            per_layer[int(c.path[len(head) :].partition(".")[0])] += share
+        else:
+            outside += share
+    return outside, per_layer
+
+
+def unit_channel_share(model: nn.Module, layer_idx: int, kind: str, adapter: ArchAdapter | None = None) -> int:
+    """Entries one unit of ``kind`` owns per residual channel: its reader rows and writer columns
+    (Llama: a neuron's gate and up rows and down column, 3; a KV group's q/k/v rows and o columns).
+    ``params_per_unit`` changes by exactly this much per channel removed."""
+    adapter = adapter or get_adapter(model)
+    units = max(adapter.count_units(model, layer_idx, kind), 1)
+    entries = sum(
+        c.unit_ids.numel()
+        for c in adapter.couplings(model, layer_idx, kind)
+        if (c.dim == 0 and c.path in adapter.hidden_readers) or (c.dim == 1 and c.path in adapter.hidden_writers)
     )
+    return entries // units
 
 
 def _copy_sliced(new: nn.Module, old: nn.Module, dim: int, index: torch.Tensor) -> nn.Module:

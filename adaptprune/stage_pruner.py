@@ -17,8 +17,7 @@ from torch import nn
 from .allocation import allocator_from_json
 from .arch import ArchAdapter
 from .config import PruneConfig
-from .pruning import build_allocator, prune_step
-from .records import KeptRecord
+from .pruning import Record, build_allocator, prune_step
 
 
 class CalibrationSource(Protocol):
@@ -34,8 +33,9 @@ class CalibrationSource(Protocol):
 class StagePruner(Protocol):
     def __call__(
         self, model: nn.Module, calibration: CalibrationSource, target: int, label: str
-    ) -> tuple[nn.Module, list[KeptRecord]]:
-        """Shrink ``model`` to at most ``target`` parameters; return it and the kept-unit records."""
+    ) -> tuple[nn.Module, list[Record]]:
+        """Shrink ``model`` to at most ``target`` parameters; return it and the surgery records in the
+        order applied (``KeptRecord``; ``DepthRecord``/``HiddenRecord`` when layers or channels went)."""
 
     def state_dict(self) -> dict: ...
 
@@ -47,7 +47,8 @@ class AdaptprunePruner:
 
     One allocator lives for the whole run, so a stateful one (``accumulating`` with
     ``prune.sparsity_scope: run``) carries its per-layer sparsity from stage to stage; every inner
-    step of a stage calibrates on fresh text (``calibration.next``).
+    step of a stage calibrates on fresh text (``calibration.next``). With hidden or layers in
+    ``prune.dims`` every stage first chooses its (layers, hidden) share (``shape_search``).
     """
 
     def __init__(self, cfg: PruneConfig, adapter: ArchAdapter, progress: bool = True) -> None:
@@ -56,7 +57,7 @@ class AdaptprunePruner:
 
     def __call__(
         self, model: nn.Module, calibration: CalibrationSource, target: int, label: str
-    ) -> tuple[nn.Module, list[KeptRecord]]:
+    ) -> tuple[nn.Module, list[Record]]:
         report = prune_step(
             model, calibration.next, target, self.cfg, self.adapter, self.progress, label, allocator=self.allocator
         )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adaptprune.config import load_config
@@ -97,8 +98,9 @@ def _run_cli(out: Path, corpus: Path, resume: bool = False, crash_at: str | None
 
 @pytest.mark.parametrize("crash_at", ["calibration:2", "training:3", "saving:4"])
 def test_sigkill_then_resume_gives_the_same_final_plan(tmp_path, toy_corpus, smoke_run, crash_at):
-    """Killed mid-stage, resumed from the last complete stage: same final kept ids as the
-    uninterrupted run (the in-process smoke run; evaluation and logging do not touch the plan)."""
+    """Killed mid-stage, resumed from the last complete stage: the same final kept ids and weights as
+    the uninterrupted run (the in-process smoke run; evaluation and logging touch neither), so the
+    streaming data position, RNG and optimizer state were all restored exactly."""
     uninterrupted_plan = json.loads((smoke_run[1] / "plan.json").read_text())
     out = tmp_path / "run"
     crashed = _run_cli(out, toy_corpus, crash_at=crash_at)
@@ -108,31 +110,48 @@ def test_sigkill_then_resume_gives_the_same_final_plan(tmp_path, toy_corpus, smo
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming after stage" in resumed.stdout + resumed.stderr
     assert json.loads((out / "plan.json").read_text()) == uninterrupted_plan
+    resumed_weights = load_file(str(out / "final" / "model.safetensors"))
+    uninterrupted = load_file(str(smoke_run[1] / "final" / "model.safetensors"))
+    assert resumed_weights.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed_weights[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_two_cpu_processes_end_with_identical_weights(tmp_path, toy_corpus):
+def _two_processes(script: str, out: Path, corpus: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "tests" / script), str(SMOKE), str(out), str(corpus)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, toy_corpus) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    done = _two_processes("ddp_controller_script.py", out, toy_corpus)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_two_cpu_processes_end_with_identical_weights(ddp_run):
     from safetensors.torch import load_file
 
-    out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "tests" / "ddp_controller_script.py"),
-        str(SMOKE),
-        str(out),
-        str(toy_corpus),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    rank0, rank1 = load_file(str(ddp_run / "rank0.safetensors")), load_file(str(ddp_run / "rank1.safetensors"))
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    assert json.loads((out / "results.json").read_text())["stages"] >= 3
+    assert json.loads((ddp_run / "results.json").read_text())["stages"] >= 3
+
+
+def test_fsdp2_run_prunes_like_the_ddp_run(tmp_path, toy_corpus, ddp_run):
+    """accelerate's FSDP2 (gloo, see fsdp_controller_script.py): weights are gathered for scoring and
+    surgery and re-sharded after, AdamW state sliced in between; same plan and (to float noise) the
+    same final weights as DDP on the same batches."""
+    out = tmp_path / "fsdp"
+    done = _two_processes("fsdp_controller_script.py", out, toy_corpus)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "plan.json").read_text()) == json.loads((ddp_run / "plan.json").read_text())
+    fsdp, ddp = (load_file(str(run / "final" / "model.safetensors")) for run in (out, ddp_run))
+    assert fsdp.keys() == ddp.keys()
+    for name in ddp:
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_report_and_eval_commands_on_the_finished_run(smoke_run, tmp_path):

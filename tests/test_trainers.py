@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -200,3 +201,34 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
         assert torch.equal(weights[0][name], weights[1][name]), name
     assert weights[0]["model.layers.0.mlp.up_proj.weight"].shape[0] == 48
     assert not torch.equal(weights[0]["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide precision; tests that change it reset it afterwards."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_gradient_checkpointing_gives_the_same_losses():
+    plain = FullTrainer(tiny_llama(), cpu_accelerator(), train_cfg())
+    ckpt = FullTrainer(tiny_llama(), cpu_accelerator(), train_cfg(gradient_checkpointing=True))
+    assert ckpt.unwrapped_model().is_activation_checkpointing and not plain.unwrapped_model().is_activation_checkpointing
+    assert _losses(ckpt, 6, 1e-2) == pytest.approx(_losses(plain, 6, 1e-2), rel=1e-5, abs=1e-6)
+    ckpt.after_surgery(ckpt.before_surgery())  # surgery builds new modules: the flag must come back
+    assert ckpt.unwrapped_model().is_activation_checkpointing
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    trainer = FullTrainer(tiny_llama(), Accelerator(cpu=True, mixed_precision="bf16"), train_cfg())
+    losses = _losses(trainer, 15, 1e-2)
+    assert all(map(math.isfinite, losses)) and sum(losses[-3:]) / 3 < losses[0]
+    assert all(p.dtype == torch.float32 for p in trainer.unwrapped_model().parameters())
+    with trainer.accelerator.autocast():
+        logits = trainer.model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits
+    assert trainer.accelerator.mixed_precision == "bf16" and logits.dtype == torch.float32  # upcast by the wrapper

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from adaptprune.compat import enable_activation_checkpointing
 from adaptprune.config import OptimArgs, TrainConfig
-from adaptprune.records import KeptRecord
+from adaptprune.records import DepthRecord, HiddenRecord
 
 from .optim_state import (
     CarryReport,
@@ -35,6 +36,8 @@ from .optim_state import (
     carry_optimizer_state,
     state_by_name,
 )
+from .optim_state_shape import Record, carry_reshaped_optimizer_state
+from .sharding import gather_model, gather_optimizer_state, is_sharded, load_optimizer_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -161,53 +164,78 @@ class Trainer:
         return lm_loss(logits, input_ids)
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def _prepare(self, model: nn.Module, records: Sequence[KeptRecord]) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def _prepare(self, model: nn.Module, records: Sequence[Record]) -> tuple[nn.Module, torch.optim.Optimizer]:
         if self.config.gradient_checkpointing:
             # Surgery builds new modules, so the flag is set again on every (re-)prepare.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         module = self.wrap_for_training(model)
         optimizer = adamw_for(module, self.config.optim)
         if self._held_state is not None:
-            # Before prepare: AcceleratedOptimizer re-loads the state onto the device itself.
-            self.last_carry = carry_optimizer_state(self._held_state, records, optimizer, module)
+            # Before prepare: AcceleratedOptimizer re-loads the state onto the device itself. Width or
+            # depth surgery renames and slices whole-model names; unit surgery alone slices by layer.
+            reshaped = any(isinstance(r, (HiddenRecord, DepthRecord)) for r in records)
+            carry = carry_reshaped_optimizer_state if reshaped else carry_optimizer_state
+            self.last_carry = carry(self._held_state, records, optimizer, module)
             self._held_state = None
-        return self.accelerator.prepare(module, optimizer)
+        if not is_sharded(self.accelerator):
+            return self.accelerator.prepare(module, optimizer)
+        carried = state_by_name(optimizer, module)  # FSDP2's prepare swaps the parameters: reload by name after
+        optimizer.state.clear()
+        module, optimizer = self.accelerator.prepare(module, optimizer)
+        if carried:
+            load_optimizer_state(module, optimizer, carried)
+        return module, optimizer
 
     def unwrapped_model(self) -> nn.Module:
         """The training module without the DDP wrapper (its forward still autocasts under bf16)."""
         return self.accelerator.unwrap_model(self.model)
 
     def export_model(self) -> nn.Module:
-        """A plain HF model with the current weights, to save in a checkpoint (not a copy here)."""
+        """A plain HF model with the current weights, to save in a checkpoint (not a copy here;
+        under FSDP a gathered copy, built on every rank)."""
+        if is_sharded(self.accelerator):
+            return gather_model(self.unwrapped_model())
         return self.unwrapped_model()
 
     def before_surgery(self) -> nn.Module:
         """Hand the plain model over for calibration, scoring and surgery.
 
         Keeps the optimizer state by parameter name (if the strategy carries it and the config
-        says 'carry'), then releases the DDP wrapper and optimizer. Call ``after_surgery`` next.
+        says 'carry'), then releases the DDP/FSDP wrapper and optimizer (FSDP: the full weights and
+        state are gathered first, see ``sharding``). Call ``after_surgery`` next.
         """
         module = self.accelerator.unwrap_model(self.model)
-        if self.carries_optimizer_state and self.config.optim.after_surgery == "carry":
+        carry = self.carries_optimizer_state and self.config.optim.after_surgery == "carry"
+        if is_sharded(self.accelerator):
+            self._held_state = gather_optimizer_state(module, self.optimizer) if carry else None
+            module = gather_model(module)
+        elif carry:
             self._held_state = state_by_name(self.optimizer, module)
         self.model = self.optimizer = None  # the old wrapper pins the old parameters
         forget_prepared(self.accelerator, module)
         return self.unwrap_for_surgery(module)
 
-    def after_surgery(self, model: nn.Module, records: Sequence[KeptRecord] = ()) -> None:
-        """Train the (pruned) plain model next: new optimizer, kept units' state sliced in.
+    def after_surgery(self, model: nn.Module, records: Sequence[Record] = ()) -> None:
+        """Train the (pruned) plain model next: new optimizer, kept units' state sliced in (after
+        width or depth surgery: kept channels' state sliced, removed layers' dropped, the rest renamed).
 
         Every rank must have applied the same plan; DDP re-broadcasts rank 0's weights anyway.
         """
         self.model, self.optimizer = self._prepare(model, records)
 
     def optimizer_state_by_name(self) -> StateByName:
-        """The live optimizer state keyed by parameter name (views: copy to keep while training)."""
+        """The live optimizer state keyed by parameter name (views: copy to keep while training;
+        under FSDP the full state, gathered on every rank)."""
+        if is_sharded(self.accelerator):
+            return gather_optimizer_state(self.unwrapped_model(), self.optimizer)
         return state_by_name(self.optimizer, self.unwrapped_model())
 
     def load_optimizer_state_by_name(self, state: StateByName) -> None:
         """Put a saved state (same shapes, e.g. from ``checkpointing.load_optimizer_state``) in place."""
-        carry_optimizer_state(state, (), self.optimizer, self.unwrapped_model())
+        if is_sharded(self.accelerator):
+            load_optimizer_state(self.unwrapped_model(), self.optimizer, state)
+        else:
+            carry_optimizer_state(state, (), self.optimizer, self.unwrapped_model())
 
     # ---- one training phase -------------------------------------------------------------
     def run_phase(
@@ -224,49 +252,25 @@ class Trainer:
         {step, loss, lr, grad_norm, tokens_per_s} (loss averaged over ranks, tokens/s summed).
         Raises ``NonFiniteLossError`` before the optimizer step if a loss or grad norm is NaN/inf.
         """
-        acc, model, optimizer = self.accelerator, self.model, self.optimizer
-        accum = self.config.grad_accum_steps
-        max_norm = self.config.optim.grad_clip or math.inf  # inf: measure the norm, never scale
-        trainable = [p for p in model.parameters() if p.requires_grad]
         batch_iter = iter(batches)
         losses: list[float] = []
         tokens = 0
-        model.train()
+        self.model.train()
         phase_start = time.perf_counter()
         for step in range(steps):
             step_start = time.perf_counter()
             lr = float(lr_at(global_step))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss, step_tokens = 0.0, 0
-            for micro in range(accum):
-                input_ids = _next_batch(batch_iter, step, steps).to(acc.device)  # (B, L)
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = acc.no_sync(model) if micro < accum - 1 else nullcontext()
-                with sync:
-                    loss = self.compute_loss(model, input_ids)
-                    step_loss += self._checked_mean(loss, global_step, "loss") / accum
-                    acc.backward(loss / accum)
-                step_tokens += input_ids.numel() * acc.num_processes
-            grad_norm = acc.clip_grad_norm_(trainable, max_norm)
-            grad_norm = self._checked_mean(grad_norm, global_step, "grad norm")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss, step_tokens, grad_norm = self._optimizer_step(batch_iter, step, steps, lr, global_step)
             global_step += 1
-            elapsed = time.perf_counter() - step_start
             losses.append(step_loss)
             tokens += step_tokens
             if on_step is not None:
+                elapsed = max(time.perf_counter() - step_start, 1e-9)
                 on_step(
-                    {
-                        "step": global_step,
-                        "loss": step_loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": step_tokens / max(elapsed, 1e-9),
-                    }
-                )
-        model.eval()
+                    {"step": global_step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                     "tokens_per_s": step_tokens / elapsed}
+                )  # fmt: skip
+        self.model.eval()
         return PhaseResult(
             steps=steps,
             global_step=global_step,
@@ -276,12 +280,44 @@ class Trainer:
             seconds=time.perf_counter() - phase_start,
         )
 
-    def _checked_mean(self, value: torch.Tensor, global_step: int, what: str) -> float:
-        """Mean of a scalar over ranks; raise on every rank if any rank's value is NaN/inf."""
-        value = value.detach().float().reshape(())
+    def _optimizer_step(
+        self, batch_iter: Iterator[torch.Tensor], step: int, steps: int, lr: float, global_step: int
+    ) -> tuple[float, int, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches: (mean loss, tokens, grad norm)."""
+        acc, model, optimizer = self.accelerator, self.model, self.optimizer
+        accum = self.config.grad_accum_steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(accum):
+            input_ids = _next_batch(batch_iter, step, steps).to(acc.device)  # (B, L)
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            with acc.no_sync(model) if micro < accum - 1 else nullcontext():
+                loss = self.compute_loss(model, input_ids)
+                step_loss += self._checked_mean(loss, global_step, "loss") / accum
+                acc.backward(loss / accum)
+            step_tokens += input_ids.numel() * acc.num_processes
+        max_norm = self.config.optim.grad_clip or math.inf  # inf: measure the norm, never scale
+        grad_norm = acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        # fp16's loss scaler overflows now and then by design: its optimizer step is skipped, not an error.
+        grad_norm = self._checked_mean(grad_norm, global_step, "grad norm", overflow_ok=self._scaled())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss, step_tokens, grad_norm
+
+    def _scaled(self) -> bool:
+        """Whether accelerate scales the loss (fp16 on a GPU)."""
+        return getattr(self.accelerator, "scaler", None) is not None
+
+    def _checked_mean(self, value: torch.Tensor, global_step: int, what: str, overflow_ok: bool = False) -> float:
+        """Mean of a scalar over ranks; raise on every rank if any rank's value is NaN/inf (unless ``overflow_ok``)."""
+        value = value.detach()
+        if hasattr(value, "full_tensor"):  # FSDP2's clip_grad_norm_ returns a (replicated) DTensor
+            value = value.full_tensor()
+        value = value.float().reshape(())
         bad = (~torch.isfinite(value)).float()
         total, bad = self.accelerator.reduce(torch.stack([value, bad]), reduction="sum").tolist()
-        if bad > 0:
+        if bad > 0 and not overflow_ok:
             # Drop partial gradients so the caller can recover (lower lr, reload) from a clean state.
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(global_step, what, total)

@@ -16,6 +16,9 @@ influence from the adapter. Four allocators, registered by name in ``ALLOCATORS`
 - ``global`` (FLAP "AL-AM", arXiv 2312.11983): scores z-scored per layer and kind, every group
   and neuron ranked together, the lowest removed first, each costing its parameter count.
 
+How much of a step goes to whole layers and to hidden channels before the units take the rest is
+``shape.py`` (pure counts; ``shape_search`` picks a candidate by calibration loss).
+
 **Units and chunks.** A removal candidate ("chunk") is one KV group, or a run of MLP neurons:
 with ``neuron_multiple`` m the kept neuron count of a pruned layer steps through multiples of m
 (n → m·⌊(n−1)/m⌋ → ... → the smallest multiple of m ≥ ``min_neurons``), so the first chunk holds

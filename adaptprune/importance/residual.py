@@ -122,6 +122,17 @@ def _mean_loss(model: nn.Module, batches: Sequence[Tensor]) -> float:
     return sum(losses) / len(losses)
 
 
+def calibration_loss(model: nn.Module, sequences: Tensor, batch_size: int = 4) -> float:
+    """Mean next-token LM loss over ``sequences`` (N, T) in batches of ``batch_size``, eval mode
+    (the model's train/eval mode is restored): how the shape search ranks its candidates."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _mean_loss(model, list(torch.split(sequences, batch_size)))
+    finally:
+        model.train(was_training)
+
+
 def layer_drop_losses(
     model: nn.Module, sequences: Tensor, batch_size: int = 4, adapter: ArchAdapter | None = None
 ) -> tuple[float, list[float]]:

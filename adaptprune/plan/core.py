@@ -1,0 +1,208 @@
+"""``make_plan``: what a run will do and need, from its config alone (a dry run: no weights, no GPU).
+
+The numbers come from the code the run itself uses: ``schedule.stage_targets`` and ``split_budget``
+for the stages and their steps, ``preflight.validated_target`` for the target, the ``uniform``
+allocator for per-layer sizes, and ``memory`` for the GPU footprint of each stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from ..arch import ArchAdapter
+from ..config import ConfigError, RunConfig
+from ..preflight import validated_target
+from ..schedule import split_budget, stage_targets
+from ..surgery import count_parameters
+from . import memory
+from .model import fsdp_gathered_params, layer_geometry, lora_params, meta_model, plan_model_config, uniform_sizes
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What ``plan`` assumes about the machine (not part of the run config)."""
+
+    gpus: int = 1
+    gpu_memory_gib: float = 80.0
+    tokens_per_s: float | None = None  # all GPUs together; None: no wall-time estimate
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise ConfigError(f"--gpus={self.gpus} must be >= 1")
+        if self.gpu_memory_gib <= 0:
+            raise ConfigError(f"--gpu-memory={self.gpu_memory_gib} must be > 0 GiB")
+        if self.tokens_per_s is not None and self.tokens_per_s <= 0:
+            raise ConfigError(f"--tokens-per-s={self.tokens_per_s} must be > 0")
+
+
+@dataclass
+class RunPlan:
+    """A run's stages, tokens, per-layer sizes and GPU memory, ready for a table or JSON."""
+
+    model: str
+    config_source: str
+    family: str
+    original_params: int
+    target_params: int
+    tokens_per_step: int
+    stages: list[dict]  # one row per pruning stage, then the recovery phase
+    uniform_layers: list[dict]
+    uniform_params: int
+    memory: dict  # mode -> {"checkpointing" | "no_checkpointing": footprint of the worst stage}
+    settings: dict
+    dims_shape: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(row["tokens"] for row in self.stages)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "total_tokens": self.total_tokens}
+
+
+def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
+    """Plan ``cfg`` on the meta device; raises ``ConfigError`` for anything the run itself would refuse."""
+    options = options or PlanOptions()
+    hf_config, source = plan_model_config(cfg.model)
+    model, adapter = meta_model(hf_config)
+    original = count_parameters(model)
+    target = validated_target(model, adapter, cfg, original)
+    targets = stage_targets(original, target, max(1, round(cfg.prune.step_fraction * original)))
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * options.gpus
+    stage_steps, recovery_steps = split_budget(
+        cfg.schedule.train_tokens // tokens_per_step, len(targets), cfg.schedule.split, cfg.schedule.recovery_fraction
+    )
+    stages = stage_rows(targets, [*stage_steps, recovery_steps], tokens_per_step, original, cfg, options)
+    layers, uniform_params = uniform_sizes(model, adapter, cfg.prune, target)
+    return RunPlan(
+        model=cfg.model.name,
+        config_source=source,
+        family=adapter.family,
+        original_params=original,
+        target_params=target,
+        tokens_per_step=tokens_per_step,
+        stages=stages,
+        uniform_layers=layers,
+        uniform_params=uniform_params,
+        memory=memory_table(cfg, options, model, adapter, [row["params"] for row in stages]),
+        settings=settings(cfg, options),
+        dims_shape=chosen_shape(cfg, model, adapter, target),
+        notes=plan_notes(cfg, adapter),
+    )
+
+
+def stage_rows(
+    targets: list[int], steps: list[int], tokens_per_step: int, original: int, cfg: RunConfig, options: PlanOptions
+) -> list[dict]:
+    """One row per stage and one for recovery: parameters, steps, tokens, model FLOPs, wall time.
+
+    Model FLOPs follow the usual 6·P per trained token (forward 2·P, backward 4·P; recomputation for
+    checkpointing is not counted, as in MFU), plus 2·P₀ per token for the teacher's forward.
+    """
+    teacher = original if _needs_teacher(cfg) else 0
+    rows = []
+    for i, n in enumerate(steps):
+        params = targets[min(i, len(targets) - 1)] if targets else original
+        tokens = n * tokens_per_step
+        row = {
+            "stage": i + 1 if i < len(targets) else "recovery",
+            "params": params,
+            "removed": (targets[i - 1] if i else original) - params if i < len(targets) else 0,
+            "steps": n,
+            "tokens": tokens,
+            "model_flops": (6 * params + 2 * teacher) * tokens,
+        }
+        row["wall_s"] = tokens / options.tokens_per_s if options.tokens_per_s else None
+        rows.append(row)
+    return rows
+
+
+def memory_table(
+    cfg: RunConfig, options: PlanOptions, model: nn.Module, adapter: ArchAdapter, trained: list[int]
+) -> dict:
+    """Per mode and checkpointing setting, the footprint (bytes) of the stage with the highest peak; its
+    ``transition`` is the heaviest surgery of any stage."""
+    precision = memory.Precision.of(cfg.model.dtype, cfg.train.mixed_precision)
+    geometry = layer_geometry(model, adapter)
+    vocab = model.get_input_embeddings().num_embeddings
+    layers = len(adapter.decoder_layers(model))
+    lora = cfg.train.trainer == "lora"
+    adapters = lora_params(model, adapter, cfg.train.lora) if lora else 0
+    carries = not lora and cfg.train.optim.after_surgery == "carry"
+    teacher = count_parameters(model) if _needs_teacher(cfg) else 0
+    gathered = fsdp_gathered_params(model, adapter)
+    stages = []
+    for i, params in enumerate(trained):
+        before = trained[i - 1] if 0 < i < len(trained) - 1 else 0  # the recovery phase has no surgery
+        stages.append(memory.StageSizes(params, adapters or params, before, carries, teacher, gathered))
+    table: dict = {}
+    for mode in ["single"] if options.gpus == 1 else ["ddp", "fsdp"]:
+        table[mode] = {}
+        for ckpt in (False, True):
+            tokens = cfg.train.batch_size * cfg.data.seq_len
+            act = memory.activation_bytes(tokens, layers, geometry, vocab, precision, ckpt, _needs_teacher(cfg))
+            prints = [memory.footprint(sizes, act, precision, mode, options.gpus) for sizes in stages]
+            worst = max(range(len(prints)), key=lambda i: prints[i].peak)
+            entry = {"stage": worst + 1, **prints[worst].as_dict()}
+            entry["transition"] = max(fp.transition for fp in prints)  # the heaviest surgery, whichever stage
+            entry["fits"] = memory.fits(entry["peak"], options.gpu_memory_gib)
+            table[mode]["checkpointing" if ckpt else "no_checkpointing"] = entry
+    return table
+
+
+def settings(cfg: RunConfig, options: PlanOptions) -> dict:
+    """The knobs the numbers depend on, echoed in the output."""
+    t = cfg.train
+    return {
+        "batch_size": t.batch_size,
+        "grad_accum_steps": t.grad_accum_steps,
+        "seq_len": cfg.data.seq_len,
+        "gpus": options.gpus,
+        "gpu_memory_gib": options.gpu_memory_gib,
+        "usable_fraction": memory.HEADROOM,
+        "tokens_per_s": options.tokens_per_s,
+        "dtype": cfg.model.dtype,
+        "mixed_precision": t.mixed_precision,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "trainer": t.trainer,
+        "train_tokens": cfg.schedule.train_tokens,
+        "step_fraction": cfg.prune.step_fraction,
+        "allocation": cfg.prune.allocation,
+    }
+
+
+def chosen_shape(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, target: int) -> dict | None:
+    """The hidden size and depth a run with ``prune.dims`` hidden/layers reaches; None without them.
+
+    The place for the hidden/depth pruning's dry-run function (``shape_plan.shape_candidates_for``
+    while it is being written): call it with ``model.config``, ``target`` and ``cfg.prune`` and return
+    the chosen shape's ``as_dict()`` so ``plan`` prints depth and width next to the per-layer sizes.
+    Until it is wired in, plan says so instead of guessing.
+    """
+    reshaping = [d for d in cfg.prune.dims if d in ("hidden", "layers")]
+    if not reshaping:
+        return None
+    return {"dims": reshaping, "shape": None, "note": "hidden/depth planning is not wired into `plan` yet"}
+
+
+def plan_notes(cfg: RunConfig, adapter: ArchAdapter) -> list[str]:
+    """Caveats that apply to this config's estimate."""
+    notes = []
+    if adapter.family not in ("llama", "qwen2", "mistral"):  # the same layer layout (biases save nothing more)
+        notes.append(f"the activation formula is derived for Llama-style layers; {adapter.family} is approximate")
+    if cfg.train.trainer == "lora":
+        notes.append("LoRA: activations omit the adapter branches' inputs (up to ~7·c·h bytes per token and layer)")
+    if cfg.model.dtype != "float32" and cfg.train.trainer != "lora":
+        notes.append(
+            f"model.dtype={cfg.model.dtype}: AdamW updates the {cfg.model.dtype} weights directly (no fp32 master)"
+        )
+    return notes
+
+
+def _needs_teacher(cfg: RunConfig) -> bool:
+    from trainers import get_trainer
+
+    return get_trainer(cfg.train.trainer).needs_teacher

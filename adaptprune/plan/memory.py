@@ -1,0 +1,214 @@
+"""GPU memory of the training phase, as pure functions of sizes and precision (no torch, no model).
+
+Symbols: P parameters of the model being trained, P₀ of the dense teacher, w bytes per weight
+(``model.dtype``), c bytes per autocast activation (2 under ``train.mixed_precision`` bf16/fp16,
+else w), r = w bytes of the residual stream, N GPUs, T = batch_size × seq_len tokens per micro-batch,
+V vocabulary, L decoder layers; one layer has hidden size h, a query heads and k KV heads of head_dim
+d, and f MLP neurons.
+
+**Static memory (per GPU).** Weights P·w, gradients P·w (torch keeps them in the parameter dtype),
+AdamW's two moments 2·P·w (``exp_avg``/``exp_avg_sq`` in the parameter dtype: fp32 weights are the
+master copy, so bf16 training needs no extra master), and under autocast with w > c one cast copy of
+every weight, P·c (autocast caches the casts of leaf weights until the forward ends; without
+checkpointing backward keeps them). DDP adds its gradient buckets, P·w (accelerate's default
+``gradient_as_bucket_view=False``). FSDP (FULL_SHARD) divides weights, gradients and moments by N
+and instead holds the gathered units: the root (embeddings, final norm) and two decoder layers
+(one computing, one prefetched), in compute precision, with their gradients, (P_root + 2·P_layer)·(c + w).
+The ``distill`` teacher is a full, frozen copy of the dense model on every GPU, P₀·w (the controller
+loads it in ``model.dtype`` and never wraps it). The optimizer step briefly needs one more P·w/N:
+torch's foreach AdamW allocates sqrt(v̂) for all parameters at once; by then the activations and the
+autocast copies are freed, so the training peak is
+
+    weights + gradients + AdamW + buckets + gathered + teacher + max(copies + activations, step temporary).
+
+Under ``train.trainer: lora`` gradients, AdamW state, buckets and the step temporary count only the
+adapter parameters, r·(in + out) per adapted linear. A stage that starts with surgery also holds,
+for a moment, the previous model's AdamW state (kept by name) next to the new, sliced one
+(``transition_bytes``); under FSDP that surgery gathers the full model and state on every rank.
+
+**Activations of one Llama-style decoder layer (bytes per token)**, derived by listing what autograd
+saves in Hugging Face's ``LlamaDecoderLayer`` with SDPA (flash / memory-efficient kernels: no T×T
+scores are stored) under autocast, and checked exactly against ``torch.autograd.graph.saved_tensors_hooks``
+byte counts on tiny Llama (fp32, bf16, fp32 + bf16 autocast, checkpointed), Qwen2 and Mistral models
+(``tests/test_plan.py``)::
+
+    A = 2·(4 + r)·h + 8      two RMSNorms: the input in fp32 (saved by pow and mul), the normalised
+                             product in the stream's dtype (saved by the weight mul), the fp32 rsqrt
+      + readers               inputs of q/k/v and gate/up: 5·c·h when autocast casts them (c < r),
+                              one shared norm output per norm, 2·r·h, otherwise
+      + c·(a·d + 2·k·d)       q, k, v as the attention kernel saves them (after RoPE)
+      + c·a·d + 4·a           attention output (also o_proj's input: the kernel's layout needs no copy)
+                              and its fp32 log-sum-exp per head
+      + 4·c·f                 SwiGLU: gate output, SiLU output, up output, their product (down_proj input)
+
+Korthikanti et al. 2022 (arXiv 2205.05198, eq. 2) give 34·h + 5·a·T per token for a GPT layer in
+16-bit with dropout and stored attention scores; ours has no dropout, no T² term (SDPA) and SwiGLU.
+The model also saves, once, the final norm and LM-head input: (4 + r)·h + 4 + (c if c < r else r)·h
++ 8 (the token ids). The loss adds Λ·V bytes per token: fp32 logits, a contiguous copy, the
+log-softmax and its gradient; Λ = 12 for the LM loss, 26 for distillation (student and teacher
+log-softmax and the KL terms). Λ was measured on CPU with ``torch.profiler`` (``profile_memory``)
+through the real trainers' ``compute_loss`` + backward on a tiny model with V = 32,000 (12.3 and
+26.3 bytes, the tied embedding's gradient included).
+
+**Gradient checkpointing** (``train.gradient_checkpointing``, non-reentrant) keeps only each layer's
+input, r·h per token (measured likewise), and recomputes one layer at a time in backward, so
+
+    no checkpointing:  T·(L·A + head + Λ·V)
+    checkpointing:     T·(L·r·h + head + max(Λ·V, A))
+
+(the loss's buffers are freed before the first layer is recomputed). Activations are computed for
+the dense geometry, an upper bound for every pruned stage. Not counted: the CUDA context, cuBLAS
+workspaces and allocator fragmentation, hence the usable fraction ``HEADROOM`` of the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LOSS_BYTES_PER_LOGIT = {"lm": 12, "distill": 26}  # Λ above: bytes per (token, vocabulary entry)
+HEADROOM = 0.9  # usable share of a GPU's memory: the rest is CUDA context, workspaces, fragmentation
+GIB = 2**30
+MODES = ("single", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per weight (w, also the residual stream r) and per autocast activation (c)."""
+
+    weight_bytes: int
+    compute_bytes: int
+
+    @classmethod
+    def of(cls, dtype: str, mixed_precision: str) -> Precision:
+        """``model.dtype`` and ``train.mixed_precision`` as byte sizes."""
+        w = DTYPE_BYTES[dtype]
+        return cls(w, 2 if mixed_precision in ("bf16", "fp16") else w)
+
+    @property
+    def casts(self) -> bool:
+        """Whether autocast makes lower-precision copies (activations and weights)."""
+        return self.compute_bytes < self.weight_bytes
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Sizes of one decoder layer (the dense model's: an upper bound for every pruned stage)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+
+def layer_activation_bytes(g: LayerGeometry, p: Precision) -> int:
+    """A: bytes autograd keeps per token for one decoder layer (module docstring)."""
+    r, c, h = p.weight_bytes, p.compute_bytes, g.hidden
+    norms = 2 * (4 + r) * h + 2 * 4
+    readers = 5 * c * h if p.casts else 2 * r * h
+    attention = c * (g.heads * g.head_dim + 2 * g.kv_heads * g.head_dim) + c * g.heads * g.head_dim + 4 * g.heads
+    return norms + readers + attention + 4 * c * g.intermediate
+
+
+def head_activation_bytes(hidden: int, p: Precision) -> int:
+    """Bytes per token saved once per model: final norm, LM-head input, token ids."""
+    r = p.weight_bytes
+    return (4 + r) * hidden + 4 + (p.compute_bytes if p.casts else r) * hidden + 8
+
+
+def activation_bytes(
+    tokens: int, layers: int, g: LayerGeometry, vocab: int, p: Precision, checkpointing: bool, distill: bool
+) -> int:
+    """Peak activation bytes of one micro-batch of ``tokens`` tokens (module docstring)."""
+    loss = LOSS_BYTES_PER_LOGIT["distill" if distill else "lm"] * vocab
+    layer = layer_activation_bytes(g, p)
+    head = head_activation_bytes(g.hidden, p)
+    if checkpointing:
+        return tokens * (layers * p.weight_bytes * g.hidden + head + max(loss, layer))
+    return tokens * (layers * layer + head + loss)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes one GPU holds while training one stage; ``peak`` is what must fit."""
+
+    weights: int
+    gradients: int
+    adamw: int
+    autocast_copies: int
+    ddp_buckets: int
+    fsdp_gathered: int
+    teacher: int
+    activations: int
+    optimizer_step: int  # foreach AdamW's temporary, when activations are already freed
+    transition: int  # surgery: new weights + the old (held) and new (sliced) AdamW state + teacher
+
+    @property
+    def training(self) -> int:
+        """Held throughout, plus the larger of forward/backward (casts, activations) and the optimizer step."""
+        held = self.weights + self.gradients + self.adamw + self.ddp_buckets + self.fsdp_gathered + self.teacher
+        return held + max(self.autocast_copies + self.activations, self.optimizer_step)
+
+    @property
+    def peak(self) -> int:
+        return max(self.training, self.transition)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "training": self.training, "peak": self.peak}
+
+
+@dataclass(frozen=True)
+class StageSizes:
+    """Parameter counts one stage's memory depends on."""
+
+    trained: int  # the model this stage trains (after its pruning)
+    trainable: int  # parameters with gradients and AdamW state (``trained``; the adapters under LoRA)
+    before: int  # parameters before this stage's surgery (0: the stage starts without surgery)
+    carried: bool  # whether AdamW state is carried through the surgery (train.optim.after_surgery: carry)
+    teacher: int  # dense parameters of the distillation teacher (0: no teacher)
+    gathered: int  # parameters FSDP holds unsharded at once (root + two decoder layers)
+
+
+def footprint(sizes: StageSizes, activations: int, p: Precision, mode: str, gpus: int) -> Footprint:
+    """Per-GPU bytes of one stage under ``mode`` ('single', 'ddp' or 'fsdp' over ``gpus``)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    w = p.weight_bytes
+    shard = gpus if mode == "fsdp" else 1
+    gradients = math.ceil(sizes.trainable * w / shard)
+    return Footprint(
+        weights=math.ceil(sizes.trained * w / shard),
+        gradients=gradients,
+        adamw=2 * gradients,
+        autocast_copies=sizes.trained * p.compute_bytes if p.casts and mode != "fsdp" else 0,
+        ddp_buckets=sizes.trainable * w if mode == "ddp" and gpus > 1 else 0,
+        fsdp_gathered=sizes.gathered * (p.compute_bytes + w) if mode == "fsdp" else 0,
+        teacher=sizes.teacher * w,
+        activations=activations,
+        optimizer_step=gradients,
+        transition=transition_bytes(sizes, w, mode, gpus),
+    )
+
+
+def transition_bytes(sizes: StageSizes, w: int, mode: str, gpus: int) -> int:
+    """Bytes during the surgery that starts a stage (0 when it has none).
+
+    The model before surgery, P_before·w, the teacher, and with carried state the old AdamW moments
+    (kept by name) next to the new, sliced ones: 2·(P_before + P_new)·w for the trainable parameters.
+    Under FSDP (``trainers/sharding.py``) the full model and the old moments are gathered on every
+    rank, while the sharded copies, 3·P_before·w/N, still exist; the new moments are full-size until
+    they are scattered.
+    """
+    if not sizes.before:
+        return 0
+    trainable_before = sizes.before if sizes.trainable == sizes.trained else 0
+    state = 2 * (trainable_before + sizes.trainable) * w if sizes.carried else 0
+    shards = math.ceil(3 * sizes.before * w / gpus) if mode == "fsdp" else 0
+    return sizes.before * w + state + shards + sizes.teacher * w
+
+
+def fits(peak_bytes: int, gpu_gib: float) -> bool:
+    """Whether a peak fits the usable ``HEADROOM`` share of a GPU of ``gpu_gib`` GiB."""
+    return peak_bytes <= HEADROOM * gpu_gib * GIB

@@ -1,0 +1,81 @@
+"""scripts/bench_budget.py --quick end to end: the JSON's schema, and equal size and tokens per budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_budget.py"
+SCHEDULES = {
+    "oneshot+train": ("oneshot", "lm"),
+    "oneshot+train-distill": ("oneshot", "distill"),
+    "oneshot+train-mix": ("oneshot", "mix"),
+    "incremental": ("incremental", "lm"),
+    "incremental-distill": ("incremental", "distill"),
+    "incremental-mix": ("incremental", "mix"),
+    "incremental-accumulating": ("incremental", "lm"),
+    "incremental-equal-split": ("incremental", "lm"),
+    "incremental-reset": ("incremental", "lm"),
+}
+ROW_TYPES = {
+    "key": str,
+    "schedule": str,
+    "pruning": str,
+    "objective": str,
+    "budget": int,
+    "seed": int,
+    "params": int,
+    "stages": int,
+    "train_tokens": int,
+    "ppl": dict,
+    "tasks": dict,
+    "prune_seconds": float,
+    "train_seconds": float,
+    "wall_seconds": float,
+    "pruning_share": float,
+    "tokens_per_s": float,
+    "resumed": bool,
+    "eval_seconds": float,
+}
+
+
+def test_quick_run_lands_every_schedule_on_one_size_and_budget(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    report = json.loads((tmp_path / "budget.json").read_text())
+    assert set(report) == {
+        "schema", "settings", "model", "original_params", "target_params", "texts", "text_tokens", "eval_context",
+        "base_config", "rows",
+    }  # fmt: skip
+    assert report["schema"] == 1 and report["model"] == "tiny-random-llama"
+    assert report["texts"] == ["shakespeare", "kjv"]
+    assert report["target_params"] < report["original_params"]
+    assert set(report["settings"]) == {"quick", "config", "overrides", "remove_fraction", "tasks", "task_limit"}
+    rows = report["rows"]
+    for row in rows:
+        assert set(row) == set(ROW_TYPES), row
+        for key, kind in ROW_TYPES.items():
+            assert isinstance(row[key], kind) or (kind is float and isinstance(row[key], int)), (key, row)
+        assert (row["pruning"], row["objective"]) == SCHEDULES[row["schedule"]]
+        assert set(row["ppl"]) == {"shakespeare", "kjv"} and all(v > 1 for v in row["ppl"].values())
+        assert row["tasks"] == {} and row["seed"] == 0 and not row["resumed"]
+        assert 0 < row["pruning_share"] < 1 and row["stages"] == (1 if row["pruning"] == "oneshot" else 3)
+
+    budgets = sorted({r["budget"] for r in rows})
+    assert len(budgets) >= 2
+    for budget in budgets:
+        at = [r for r in rows if r["budget"] == budget]
+        assert sorted(r["schedule"] for r in at) == sorted(SCHEDULES)
+        assert len({r["params"] for r in at}) == 1 and at[0]["params"] <= report["target_params"]
+        assert {r["train_tokens"] for r in at} == {budget}
+    table = (tmp_path / "budget.md").read_text()
+    for section in ("Incremental against one-shot + train", "at equal training tokens", "at equal wall time"):
+        assert section in table, section
+    assert "<!-- verdict:" in table and (tmp_path / "budget.png").stat().st_size > 0
+    assert not any((tmp_path / "runs").glob("*/checkpoints"))  # weights of finished rows are dropped

@@ -1,0 +1,190 @@
+"""``adaptprune plan``: every recipe plans offline on the meta device, with exact parameter counts; the
+activation formula equals what autograd saves; the memory arithmetic and recipe claims hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from adaptprune import cli
+from adaptprune.checkpoint import load_model
+from adaptprune.config import ConfigError, ModelConfig, load_config
+from adaptprune.plan import PlanOptions, format_plan, make_plan, meta_model, plan_model_config, shipped_config_dir
+from adaptprune.plan.memory import (
+    GIB,
+    LayerGeometry,
+    Precision,
+    StageSizes,
+    footprint,
+    head_activation_bytes,
+    layer_activation_bytes,
+)
+from adaptprune.schedule import stage_targets
+from adaptprune.surgery import count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "compare.yaml")
+PUBLISHED = {  # parameters of each recipe's dense model (tied embeddings counted once)
+    "llama-3.2-3b-to-1b.yaml": 3_212_749_824,
+    "qwen2.5-0.5b-to-350m.yaml": 494_032_768,
+    "smollm2-360m-to-135m.yaml": 361_821_120,
+    "default.yaml": 134_515_008,
+}
+
+
+def _plan_json(capsys, *args: str) -> dict:
+    assert cli.main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_recipes_are_the_expected_ones():
+    names = {p.name for p in RECIPES}
+    assert {*PUBLISHED, "smoke.yaml"} <= names
+    assert not list((ROOT / "configs").glob("*mobilellm*"))  # custom-code model no adapter accepts
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_plan_counts_equal_the_meta_model(recipe, capsys):
+    plan = _plan_json(capsys, "--config", str(recipe))
+    cfg = load_config(recipe)
+    hf_config, _ = plan_model_config(cfg.model)
+    model, _ = meta_model(hf_config)
+    assert next(model.parameters()).device.type == "meta"
+    dense = count_parameters(model)
+    assert plan["original_params"] == dense
+    if recipe.name in PUBLISHED:
+        assert dense == PUBLISHED[recipe.name]
+    targets = stage_targets(dense, plan["target_params"], max(1, round(cfg.prune.step_fraction * dense)))
+    assert [row["params"] for row in plan["stages"]] == [*targets, targets[-1]]
+    assert plan["stages"][-1]["stage"] == "recovery"
+    assert plan["target_params"] - 0.01 * dense < plan["uniform_params"] <= plan["target_params"]
+
+
+@pytest.mark.parametrize("recipe", ["smoke.yaml", "default.yaml"])
+def test_plan_count_equals_the_real_embedded_model(recipe, capsys):
+    plan = _plan_json(capsys, "--config", str(ROOT / "configs" / recipe))
+    assert plan["original_params"] == count_parameters(load_model(load_config(ROOT / "configs" / recipe).model.name))
+
+
+def test_the_table_prints_the_counts_and_stage_tokens(capsys):
+    assert cli.main(["plan", "--config", str(ROOT / "configs" / "llama-3.2-3b-to-1b.yaml"), "--gpus", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "3,212,749,824 -> 1,240,000,000 parameters in 16 stages" in text
+    assert "1 batch x 8 accum x 2048 seq x 8 GPUs = 131,072" in text
+    assert "configs/models/meta-llama--Llama-3.2-3B/config.json, shipped copy" in text
+    assert "layers 0-12: 8/8 KV groups, 512/8192 MLP neurons" in text
+
+
+def test_stage_tokens_follow_the_split_and_wall_time_the_throughput():
+    cfg = load_config(ROOT / "configs" / "qwen2.5-0.5b-to-350m.yaml")
+    plan = make_plan(cfg, PlanOptions(gpus=8, tokens_per_s=100_000.0))
+    per_step = 4 * 4 * 2048 * 8
+    assert plan.tokens_per_step == per_step
+    assert sum(row["steps"] for row in plan.stages) == cfg.schedule.train_tokens // per_step
+    assert all(row["tokens"] == row["steps"] * per_step for row in plan.stages)
+    assert all(row["wall_s"] == row["tokens"] / 100_000.0 for row in plan.stages)
+    steps = [row["steps"] for row in plan.stages[:-1]]
+    assert steps == sorted(steps)  # Adapt-Accel: later, smaller models train longer
+    assert "wall" in format_plan(plan)
+
+
+def test_recipe_memory_claims():
+    """What the recipes' comments say about fitting an 80 GB GPU (the usable 90%)."""
+    llama = load_config(ROOT / "configs" / "llama-3.2-3b-to-1b.yaml")
+    one = make_plan(llama).memory["single"]
+    assert one["checkpointing"]["fits"] and not one["no_checkpointing"]["fits"]
+    eight = make_plan(llama, PlanOptions(gpus=8)).memory
+    assert not eight["ddp"]["checkpointing"]["fits"] and not eight["fsdp"]["checkpointing"]["fits"]
+    assert eight["fsdp"]["checkpointing"]["training"] < 30 * GIB  # FSDP's surgery is what does not fit
+    reset = load_config(ROOT / "configs" / "llama-3.2-3b-to-1b.yaml", ["train.optim.after_surgery=reset"])
+    assert make_plan(reset, PlanOptions(gpus=8)).memory["fsdp"]["checkpointing"]["fits"]
+    assert make_plan(llama, PlanOptions(gpus=8, gpu_memory_gib=140)).memory["ddp"]["checkpointing"]["fits"]
+    for name in ("qwen2.5-0.5b-to-350m.yaml", "smollm2-360m-to-135m.yaml"):
+        memory = make_plan(load_config(ROOT / "configs" / name), PlanOptions(gpus=8)).memory
+        assert memory["ddp"]["no_checkpointing"]["fits"], name
+        assert memory["ddp"]["no_checkpointing"]["peak"] < 45 * GIB, name
+
+
+def test_footprint_by_hand():
+    """One billion fp32 parameters trained under bf16 autocast with DDP, the teacher twice that."""
+    sizes = StageSizes(trained=10**9, trainable=10**9, before=0, carried=True, teacher=2 * 10**9, gathered=10**8)
+    fp = footprint(sizes, activations=5 * 10**9, p=Precision.of("float32", "bf16"), mode="ddp", gpus=8)
+    assert (fp.weights, fp.gradients, fp.adamw) == (4 * 10**9, 4 * 10**9, 8 * 10**9)
+    assert (fp.autocast_copies, fp.ddp_buckets, fp.teacher) == (2 * 10**9, 4 * 10**9, 8 * 10**9)
+    assert fp.training == (4 + 4 + 8 + 4 + 8) * 10**9 + max(2 * 10**9 + 5 * 10**9, 4 * 10**9)
+    fsdp = footprint(sizes, activations=5 * 10**9, p=Precision.of("float32", "bf16"), mode="fsdp", gpus=8)
+    assert (fsdp.weights, fsdp.adamw, fsdp.autocast_copies) == (5 * 10**8, 10**9, 0)
+    assert fsdp.fsdp_gathered == 10**8 * (2 + 4)
+
+
+def _saved_bytes(model, batch: int, seq: int, autocast: bool) -> int:
+    """Bytes autograd saves for one forward (each storage once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(input_ids=ids)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mixed", "checkpointing"),
+    [("float32", "bf16", False), ("bfloat16", "bf16", False), ("float32", "no", False), ("float32", "bf16", True)],
+)
+def test_activation_formula_equals_what_autograd_saves(dtype, mixed, checkpointing):
+    """Per token: L·A + head (the model's saved activations; the loss's buffers are not saved tensors).
+
+    Two sequences minus one cancels everything that does not scale with tokens (the weights' casts).
+    """
+    geometry = LayerGeometry(hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=344)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype)).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    seq, p = 64, Precision.of(dtype, mixed)
+    measured = _saved_bytes(model, 2, seq, mixed != "no") - _saved_bytes(model, 1, seq, mixed != "no")
+    per_layer = p.weight_bytes * geometry.hidden if checkpointing else layer_activation_bytes(geometry, p)
+    assert measured == seq * (2 * per_layer + head_activation_bytes(geometry.hidden, p))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_activation_formula_holds_for_the_other_llama_style_families(family):
+    """Qwen2's q/k/v biases and Mistral's layer save exactly what Llama's does."""
+    geometry = LayerGeometry(hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=344)
+    config = AutoConfig.for_model(
+        family, vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, attn_implementation="sdpa",
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).train()
+    p = Precision.of("float32", "bf16")
+    measured = _saved_bytes(model, 2, 64, True) - _saved_bytes(model, 1, 64, True)
+    assert measured == 64 * (2 * layer_activation_bytes(geometry, p) + head_activation_bytes(geometry.hidden, p))
+
+
+def test_offline_hub_ids_use_the_shipped_configs():
+    for name in ("meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-360M"):
+        folder = shipped_config_dir(name)
+        assert folder is not None and (folder.parent / "README.md").is_file()
+        config, source = plan_model_config(ModelConfig(name=name))
+        assert source.endswith("shipped copy (hub not reachable)")
+        assert config.to_dict() == AutoConfig.from_pretrained(folder).to_dict()
+
+
+def test_an_unknown_hub_id_is_one_line(capsys):
+    with pytest.raises(ConfigError, match="no copy is shipped"):
+        plan_model_config(ModelConfig(name="nobody/no-such-model"))
+    assert cli.main(["plan", "model.name=nobody/no-such-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adaptprune: error: model.name='nobody/no-such-model'") and "\n" not in err
