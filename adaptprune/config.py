@@ -155,7 +155,7 @@ class PruneConfig:
         True, "fold removed layers' mean residual contribution into the down bias of the kept layer before them"
     )
     norm_compensation: bool = _f(
-        False, "after removing hidden channels, rescale every stream norm's gain so its normaliser keeps its scale"
+        True, "after removing hidden channels, rescale every stream norm's gain so its normaliser keeps its scale"
     )
 
     DIMS = ("neurons", "groups", "hidden", "layers")  # not a field: no annotation

@@ -21,11 +21,11 @@ from pathlib import Path
 import psutil
 
 from adaptprune.checkpoint import load_model, load_tokenizer
-from adaptprune.config import PruneConfig
-from adaptprune.data import load_corpus, pack, token_stream
+from adaptprune.config import PruneConfig, load_config
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.importance import METRICS
 from adaptprune.pruning import calibrate_for, prune_step, prune_with_stats
+from adaptprune.run_data import heldout_texts, shared_calibration
 from adaptprune.surgery import count_parameters, params_after_removing
 
 ALLOCATIONS = ("uniform", "adaptive", "global")
@@ -40,7 +40,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--remove-fraction", type=float, default=0.30, help="of non-embedding parameters")
-    p.add_argument("--metrics", default=",".join(METRICS))
+    p.add_argument(
+        "--metrics",
+        default=",".join(m for m in METRICS if m != "taylor_param_first"),
+        help="taylor_param_first is left out: it calibrates on its own 512 x 64 tokens (ablate_allocation.py)",
+    )
     p.add_argument("--out", default="docs/bench_oneshot")
     p.add_argument("--render-only", action="store_true", help="rewrite the markdown from an existing JSON")
     return p.parse_args()
@@ -60,15 +64,16 @@ def main() -> None:
         )
         return
     tok = load_tokenizer(args.model)
-    corpus = load_corpus()
-    calib = pack(token_stream(corpus["train"], tok, args.calib_tokens), args.seq_len)
-    heldout = token_stream(corpus["heldout"], tok, args.eval_tokens)
+    run = load_config(None, [f"model.name={args.model}", f"data.calib_tokens={args.calib_tokens}",
+                             f"data.seq_len={args.seq_len}", f"data.eval_tokens={args.eval_tokens}"])  # fmt: skip
+    calib = shared_calibration(run, tok)  # (N, L) from the start of the train split
+    texts = heldout_texts(run, tok)  # the calibration domain and another (kjv)
     timing, target = time_default_path(args, calib)
 
     model = load_model(args.model)
     total = count_parameters(model)
-    dense_ppl = perplexity(model, heldout, context=args.context).ppl
-    print(f"dense: {total:,} params, held-out ppl {dense_ppl:.2f}; target {target:,}", flush=True)
+    dense_ppl = _ppl(model, texts, args.context)
+    print(f"dense: {total:,} params, held-out ppl {dense_ppl}; target {target:,}", flush=True)
 
     # Shared statistics for all variants (covariance for EC, gradients for Taylor).
     everything = PruneConfig(metric="taylor", energy_compensation=True)
@@ -84,7 +89,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 prune_with_stats(pruned, stats, target, cfg)
                 seconds = time.perf_counter() - t0
-                ppl = perplexity(pruned, heldout, context=args.context).ppl
+                ppl = _ppl(pruned, texts, args.context)
                 rows.append(
                     {
                         "metric": metric,
@@ -95,11 +100,13 @@ def main() -> None:
                         "score_surgery_seconds": round(seconds, 2),
                     }
                 )
-                print(
-                    f"{metric:>9} {allocation:>8} {comp:>7}: {rows[-1]['params']:,} params, ppl {ppl:.2f}", flush=True
-                )
+                print(f"{metric:>9} {allocation:>8} {comp:>7}: {rows[-1]['params']:,} params, ppl {ppl}", flush=True)
                 del pruned
     write(args, rows, timing, dense_ppl, total, target)
+
+
+def _ppl(model, texts: dict, context: int) -> dict[str, float]:
+    return {name: perplexity(model, tokens, context=context).ppl for name, tokens in texts.items()}
 
 
 def time_default_path(args, calib) -> tuple[dict, int]:
@@ -140,16 +147,18 @@ def _find(rows, metric: str, allocation: str, compensation: str) -> dict | None:
     )
 
 
-def _best_sentence(rows) -> str:
-    best = min(rows, key=lambda r: r["ppl"])
-    text = f"Best: {best['metric']} + {best['allocation']} + {best['compensation']} compensation, ppl {best['ppl']:.2f}"
+def _best_sentence(rows, text: str) -> str:
+    best = min(rows, key=lambda r: r["ppl"][text])
+    line = f"Best on {text}: {best['metric']} + {best['allocation']} + {best['compensation']} compensation, "
+    line += f"ppl {best['ppl'][text]:.2f}"
     plain, mean = _find(rows, "magnitude", "uniform", "none"), _find(rows, "magnitude", "uniform", "mean")
     if plain and mean:  # only when magnitude was among --metrics
-        text += (
-            f" ({best['ppl'] / plain['ppl']:.1e}x of magnitude + uniform without compensation, {plain['ppl']:.2f}; "
-            f"{best['ppl'] / mean['ppl']:.3f}x of magnitude + uniform with mean compensation, {mean['ppl']:.2f})"
+        line += (
+            f" ({best['ppl'][text] / plain['ppl'][text]:.1e}x of magnitude + uniform without compensation, "
+            f"{plain['ppl'][text]:.2f}; {best['ppl'][text] / mean['ppl'][text]:.3f}x of magnitude + uniform with mean "
+            f"compensation, {mean['ppl'][text]:.2f})"
         )
-    return text + "."
+    return line + "."
 
 
 def write(args, rows, timing, dense_ppl, total, target) -> None:
@@ -169,30 +178,24 @@ def write(args, rows, timing, dense_ppl, total, target) -> None:
         ),
         encoding="utf-8",
     )
+    texts = list(dense_ppl)
     lines = [
-        f"Held-out perplexity (Shakespeare held-out plays, {args.eval_tokens} tokens, context {args.context}) of "
-        f"SmolLM2-135M pruned one-shot from {total:,} to ≤{target:,} parameters "
-        f"({args.remove_fraction:.0%} of non-embedding parameters removed), {args.calib_tokens} calibration tokens, "
-        f"no training. Dense: {dense_ppl:.2f}.",
+        f"Held-out perplexity ({args.eval_tokens} tokens of each text's held-out split, context {args.context}; "
+        f"'{texts[0]}' is the calibration domain) of {args.model} pruned one-shot from {total:,} to ≤{target:,} "
+        f"parameters ({args.remove_fraction:.0%} of non-embedding parameters removed), {args.calib_tokens} calibration "
+        "tokens, no training. Dense: " + ", ".join(f"{t} {v:.2f}" for t, v in dense_ppl.items()) + ".",
         "",
-        "| metric | allocation | " + " | ".join(f"ppl ({c})" for c in COMPENSATIONS) + " |",
-        "|---|---|" + "---:|" * len(COMPENSATIONS),
+        "| metric | allocation | " + " | ".join(f"{t} ({c})" for c in COMPENSATIONS for t in texts) + " |",
+        "|---|---|" + "---:|" * (len(COMPENSATIONS) * len(texts)),
     ]
     for metric in dict.fromkeys(r["metric"] for r in rows):
         for allocation in ALLOCATIONS:
-            cells = [
-                next(
-                    r
-                    for r in rows
-                    if r["metric"] == metric and r["allocation"] == allocation and r["compensation"] == c
-                )
-                for c in COMPENSATIONS
-            ]
-            lines.append(f"| {metric} | {allocation} | " + " | ".join(f"{c['ppl']:.2f}" for c in cells) + " |")
+            cells = [_find(rows, metric, allocation, c)["ppl"][t] for c in COMPENSATIONS for t in texts]
+            lines.append(f"| {metric} | {allocation} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
     ph = timing["phases"]
     lines += [
         "",
-        _best_sentence(rows),
+        *(_best_sentence(rows, t) for t in texts),
         "",
         f"Default path (stade + adaptive + mean compensation) timed alone: calibration {ph['calibration']['seconds']:.1f} s, "
         f"scoring {ph['scoring']['seconds']:.1f} s, surgery {ph['surgery']['seconds']:.1f} s "

@@ -216,7 +216,9 @@ def fresh_accelerate_state():
 def test_gradient_checkpointing_gives_the_same_losses():
     plain = FullTrainer(tiny_llama(), cpu_accelerator(), train_cfg())
     ckpt = FullTrainer(tiny_llama(), cpu_accelerator(), train_cfg(gradient_checkpointing=True))
-    assert ckpt.unwrapped_model().is_activation_checkpointing and not plain.unwrapped_model().is_activation_checkpointing
+    assert (
+        ckpt.unwrapped_model().is_activation_checkpointing and not plain.unwrapped_model().is_activation_checkpointing
+    )
     assert _losses(ckpt, 6, 1e-2) == pytest.approx(_losses(plain, 6, 1e-2), rel=1e-5, abs=1e-6)
     ckpt.after_surgery(ckpt.before_surgery())  # surgery builds new modules: the flag must come back
     assert ckpt.unwrapped_model().is_activation_checkpointing

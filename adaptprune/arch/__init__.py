@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .base import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, Coupling, LayerShape, UnsupportedArchitectureError
-from .gemma3 import Gemma3Adapter
-from .llama import LlamaAdapter
-from .mistral import MistralAdapter
-from .opt import OPTAdapter
-from .phi3 import Phi3Adapter
-from .qwen import Qwen2Adapter, Qwen3Adapter
+from .base import (
+    ADAPTERS,
+    ATTENTION,
+    MLP,
+    UNIT_KINDS,
+    ArchAdapter,
+    Coupling,
+    LayerShape,
+    UnsupportedArchitectureError,
+    register_adapter,
+)
 from .stream import NORM, READ, WRITE, HiddenCoupling, StreamLayout
 
-ADAPTERS: tuple[ArchAdapter, ...] = (
-    LlamaAdapter(),
-    Qwen2Adapter(),
-    Qwen3Adapter(),
-    MistralAdapter(),
-    OPTAdapter(),
-    Phi3Adapter(),
-    Gemma3Adapter(),
-)
+# Every module here is imported, so each @register_adapter class is known: a new family is its
+# adapter file (plus the heterogeneous checkpoint class it names, which travels with checkpoints).
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def supported_families() -> list[str]:
@@ -66,6 +68,7 @@ __all__ = [
     "StreamLayout",
     "UnsupportedArchitectureError",
     "get_adapter",
+    "register_adapter",
     "register_auto_classes",
     "supported_families",
 ]

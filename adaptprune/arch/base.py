@@ -51,6 +51,15 @@ class LayerShape:
     neurons: int
 
 
+ADAPTERS: list[ArchAdapter] = []  # filled by @register_adapter (every module of arch/ is imported)
+
+
+def register_adapter(cls: type[ArchAdapter]) -> type[ArchAdapter]:
+    """Class decorator: models whose ``model_type`` is in ``cls.model_types`` get this adapter."""
+    ADAPTERS.append(cls())
+    return cls
+
+
 class ArchAdapter(StreamLayout, ABC):
     """All knowledge of one model family's layout. Subclasses register in ``arch/__init__``."""
 

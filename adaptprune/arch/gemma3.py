@@ -18,11 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import register_adapter
 from .hetero_gemma3 import AdaptGemma3Config, AdaptGemma3ForCausalLM
 from .hf_compat import EMBED_SCALE_KEY
 from .llama import LlamaAdapter
 
 
+@register_adapter
 class Gemma3Adapter(LlamaAdapter):
     family = "gemma3"
     model_types = ("gemma3_text", "adaptprune_gemma3")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ATTENTION, MLP, ArchAdapter, Coupling
+from .base import ATTENTION, MLP, ArchAdapter, Coupling, register_adapter
 from .hetero_llama import AdaptLlamaConfig, AdaptLlamaForCausalLM
 from .stream import NORM, READ, WRITE, HiddenCoupling
 
 
+@register_adapter
 class LlamaAdapter(ArchAdapter):
     family = "llama"
     model_types = ("llama", "adaptprune_llama")

@@ -3,10 +3,12 @@ own heterogeneous class so the sliding-window attention is kept."""
 
 from __future__ import annotations
 
+from .base import register_adapter
 from .hetero_mistral import AdaptMistralConfig, AdaptMistralForCausalLM
 from .llama import LlamaAdapter
 
 
+@register_adapter
 class MistralAdapter(LlamaAdapter):
     family = "mistral"
     model_types = ("mistral", "adaptprune_mistral")

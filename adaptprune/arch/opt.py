@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from . import hf_compat
-from .base import ATTENTION, MLP, ArchAdapter, Coupling
+from .base import ATTENTION, MLP, ArchAdapter, Coupling, register_adapter
 from .hetero_opt import AdaptOPTConfig, AdaptOPTForCausalLM
 from .stream import NORM, READ, WRITE, HiddenCoupling
 
 
+@register_adapter
 class OPTAdapter(ArchAdapter):
     family = "opt"
     model_types = ("opt", "adaptprune_opt")

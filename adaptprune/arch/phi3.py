@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ATTENTION, MLP, Coupling
+from .base import ATTENTION, MLP, Coupling, register_adapter
 from .hetero_phi3 import AdaptPhi3Config, AdaptPhi3ForCausalLM, LiveLayerConfig
 from .llama import LlamaAdapter
 
 
+@register_adapter
 class Phi3Adapter(LlamaAdapter):
     family = "phi3"
     model_types = ("phi3", "adaptprune_phi3")

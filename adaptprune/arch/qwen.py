@@ -7,10 +7,12 @@ biases are rows of those projections and ``slice_linear`` cuts them with the row
 
 from __future__ import annotations
 
+from .base import register_adapter
 from .hetero_qwen import AdaptQwen2Config, AdaptQwen2ForCausalLM, AdaptQwen3Config, AdaptQwen3ForCausalLM
 from .llama import LlamaAdapter
 
 
+@register_adapter
 class Qwen2Adapter(LlamaAdapter):
     family = "qwen2"
     model_types = ("qwen2", "adaptprune_qwen2")
@@ -20,6 +22,7 @@ class Qwen2Adapter(LlamaAdapter):
         return AdaptQwen2Config, AdaptQwen2ForCausalLM
 
 
+@register_adapter
 class Qwen3Adapter(LlamaAdapter):
     family = "qwen3"
     model_types = ("qwen3", "adaptprune_qwen3")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -96,7 +98,7 @@ def build(targets: tuple[str, ...] = TARGETS, jobs: int = 2, log=print) -> dict[
 
 
 def run_tool(
-    name: str, args: list[str], require: str | None = None, timeout: float = 3600, tries: int = 3
+    name: str, args: list[str], require: str | None = None, timeout: float = 3600, tries: int = 3, env=None
 ) -> subprocess.CompletedProcess:
     """Run a built tool and return the finished process (llama.cpp logs to stderr).
 
@@ -107,7 +109,10 @@ def run_tool(
     if path is None:
         raise FileNotFoundError(f"{name} is not built; run scripts/check_llamacpp.py --build-only first")
     for _ in range(tries):
-        proc = subprocess.run([str(path), *args], capture_output=True, text=True, errors="replace", timeout=timeout)
+        proc = subprocess.run(
+            [str(path), *args], capture_output=True, text=True, errors="replace", timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"{name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         out = proc.stdout + proc.stderr
@@ -135,10 +140,12 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 2) -> dict[str, st
     return {m.group(1): m.group(5) for m in FALLBACK_LINE.finditer(proc.stderr + proc.stdout)}
 
 
-def bench(gguf: Path, threads: int = 2, n_prompt: int = 128, n_gen: int = 64, reps: int = 3) -> dict[str, float]:
+def bench(
+    gguf: Path, threads: int = 2, n_prompt: int = 128, n_gen: int = 64, reps: int = 3, env=None
+) -> dict[str, float]:
     """llama-bench prompt (pp) and generation (tg) tokens/s, mean of ``reps``."""
     args = ["-m", str(gguf), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-r", str(reps), "-o", "json"]
-    out = run_tool("llama-bench", args, require=r"\]\s*$").stdout
+    out = run_tool("llama-bench", args, require=r"\]\s*$", env=env).stdout
     rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
     result = {}
     for row in rows:
@@ -169,3 +176,29 @@ def perplexity_like_llamacpp(model: nn.Module, ids: list[int], ctx: int, chunks:
         nll -= F.log_softmax(logits, dim=-1).gather(1, chunk[first + 1 :, None]).sum().item()
         count += ctx - first - 1
     return math.exp(nll / count)
+
+
+def alternating_bench(
+    files: dict[str, Path], threads: int, rounds: int = 5, reps: int = 2, env=None, log=print
+) -> dict[str, dict[str, float]]:
+    """llama-bench every file once per round, in turn; tokens/s and ratios to the first file.
+
+    On a shared machine the speed drifts over minutes; files benchmarked next to each other see
+    the same load, so the ratio within a round is what is kept (median over rounds), beside the
+    median tokens/s. ``env`` adds environment variables (e.g. ``OMP_WAIT_POLICY=PASSIVE``).
+    """
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in files}
+    for rnd in range(rounds):
+        for name, path in files.items():
+            samples[name].append(bench(path, threads, reps=reps, env=env))
+        log(f"  bench round {rnd + 1}/{rounds}: {', '.join(files)} ({threads} threads)")
+    reference = next(iter(files))
+    out = {}
+    for name in files:
+        stats = {}
+        for key in ("pp_tokens_per_s", "tg_tokens_per_s"):
+            stats[key] = statistics.median(s[key] for s in samples[name])
+            ratios = [s[key] / r[key] for s, r in zip(samples[name], samples[reference])]
+            stats[key.replace("tokens_per_s", "ratio")] = statistics.median(ratios)
+        out[name] = stats
+    return out

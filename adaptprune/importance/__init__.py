@@ -1,12 +1,14 @@
 """Unit importance metrics, registered by name (``prune.metric`` in the config).
 
 Adding a metric: one file here defining an ``Importance`` subclass decorated with
-``@register``, imported at the bottom of this module, plus its test.
+``@register`` (every module of the package is imported below), plus its test.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 
 from .base import ColumnImportance, Importance, column_norms, pool_columns
 
@@ -30,6 +32,8 @@ def get_metric(name: str, **kwargs) -> Importance:
     return METRICS[name](**kwargs)
 
 
-from . import cvr, magnitude, stade, taylor, wanda  # noqa: E402,F401  (register the metrics)
+# Every module of this package is imported, so its @register classes are known: a new metric is one file.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METRICS", "ColumnImportance", "Importance", "column_norms", "get_metric", "pool_columns", "register"]

@@ -31,24 +31,27 @@ class AdaptpruneOneShot(Method):
         return model
 
 
-@register_method
-class AdaptpruneIncremental(Method):
-    name = "adaptprune_incremental"
+class ControllerRun(Method):
+    """adaptprune's own pruning under the controller: ``one_stage`` prunes once, then trains every token."""
+
     trains = True
+    one_stage = False
+
+    def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        return run_controller(model, ctx, one_stage=self.one_stage)
+
+
+@register_method
+class AdaptpruneIncremental(ControllerRun):
+    name = "adaptprune_incremental"
     description = "~5% pruning steps interleaved with training (run.schedule, run.train)"
 
-    def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        return run_controller(model, ctx, one_stage=False)
-
 
 @register_method
-class AdaptpruneOneShotFull(Method):
+class AdaptpruneOneShotFull(ControllerRun):
     name = "adaptprune_oneshot+full"
-    trains = True
     description = "adaptprune one-shot, then the incremental run's training on the same tokens"
-
-    def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        return run_controller(model, ctx, one_stage=True)
+    one_stage = True
 
 
 @register_method
