@@ -28,17 +28,15 @@ from tqdm.auto import tqdm
 
 from trainers import NonFiniteLossError, get_trainer, load_optimizer_state, save_optimizer_state
 
-from .checkpoint import load_model
 from .config import RunConfig, to_dict
-from .evaluation.perplexity import perplexity
 from .kept_ids import compose_kept_ids, initial_kept_ids
 from .phase_log import PhaseLog
-from .preflight import Prepared, preflight
-from .run_data import RunData
+from .preflight import Prepared, load_teacher, preflight
+from .run_data import RunData, gather_rank_states
 from .rundir import RunDir, RunState
-from .schedule import lr_at, split_budget
+from .schedule import lr_schedule, split_budget
 from .stage_pruner import StagePruner, default_pruner
-from .surgery import count_parameters
+from .stage_record import final_results, flat_scalars, heldout_perplexity, history_row, pruning_scalars
 
 MAX_ROLLBACKS = 3
 CRASH_ENV = "ADAPTPRUNE_CRASH_AT"  # fault injection for the kill-and-resume tests: "<point>:<stage>"
@@ -124,10 +122,8 @@ class Controller:
         self.corpus = RunData(cfg, prep.tokenizer, self.acc.process_index, self.acc.num_processes)
         self.heldout = self.corpus.heldout_texts(cfg.data.eval_tokens) if cfg.eval.every_stage else {}
         self.pruner = self.pruner or default_pruner(cfg.prune, prep.adapter, progress=self.acc.is_main_process)
-        steps = cfg.schedule.train_tokens // self._tokens_per_step()
-        self.stage_steps, self.recovery_steps = split_budget(
-            steps, len(self.targets), cfg.schedule.split, cfg.schedule.recovery_fraction
-        )
+        s, steps = cfg.schedule, cfg.schedule.train_tokens // self._tokens_per_step()
+        self.stage_steps, self.recovery_steps = split_budget(steps, len(self.targets), s.split, s.recovery_fraction)
         self.total_steps = sum(self.stage_steps) + self.recovery_steps
         self.run_dir.open()
         self.acc.wait_for_everyone()
@@ -140,14 +136,15 @@ class Controller:
             self.pruner.load_state_dict(state.allocation)
             self.log(f"resuming after stage {state.stage} from {last}")
             return state, model
-        state = RunState(kept_ids=self._all_ids(prep.dense))
-        state.history.append(self._row(0, prep.dense, self._evaluate(prep.dense), 0.0, 0.0))
+        state = RunState(kept_ids=initial_kept_ids(prep.dense, self.adapter))
+        ppl = heldout_perplexity(prep.dense, self.heldout, self.cfg.data.eval_context)
+        state.history.append(history_row(0, prep.dense, ppl, 0.0, 0.0))
         return state, prep.dense
 
     def _start_training(self, model, state: RunState, prep: Prepared) -> None:
         if self.cfg.output.tensorboard:
-            self.acc.init_trackers("tb", config=_flat_scalars(to_dict(self.cfg)))
-        self.teacher = self._load_teacher()
+            self.acc.init_trackers("tb", config=flat_scalars(to_dict(self.cfg)))
+        self.teacher = load_teacher(self.cfg, self.acc.device)
         self.trainer = self._new_trainer(model, self.last_restored)
         if self.last_restored is None:
             self._save(state, self.trainer.export_model())  # the prepared model (gathered under FSDP)
@@ -166,11 +163,11 @@ class Controller:
         steps = self.recovery_steps if recovery else self.stage_steps[stage - 1]
         phase = self._train_phase(state, steps, label="recovery" if recovery else f"stage {stage}")
         model = self.trainer.export_model()  # plain HF model (LoRA: a merged copy)
-        ppl = self._evaluate(model)
+        ppl = heldout_perplexity(model, self.heldout, self.cfg.data.eval_context)
         state.stage = stage
         state.tokens += phase["tokens"]
         wall = time.perf_counter() - t0
-        state.history.append(self._row(stage, model, ppl, prune_seconds, wall, phase, state.tokens))
+        state.history.append(history_row(stage, model, ppl, prune_seconds, wall, phase, state.tokens))
         if ppl:
             self.acc.log({f"eval/ppl_{name}": value["ppl"] for name, value in ppl.items()}, step=state.global_step)
         self._save(state, model)
@@ -186,7 +183,7 @@ class Controller:
         model, records = self.pruner(model, calibration, self.targets[stage - 1], label)
         fault_point("surgery", stage)
         self.trainer.after_surgery(model, records)
-        state.kept_ids = _compose_ids(state.kept_ids, records)
+        state.kept_ids = compose_kept_ids(state.kept_ids, records)
         state.calibration = calibration.state()
         state.allocation = self.pruner.state_dict()
         self._log_pruning(stage, model, state.global_step)
@@ -200,34 +197,19 @@ class Controller:
         rank = str(self.acc.process_index)
         batches = self.corpus.train_batches(self.cfg.train.batch_size, self.cfg.data.seq_len, state.data.get(rank, {}))
         try:
-            result = self.trainer.run_phase(batches, steps, self._lr(state), state.global_step, log.on_step)
+            result = self.trainer.run_phase(
+                batches, steps, lr_schedule(self.cfg, self.total_steps, state.lr_scale), state.global_step, log.on_step
+            )
         finally:
             log.close()
         state.global_step = result.global_step
-        state.data = self._rank_states(batches.state(), state.data)
+        state.data = gather_rank_states(batches.state(), self.acc.num_processes)
         return {
             "tokens": result.tokens,
             "loss": result.last_loss,
             "first_loss": log.first_loss,
             "seconds": result.seconds,
         }
-
-    def _rank_states(self, mine: dict, saved: dict) -> dict:
-        """Every rank's stream position, keyed by rank (the main process writes the checkpoint)."""
-        if self.acc.num_processes == 1:
-            return {"0": mine}
-        from accelerate.utils import gather_object
-
-        return {str(rank): state for rank, state in enumerate(gather_object([mine]))}
-
-    def _lr(self, state: RunState):
-        s, t = self.cfg.schedule, self.cfg.train
-
-        def lr(step: int) -> float:
-            curve = lr_at(step, self.total_steps, t.lr, s.warmup_fraction, s.decay_fraction, t.min_lr_ratio)
-            return state.lr_scale * curve
-
-        return lr
 
     def _roll_back(self, err: NonFiniteLossError, state: RunState, rollbacks: int) -> tuple[RunState, int]:
         """Reload the last complete stage at half the learning rate, or stop cleanly."""
@@ -252,13 +234,6 @@ class Controller:
             trainer.load_optimizer_state_by_name(load_optimizer_state(stage_dir / "optimizer.safetensors")[0])
         return trainer
 
-    def _load_teacher(self):
-        if not get_trainer(self.cfg.train.trainer).needs_teacher:
-            return None
-        m = self.cfg.model
-        teacher = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-        return teacher.to(self.acc.device).eval().requires_grad_(False)
-
     def _save(self, state: RunState, model) -> None:
         optimizer_state = self.trainer.optimizer_state_by_name()  # every rank: a collective under FSDP
 
@@ -271,86 +246,26 @@ class Controller:
         )
         self.acc.wait_for_everyone()
 
-    def _evaluate(self, model) -> dict[str, dict]:
-        """Held-out perplexity on every evaluation text ({name: {ppl, tokens, ...}}; empty when off)."""
-        context = min(self.cfg.data.eval_context, getattr(model.config, "max_position_embeddings", 10**9))
-        return {name: perplexity(model, tokens, context=context).as_dict() for name, tokens in self.heldout.items()}
-
     def _tokens_per_step(self) -> int:
         t = self.cfg.train
         return t.batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.acc.num_processes
 
-    def _all_ids(self, model) -> dict:
-        """Every unit id of the dense model, by layer (``kept_ids.initial_kept_ids``)."""
-        return initial_kept_ids(model, self.adapter)
-
-    def _row(self, stage, model, ppl, prune_s, wall_s, phase=None, tokens=0) -> dict:
-        phase = phase or {}
-        first = next(iter(ppl.values()), None) if ppl else None
-        return {
-            "stage": stage,
-            "params": count_parameters(model),
-            "ppl": first["ppl"] if first else None,
-            "ppl_by_text": {name: value["ppl"] for name, value in (ppl or {}).items()},
-            "train_tokens": tokens,
-            "train_loss": _finite_or_none(phase.get("loss")),
-            "first_step_loss": _finite_or_none(phase.get("first_loss")),
-            "prune_seconds": round(prune_s, 2),
-            "train_seconds": round(phase.get("seconds", 0.0), 2),
-            "wall_seconds": round(wall_s, 2),
-        }
-
     def _log_pruning(self, stage: int, model, global_step: int) -> None:
-        params = count_parameters(model)
-        depth, width = len(self.adapter.decoder_layers(model)), int(model.config.hidden_size)
-        scalars = {"prune/params": params, "prune/stage": stage, "prune/layers": depth, "prune/hidden_size": width}
-        for layer in range(depth):
-            shape = self.adapter.layer_shape(model, layer)
-            scalars[f"prune/kept_neurons/layer_{layer:02d}"] = shape.neurons
-            scalars[f"prune/kept_groups/layer_{layer:02d}"] = shape.groups
+        scalars = pruning_scalars(model, self.adapter, stage)
         self.acc.log(scalars, step=global_step)
-        reshaped = f" ({depth} layers, hidden {width})" if self.cfg.prune.reshapes else ""
-        self.log(f"stage {stage}: pruned to {params:,} parameters{reshaped}")
+        shape = f" ({scalars['prune/layers']} layers, hidden {scalars['prune/hidden_size']})"
+        self.log(
+            f"stage {stage}: pruned to {scalars['prune/params']:,} parameters{shape if self.cfg.prune.reshapes else ''}"
+        )
 
     def _finish(self, state: RunState) -> dict:
         model = self.trainer.export_model()
-        results = {
-            "original_params": self.original,
-            "final_params": count_parameters(model),
-            "stages": len(self.targets),
-            "history": state.history,
-            "final_model": str(self.run_dir.path / "final"),
-            "wall_seconds_this_process": round(time.perf_counter() - self.started, 2),
-            "prune_seconds_total": round(sum(r["prune_seconds"] for r in state.history), 2),
-        }
+        seconds = time.perf_counter() - self.started
+        final_dir = self.run_dir.path / "final"
+        results = final_results(self.original, model, len(self.targets), state.history, final_dir, seconds)
         table = self.run_dir.write_final(model, self.tokenizer, self.cfg, results, state.kept_ids)
         if self.acc.is_main_process:
             print(table)
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return results
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    """JSON has no NaN: phases without steps report null."""
-    return value if value is not None and math.isfinite(value) else None
-
-
-def _compose_ids(kept_ids: dict, records) -> dict:
-    """Map each record's kept (current) ids back to ids of the original model: units per original
-    layer, and once reshaped the original ``layers`` and ``hidden`` channels kept (``kept_ids``)."""
-    return compose_kept_ids(kept_ids, records)
-
-
-def _flat_scalars(tree: dict, prefix: str = "") -> dict:
-    """TensorBoard hparams take scalars and strings only."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat_scalars(value, f"{name}."))
-        elif isinstance(value, (int, float, str, bool)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat

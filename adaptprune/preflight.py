@@ -73,3 +73,14 @@ def validated_target(dense: nn.Module, adapter: ArchAdapter, cfg: RunConfig, ori
 def checkpoint_bytes(model: nn.Module) -> int:
     """Disk one stage checkpoint needs: the model, AdamW's two moments... as model + optimizer + a temp copy."""
     return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def load_teacher(cfg: RunConfig, device) -> nn.Module | None:
+    """The frozen unpruned model a distilling trainer learns from (None when the trainer needs none)."""
+    from trainers import get_trainer
+
+    if not get_trainer(cfg.train.trainer).needs_teacher:
+        return None
+    m = cfg.model
+    teacher = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    return teacher.to(device).eval().requires_grad_(False)

@@ -91,3 +91,14 @@ def shared_calibration(cfg: RunConfig, tokenizer) -> torch.Tensor:
     """(N, L) calibration sequences from the start of the train split: one set every method shares."""
     corpus = open_corpus(cfg.data, tokenizer, seed=cfg.train.seed)
     return corpus.calibration(0, cfg.data.calib_tokens, cfg.data.seq_len)
+
+
+def gather_rank_states(mine: dict, num_processes: int) -> dict:
+    """Every rank's training-stream position, keyed by rank (the main process writes the checkpoint).
+
+    A collective under DDP/FSDP: every rank calls it with its own position."""
+    if num_processes == 1:
+        return {"0": mine}
+    from accelerate.utils import gather_object
+
+    return {str(rank): state for rank, state in enumerate(gather_object([mine]))}

@@ -72,3 +72,13 @@ def lr_at(
         return peak
     progress = min(1.0, (step - decay_start + 1) / decay)
     return peak * (1.0 - (1.0 - min_ratio) * progress)
+
+
+def lr_schedule(cfg, total_steps: int, scale: float = 1.0):
+    """``step -> lr`` of a run (``cfg``: its RunConfig), times ``scale`` (halved by each rollback)."""
+    s, t = cfg.schedule, cfg.train
+
+    def lr(step: int) -> float:
+        return scale * lr_at(step, total_steps, t.lr, s.warmup_fraction, s.decay_fraction, t.min_lr_ratio)
+
+    return lr
