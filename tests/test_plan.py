@@ -188,3 +188,20 @@ def test_an_unknown_hub_id_is_one_line(capsys):
     assert cli.main(["plan", "model.name=nobody/no-such-model"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("adaptprune: error: model.name='nobody/no-such-model'") and "\n" not in err
+
+
+def test_plan_lists_the_depth_and_width_candidates_with_hidden_and_layers(capsys):
+    from adaptprune.shape_plan import shape_candidates_for
+
+    dims, deep = "prune.dims=[neurons,groups,hidden,layers]", "prune.target_params=0.5x"
+    plan = _plan_json(capsys, "--config", str(ROOT / "configs" / "smoke.yaml"), dims, deep)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [dims, deep])
+    hf_config, _ = plan_model_config(cfg.model)
+    expected = shape_candidates_for(hf_config, plan["target_params"], cfg.prune)
+    assert plan["dims_shape"]["dims"] == ["hidden", "layers"]
+    assert plan["dims_shape"]["candidates"] == [p.summary() for p in expected]
+    assert len(expected) > 1 and (expected[0].layers, expected[0].hidden) == (hf_config.num_hidden_layers, 64)
+    assert any(p.layers < hf_config.num_hidden_layers for p in expected)
+    assert all(p.params <= plan["target_params"] for p in expected)
+    assert cli.main(["plan", "--config", str(ROOT / "configs" / "smoke.yaml"), dims, deep]) == 0
+    assert "hidden/depth candidates of a one-step cut" in capsys.readouterr().out

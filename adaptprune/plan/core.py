@@ -175,17 +175,19 @@ def settings(cfg: RunConfig, options: PlanOptions) -> dict:
 
 
 def chosen_shape(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, target: int) -> dict | None:
-    """The hidden size and depth a run with ``prune.dims`` hidden/layers reaches; None without them.
+    """The depth and width candidates of a one-step cut to ``target`` when ``prune.dims`` holds hidden or
+    layers (None otherwise): what ``shape_plan.shape_candidates_for`` computes on the meta device.
 
-    The place for the hidden/depth pruning's dry-run function (``shape_plan.shape_candidates_for``
-    while it is being written): call it with ``model.config``, ``target`` and ``cfg.prune`` and return
-    the chosen shape's ``as_dict()`` so ``plan`` prints depth and width next to the per-layer sizes.
-    Until it is wired in, plan says so instead of guessing.
+    A run measures each candidate's calibration loss at every step and keeps the best; a dry run cannot,
+    so it lists them all, units-only first (the choice on a tie).
     """
+    from ..shape_plan import shape_candidates_for
+
     reshaping = [d for d in cfg.prune.dims if d in ("hidden", "layers")]
     if not reshaping:
         return None
-    return {"dims": reshaping, "shape": None, "note": "hidden/depth planning is not wired into `plan` yet"}
+    plans = shape_candidates_for(model.config, target, cfg.prune)
+    return {"dims": reshaping, "candidates": [p.summary() for p in plans]}
 
 
 def plan_notes(cfg: RunConfig, adapter: ArchAdapter) -> list[str]:

@@ -28,7 +28,8 @@ def format_plan(plan: RunPlan) -> str:
     """The plan as text: header, stage table, uniform per-layer sizes, memory table."""
     parts = [_header(plan), _stage_table(plan), _uniform_block(plan), _memory_table(plan)]
     if plan.dims_shape is not None:
-        parts.append(f"hidden/depth shape (prune.dims): {plan.dims_shape}")
+        lines = [f"hidden/depth candidates of a one-step cut to the target (prune.dims {plan.dims_shape['dims']}):"]
+        parts.append("\n".join(lines + [f"  {c}" for c in plan.dims_shape["candidates"]]))
     parts += [f"note: {note}" for note in plan.notes]
     return "\n\n".join(parts)
 
