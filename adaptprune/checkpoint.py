@@ -40,14 +40,24 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     return AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
 
 
+def _model_classes(config) -> tuple[type, type]:
+    """The (config, model) classes that load ``config``: its family's heterogeneous pair, or the SliceGPT
+    baseline's sliced Llama (no family adapter: adaptprune never prunes a sliced model further, but the
+    comparison trains and reloads one)."""
+    from .arch.hetero_sliced_llama import AdaptSlicedLlamaConfig, AdaptSlicedLlamaForCausalLM
+
+    if config.model_type == AdaptSlicedLlamaConfig.model_type:
+        return AdaptSlicedLlamaConfig, AdaptSlicedLlamaForCausalLM
+    return get_adapter(config).hetero_classes()  # one clear error for unsupported families
+
+
 def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
     """Load a causal LM as its family's heterogeneous class (uniform models load unchanged)."""
     path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    adapter = get_adapter(config)  # one clear error for unsupported families
-    config_cls, model_cls = adapter.hetero_classes()
+    config_cls, model_cls = _model_classes(config)
     if not isinstance(config, config_cls):
-        config = adapter.to_hetero_config(config)
+        config = get_adapter(config).to_hetero_config(config)
     try:
         model = model_cls.from_pretrained(path, config=config, dtype=DTYPES[dtype], use_safetensors=True)
     except SafetensorError as err:  # a truncated or corrupt weights file

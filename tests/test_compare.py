@@ -81,3 +81,19 @@ def test_compare_resumes_finished_methods_and_ignores_other_settings(tmp_path, m
         run_compare(_tiny_config(tmp_path, "methods=[dense]", "run.data.eval_tokens=128"))
     with pytest.raises(AssertionError, match="recomputed"):  # resume=false: nothing is reused
         run_compare(_tiny_config(tmp_path, "methods=[flap]", "resume=false"))
+
+
+def test_the_other_registered_methods_land_on_the_target_and_train_equal_tokens(tmp_path):
+    """The rows the default test does not run (the ``+full`` rows, Adapt-Pruner as published) are within
+    ±0.5% of the target size, and every method that trains gets the same number of tokens."""
+    methods = sorted(set(METHODS) - set(DEFAULT_METHODS))
+    extra = ("run.schedule.train_tokens=1024", "run.data.calib_tokens=1024")  # LLM-Pruner draws 10 x 64
+    cfg = _tiny_config(tmp_path, f"methods=[{','.join(methods)}]", *extra)
+    rows = run_compare(cfg)
+    assert [r["method"] for r in rows] == methods
+    target = json.loads((tmp_path / "comparison.json").read_text())["target"]
+    for r in rows:
+        assert abs(r["params"] - target) <= 0.005 * target, r
+    trained = {r["method"]: r["train_tokens"] for r in rows if METHODS[r["method"]].trains}
+    assert {"adapt_pruner", "flap+full", "llm_pruner+full", "slicegpt+full", "adaptprune_oneshot+full"} <= set(trained)
+    assert set(trained.values()) == {1024}
