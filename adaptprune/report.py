@@ -13,14 +13,18 @@ def _fmt(value, spec: str) -> str:
 
 
 def summary_table(history: list[dict]) -> str:
-    """A markdown table: one row per stage (0 = dense)."""
+    """A markdown table: one row per stage (0 = dense), one perplexity column per held-out text."""
+    texts = list(dict.fromkeys(name for row in history for name in row.get("ppl_by_text", {})))
+    ppl_header = " | ".join(f"ppl {t}" for t in texts) if texts else "held-out ppl"
     lines = [
-        "| stage | params | held-out ppl | train tokens | train loss | prune s | wall s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| stage | params | {ppl_header} | train tokens | train loss | prune s | wall s |",
+        "|---:|---:|" + "---:|" * max(len(texts), 1) + "---:|---:|---:|---:|",
     ]
     for row in history:
+        by_text = row.get("ppl_by_text", {})
+        ppl = " | ".join(_fmt(by_text.get(t), ".2f") for t in texts) if texts else _fmt(row["ppl"], ".2f")
         lines.append(
-            f"| {row['stage']} | {row['params']:,} | {_fmt(row['ppl'], '.2f')} | {row['train_tokens']:,} | "
+            f"| {row['stage']} | {row['params']:,} | {ppl} | {row['train_tokens']:,} | "
             f"{_fmt(row.get('train_loss'), '.3f')} | {_fmt(row['prune_seconds'], '.1f')} | {_fmt(row['wall_seconds'], '.1f')} |"
         )
     return "\n".join(lines)
