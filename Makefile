@@ -13,4 +13,6 @@ run: install
 	accelerate launch train_prune.py
 
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
