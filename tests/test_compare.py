@@ -87,7 +87,12 @@ def test_the_other_registered_methods_land_on_the_target_and_train_equal_tokens(
     """The rows the default test does not run (the ``+full`` rows, Adapt-Pruner as published) are within
     ±0.5% of the target size, and every method that trains gets the same number of tokens."""
     methods = sorted(set(METHODS) - set(DEFAULT_METHODS))
-    extra = ("run.schedule.train_tokens=1024", "run.data.calib_tokens=1024")  # LLM-Pruner draws 10 x 64
+    extra = (
+        "run.schedule.train_tokens=1024",
+        "run.data.calib_tokens=1024",  # LLM-Pruner draws 10 x 64
+        "run.prune.taylor_samples=16",  # Adapt-Pruner's 512 x 64 Taylor windows per inner step are for real runs
+        "run.prune.taylor_seq_len=32",
+    )
     cfg = _tiny_config(tmp_path, f"methods=[{','.join(methods)}]", *extra)
     rows = run_compare(cfg)
     assert [r["method"] for r in rows] == methods
