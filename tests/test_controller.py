@@ -77,7 +77,9 @@ def test_final_checkpoint_reloads_with_identical_logits(smoke_run):
     assert list((out / "tb").rglob("events.out.tfevents*"))
 
 
-def _run_cli(out: Path, corpus: Path, resume: bool = False, crash_at: str | None = None) -> subprocess.CompletedProcess:
+def _run_cli(
+    out: Path, corpus: Path, resume: bool = False, crash_at: str | None = None, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop(CRASH_ENV, None)
     if crash_at:
@@ -90,6 +92,7 @@ def _run_cli(out: Path, corpus: Path, resume: bool = False, crash_at: str | None
         *_overrides(out, corpus),
         "eval.every_stage=false",
         "output.tensorboard=false",
+        *extra,
     ]
     if resume:
         cmd.insert(2, "--resume")
@@ -114,6 +117,27 @@ def test_sigkill_then_resume_gives_the_same_final_plan(tmp_path, toy_corpus, smo
     uninterrupted = load_file(str(smoke_run[1] / "final" / "model.safetensors"))
     assert resumed_weights.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed_weights[k], uninterrupted[k]) for k in uninterrupted)
+
+
+ACCUMULATING = ("prune.allocation=accumulating", "prune.sparsity_scope=run", "prune.inner_step_fraction=0.05")
+
+
+def test_sigkill_then_resume_keeps_the_accumulated_sparsity_state(tmp_path, toy_corpus):
+    """Adapt-Pruner's per-layer sparsity state, carried over the whole run (``sparsity_scope=run``),
+    is restored from the stage checkpoint: killed in stage 3's calibration and resumed, the run ends
+    with the same kept ids and weights as an uninterrupted one."""
+    whole, crashed_out = tmp_path / "whole", tmp_path / "crashed"
+    assert _run_cli(whole, toy_corpus, extra=ACCUMULATING).returncode == 0
+    crashed = _run_cli(crashed_out, toy_corpus, crash_at="calibration:3", extra=ACCUMULATING)
+    assert crashed.returncode == -signal.SIGKILL
+    saved = json.loads((crashed_out / "checkpoints" / "stage-002" / "state.json").read_text())
+    assert saved["allocation"]["name"] == "accumulating" and saved["allocation"]["state"] is not None
+    resumed = _run_cli(crashed_out, toy_corpus, resume=True, extra=ACCUMULATING)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((crashed_out / "plan.json").read_text()) == json.loads((whole / "plan.json").read_text())
+    resumed_weights = load_file(str(crashed_out / "final" / "model.safetensors"))
+    whole_weights = load_file(str(whole / "final" / "model.safetensors"))
+    assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
 
 
 def _two_processes(script: str, out: Path, corpus: Path) -> subprocess.CompletedProcess:
