@@ -106,3 +106,14 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it PyTorch emulates
+    bf16 and autocast is far slower than fp32 (measured here on an AVX2-only AMD EPYC: about 5 vs
+    60-100 training tokens/s). Uses torch's private probes; unknown (other torch builds) counts as yes."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [p for p in probes if callable(p)]
+    return not probes or any(p() for p in probes)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from trainers import NonFiniteLossError, get_trainer, load_optimizer_state, save_optimizer_state
 
+from .compat import cpu_has_native_bf16
 from .config import RunConfig, to_dict
 from .kept_ids import compose_kept_ids, initial_kept_ids
 from .phase_log import PhaseLog
@@ -58,10 +59,14 @@ class TrainingStoppedError(RuntimeError):
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
     """The run's Accelerator: precision from ``train.mixed_precision``, TensorBoard under output.dir."""
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+    on_cpu = not torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and on_cpu:
         print(
             "[adaptprune] train.mixed_precision=fp16 has no effect without a GPU (accelerate autocasts fp16 on CUDA only)"
         )
+    if cfg.train.mixed_precision == "bf16" and on_cpu and not cpu_has_native_bf16():
+        print("[adaptprune] warning: this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and much "
+              "slower than fp32 here; consider train.mixed_precision=no")  # fmt: skip
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=1,  # the trainer accumulates itself (and says so in its loop)

@@ -163,3 +163,20 @@ def test_lm_eval_simple_evaluate_accepts_task_manager_and_a_model_object():
     from lm_eval.models.huggingface import HFLM
 
     assert "pretrained" in inspect.signature(HFLM.__init__).parameters
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, capsys):
+    import torch
+
+    from adaptprune import controller
+    from adaptprune.compat import cpu_has_native_bf16
+    from adaptprune.config import load_config
+
+    assert cpu_has_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    cfg = load_config(None, ["train.mixed_precision=bf16", "output.tensorboard=false"])
+    monkeypatch.setattr(controller, "cpu_has_native_bf16", lambda: False)
+    controller.build_accelerator(cfg)
+    assert "no native bf16" in capsys.readouterr().out
+    monkeypatch.setattr(controller, "cpu_has_native_bf16", lambda: True)
+    controller.build_accelerator(cfg)
+    assert "no native bf16" not in capsys.readouterr().out
