@@ -71,7 +71,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--remove-fraction", type=float, default=0.30, help="of non-embedding parameters")
     p.add_argument("--calib-tokens", type=int, default=8192, help="per (inner) pruning step")
     p.add_argument("--train-tokens", type=int, default=16384, help="incremental rows")
-    p.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"], help="incremental rows' training")
+    p.add_argument(
+        "--mixed-precision", default=default_precision(), choices=["no", "bf16"], help="incremental rows' training"
+    )
     p.add_argument("--modes", default="oneshot,incremental")
     p.add_argument("--runs", default="runs/ablate_allocation", help="controller run folders (deleted when done)")
     p.add_argument("--out", default="docs/ablate_allocation")
@@ -181,6 +183,15 @@ def write(args: argparse.Namespace, rows: list[dict], target: int, texts: dict) 
     out.with_suffix(".json").write_text(
         json.dumps({"args": vars(args), "target": target, "rows": rows}, indent=1), encoding="utf-8"
     )
+
+
+def default_precision() -> str:
+    """bf16 on CUDA or a CPU with native bf16; fp32 elsewhere (emulated bf16 is far slower)."""
+    import torch
+
+    from adaptprune.compat import cpu_has_native_bf16
+
+    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
 
 
 if __name__ == "__main__":
