@@ -55,6 +55,7 @@ from adaptprune.surgery import count_parameters, params_after_removing
 
 ROOT = Path(__file__).resolve().parents[1]
 ONESHOT = ("prune.step_fraction=1.0",)
+LM = ("train.trainer=full",)  # LM loss, whatever the base config's trainer
 DISTILL = ("train.trainer=distill", "train.distill.kd_weight=1.0")  # KL to the unpruned model only
 MIX = ("train.trainer=distill", "train.distill.kd_weight=0.5")  # half KL, half LM loss
 # Everything a full run and a quick run share: the comparison's protocol, not its size.
@@ -89,15 +90,15 @@ class Schedule:
 SCHEDULES = {
     s.name: s
     for s in (
-        Schedule("oneshot+train", "oneshot", "lm", ONESHOT),
+        Schedule("oneshot+train", "oneshot", "lm", ONESHOT + LM),
         Schedule("oneshot+train-distill", "oneshot", "distill", ONESHOT + DISTILL),
         Schedule("oneshot+train-mix", "oneshot", "mix", ONESHOT + MIX),
-        Schedule("incremental", "incremental", "lm", ()),
+        Schedule("incremental", "incremental", "lm", LM),
         Schedule("incremental-distill", "incremental", "distill", DISTILL),
         Schedule("incremental-mix", "incremental", "mix", MIX),
-        Schedule("incremental-accumulating", "incremental", "lm", ("prune.allocation=accumulating",)),
-        Schedule("incremental-equal-split", "incremental", "lm", ("schedule.split=uniform",)),
-        Schedule("incremental-reset", "incremental", "lm", ("train.optim.after_surgery=reset",)),
+        Schedule("incremental-accumulating", "incremental", "lm", LM + ("prune.allocation=accumulating",)),
+        Schedule("incremental-equal-split", "incremental", "lm", LM + ("schedule.split=uniform",)),
+        Schedule("incremental-reset", "incremental", "lm", LM + ("train.optim.after_surgery=reset",)),
     )
 }
 
