@@ -155,3 +155,13 @@ trainer `{config.train.trainer}`).
     path = run_dir / "report.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def write_markdown_and_json(out: Path, markdown: str, payload: dict) -> None:
+    """A benchmark's ``OUT.md`` table and ``OUT.json`` data side by side (``out`` without suffix)."""
+    import json
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown + "\n", encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1), encoding="utf-8")

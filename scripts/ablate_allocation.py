@@ -33,6 +33,7 @@ from adaptprune.controller import Controller
 from adaptprune.data import open_corpus
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.pruning import prune_step
+from adaptprune.report import write_markdown_and_json
 from adaptprune.run_data import heldout_texts
 from adaptprune.surgery import count_parameters, params_after_removing
 
@@ -177,12 +178,7 @@ def write(args: argparse.Namespace, rows: list[dict], target: int, texts: dict) 
             *(_line(r, texts) for r in rows),
         ]
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
-    out.with_suffix(".json").write_text(
-        json.dumps({"args": vars(args), "target": target, "rows": rows}, indent=1), encoding="utf-8"
-    )
+    write_markdown_and_json(Path(args.out), text, {"args": vars(args), "target": target, "rows": rows})
 
 
 def default_precision() -> str:

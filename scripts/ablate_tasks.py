@@ -24,6 +24,7 @@ from adaptprune.data import load_corpus, pack, token_stream
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.evaluation.tasks import run_tasks
 from adaptprune.pruning import prune_step
+from adaptprune.report import write_markdown_and_json
 from adaptprune.surgery import count_parameters, params_after_removing
 
 # (label, PruneConfig overrides); the first row is the default path
@@ -115,10 +116,7 @@ def write(args: argparse.Namespace, tasks: list[str], rows: list[dict]) -> None:
             *(_line(r, tasks) for r in rows),
         ]
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1), encoding="utf-8")
+    write_markdown_and_json(Path(args.out), text, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
