@@ -19,6 +19,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from .compat import one_gguf_parse
+
 
 class MissingAssetError(FileNotFoundError):
     """An embedded asset's package is not installed; the message says how to get it."""
@@ -163,8 +165,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[adaptprune] converting {gguf_path.name} once into {target} ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    with one_gguf_parse():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # The dequantized weights are plain floats now; the marker would make save_pretrained refuse.
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
+from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -117,3 +119,30 @@ def cpu_has_native_bf16() -> bool:
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     probes = [p for p in probes if callable(p)]
     return not probes or any(p() for p in probes)
+
+
+@contextmanager
+def one_gguf_parse() -> Iterator[None]:
+    """Within the block, every ``gguf.GGUFReader`` of one file is the same reader.
+
+    ``from_pretrained(gguf_file=...)`` parses the file's metadata three times (config, weights,
+    tokenizer), and gguf's reader walks a 262k-token vocabulary element by element in Python:
+    about 25 s per parse for Gemma-3-270M. transformers 5.23 imports the reader inside
+    ``load_gguf_checkpoint`` at call time, so replacing the module attribute reaches it.
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original

@@ -57,16 +57,23 @@ class TrainingStoppedError(RuntimeError):
     """Training hit a non-finite loss and was told (or ran out of rollbacks) to stop; one line."""
 
 
+def precision_warning(mixed_precision: str, on_cpu: bool, native_bf16: bool) -> str | None:
+    """The one-line warning a precision choice deserves on this hardware, or None."""
+    if mixed_precision == "fp16" and on_cpu:
+        return "train.mixed_precision=fp16 has no effect without a GPU (accelerate autocasts fp16 on CUDA only)"
+    if mixed_precision == "bf16" and on_cpu and not native_bf16:
+        return ("warning: this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and much "
+                "slower than fp32 here; consider train.mixed_precision=no")  # fmt: skip
+    return None
+
+
 def build_accelerator(cfg: RunConfig) -> Accelerator:
     """The run's Accelerator: precision from ``train.mixed_precision``, TensorBoard under output.dir."""
     on_cpu = not torch.cuda.is_available()
-    if cfg.train.mixed_precision == "fp16" and on_cpu:
-        print(
-            "[adaptprune] train.mixed_precision=fp16 has no effect without a GPU (accelerate autocasts fp16 on CUDA only)"
-        )
-    if cfg.train.mixed_precision == "bf16" and on_cpu and not cpu_has_native_bf16():
-        print("[adaptprune] warning: this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast is emulated and much "
-              "slower than fp32 here; consider train.mixed_precision=no")  # fmt: skip
+    native_bf16 = cpu_has_native_bf16() if on_cpu and cfg.train.mixed_precision == "bf16" else True
+    warning = precision_warning(cfg.train.mixed_precision, on_cpu, native_bf16)
+    if warning:
+        print(f"[adaptprune] {warning}")
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=1,  # the trainer accumulates itself (and says so in its loop)

@@ -165,18 +165,38 @@ def test_lm_eval_simple_evaluate_accepts_task_manager_and_a_model_object():
     assert "pretrained" in inspect.signature(HFLM.__init__).parameters
 
 
-def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch, capsys):
+def test_bf16_on_a_cpu_without_native_bf16_warns():
     import torch
 
-    from adaptprune import controller
     from adaptprune.compat import cpu_has_native_bf16
-    from adaptprune.config import load_config
+    from adaptprune.controller import precision_warning
 
     assert cpu_has_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    cfg = load_config(None, ["train.mixed_precision=bf16", "output.tensorboard=false"])
-    monkeypatch.setattr(controller, "cpu_has_native_bf16", lambda: False)
-    controller.build_accelerator(cfg)
-    assert "no native bf16" in capsys.readouterr().out
-    monkeypatch.setattr(controller, "cpu_has_native_bf16", lambda: True)
-    controller.build_accelerator(cfg)
-    assert "no native bf16" not in capsys.readouterr().out
+    assert "no native bf16" in precision_warning("bf16", on_cpu=True, native_bf16=False)
+    assert precision_warning("bf16", on_cpu=True, native_bf16=True) is None
+    assert precision_warning("bf16", on_cpu=False, native_bf16=False) is None
+    assert "fp16 has no effect" in precision_warning("fp16", on_cpu=True, native_bf16=True)
+    assert precision_warning("no", on_cpu=True, native_bf16=False) is None
+
+
+def test_one_gguf_parse_shares_one_reader_per_file_and_restores_the_original(tmp_path):
+    import gguf
+    import numpy as np
+
+    from adaptprune.compat import one_gguf_parse
+
+    paths = [tmp_path / "a.gguf", tmp_path / "b.gguf"]
+    for path in paths:
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_tensor("t", np.arange(4, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    original = gguf.GGUFReader
+    with one_gguf_parse():
+        first, again, other = gguf.GGUFReader(paths[0]), gguf.GGUFReader(str(paths[0])), gguf.GGUFReader(paths[1])
+        assert first is again and first is not other
+        assert np.array_equal(first.get_tensor(0).data, np.arange(4, dtype=np.float32))
+    assert gguf.GGUFReader is original
+    assert original(paths[0]) is not original(paths[0])
