@@ -179,24 +179,45 @@ def test_bf16_on_a_cpu_without_native_bf16_warns():
     assert precision_warning("no", on_cpu=True, native_bf16=False) is None
 
 
-def test_one_gguf_parse_shares_one_reader_per_file_and_restores_the_original(tmp_path):
+def _write_tiny_llama_gguf(path) -> None:
     import gguf
     import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(8)
+    writer.add_embedding_length(4)
+    writer.add_feed_forward_length(8)
+    writer.add_head_count(1)
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_one_gguf_parse_reaches_transformers_and_restores_the_reader(tmp_path, monkeypatch):
+    """transformers' GGUF loader builds one reader per file inside the block, a new one per load outside."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from adaptprune.compat import one_gguf_parse
 
     paths = [tmp_path / "a.gguf", tmp_path / "b.gguf"]
     for path in paths:
-        writer = gguf.GGUFWriter(str(path), "llama")
-        writer.add_tensor("t", np.arange(4, dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    original = gguf.GGUFReader
+        _write_tiny_llama_gguf(path)
+    opened = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            opened.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
     with one_gguf_parse():
-        first, again, other = gguf.GGUFReader(paths[0]), gguf.GGUFReader(str(paths[0])), gguf.GGUFReader(paths[1])
-        assert first is again and first is not other
-        assert np.array_equal(first.get_tensor(0).data, np.arange(4, dtype=np.float32))
-    assert gguf.GGUFReader is original
-    assert original(paths[0]) is not original(paths[0])
+        configs = [load_gguf_checkpoint(str(p))["config"] for p in (paths[0], paths[0], paths[1])]
+    assert opened == [str(paths[0]), str(paths[1])]
+    assert configs[0] == configs[1] == configs[2] and configs[0]["hidden_size"] == 4
+    assert gguf.GGUFReader is CountingReader
+    load_gguf_checkpoint(str(paths[0]))
+    assert len(opened) == 3
