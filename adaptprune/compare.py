@@ -22,6 +22,7 @@ from .checkpoint import load_model, load_tokenizer
 from .config import ConfigError, RunConfig, load_into, option, to_dict
 from .evaluation.perplexity import perplexity
 from .methods import METHODS, MethodContext, get_method
+from .report import table_head
 from .run_data import heldout_texts, shared_calibration
 from .surgery import count_parameters, params_after_removing
 
@@ -176,7 +177,7 @@ def comparison_table(cfg: CompareConfig, rows: list[dict], target: int) -> str:
     for t in tasks:
         head += [f"{t} acc", f"{t} acc_norm"]
     head += ["prune s", "train tokens", "peak RSS MB"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines = table_head(head)
     for r in rows:
         by_text = r.get("ppl_by_text", {})
         cells = [r["method"], f"{r['params']:,}", *(_num(by_text.get(t), ".2f") for t in texts)]

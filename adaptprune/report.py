@@ -6,6 +6,11 @@ import math
 from pathlib import Path
 
 
+def table_head(head: list[str], left: int = 1) -> list[str]:
+    """A markdown table's header and alignment rows: the first ``left`` columns left-aligned, the rest right."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * left + "---:|" * (len(head) - left)]
+
+
 def _fmt(value, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

@@ -33,7 +33,7 @@ from adaptprune.controller import Controller
 from adaptprune.data import open_corpus
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.pruning import prune_step
-from adaptprune.report import write_markdown_and_json
+from adaptprune.report import table_head, write_markdown_and_json
 from adaptprune.run_data import heldout_texts
 from adaptprune.surgery import count_parameters, params_after_removing
 
@@ -173,8 +173,7 @@ def write(args: argparse.Namespace, rows: list[dict], target: int, texts: dict) 
             f"calibration tokens per (inner) pruning step; incremental rows train {args.train_tokens:,} tokens "
             f"({args.mixed_precision}). Held-out perplexity, context 1024, 4,096 tokens per text.",
             "",
-            "| " + " | ".join(head) + " |",
-            "|---|---|" + "---:|" * (len(head) - 2),
+            *table_head(head, left=2),
             *(_line(r, texts) for r in rows),
         ]
     )

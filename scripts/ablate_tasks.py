@@ -24,7 +24,7 @@ from adaptprune.data import load_corpus, pack, token_stream
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.evaluation.tasks import run_tasks
 from adaptprune.pruning import prune_step
-from adaptprune.report import write_markdown_and_json
+from adaptprune.report import table_head, write_markdown_and_json
 from adaptprune.surgery import count_parameters, params_after_removing
 
 # (label, PruneConfig overrides); the first row is the default path
@@ -111,8 +111,7 @@ def write(args: argparse.Namespace, tasks: list[str], rows: list[dict]) -> None:
             f"{args.calib_tokens:,} calibration tokens; held-out perplexity on {args.eval_tokens:,} tokens; "
             f"tasks: lm-eval, {limit}. One component changed per row.",
             "",
-            "| " + " | ".join(head) + " |",
-            "|---|" + "---:|" * (len(head) - 1),
+            *table_head(head),
             *(_line(r, tasks) for r in rows),
         ]
     )

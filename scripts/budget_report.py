@@ -13,6 +13,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from adaptprune.report import table_head
+
 VERDICT_START = "<!-- verdict: written by hand after the full run; kept when this file is rewritten -->"
 VERDICT_END = "<!-- end of verdict -->"
 VERDICT_PLACEHOLDER = "_To be written after the full run: does incremental beat one-shot + train, at which budgets?_"
@@ -252,7 +254,7 @@ def details_table(payload: dict, texts: list[str]) -> str:
     head = ["schedule", "budget", "seed", "params", "train tokens", "stages", *(f"ppl {t}" for t in texts)]
     head += [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")]
     head += ["prune s", "train s", "wall s", "prune share", "train tokens/s"]
-    lines = ["### Every run", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines = ["### Every run", "", *table_head(head)]
     for r in rows:
         cells = [r["schedule"], f"{r['budget']:,}", str(r["seed"]), f"{r['params']:,}", f"{r['train_tokens']:,}"]
         cells += [str(r["stages"]), *(f"{r['ppl'][t]:.2f}" for t in texts)]

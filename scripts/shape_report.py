@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from adaptprune.report import table_head
+
 TEXT_LIMIT = 0.02  # perplexity ratios within ±2% read as "no difference"
 SPEED_LIMIT = 0.05  # decode speed ratios within ±5% likewise (CPU timing noise on a shared machine)
 
@@ -34,7 +36,7 @@ def table(rows: list[dict]) -> str:
     head = ["target", "mode", "dims", "params", "layers", "hidden", "neurons/layer", "KV groups/layer"]
     head += [f"ppl {t}" for t in texts] + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")]
     head += ["decode tok/s", "decode vs dense", "train tokens", "prune s"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    lines = table_head(head, left=3)
     for r in rows:
         mode = {"oneshot": "one-shot"}.get(r["mode"], r["mode"])
         cells = [r["target_label"], mode, r["dims"] or "-", f"{r['params']:,}", str(r["layers"]), str(r["hidden"])]
@@ -140,8 +142,7 @@ def write_compensation(args, rows: list[dict], target: int) -> None:
         f"prune.hidden_grid=0.25), {args.calib_tokens:,} calibration tokens, no training; held-out perplexity on "
         f"{args.eval_tokens:,} tokens per text at context {args.context}.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|---|---|" + "---:|" * (len(head) - 2),
+        *table_head(head, left=2),
     ]
     for r in rows:
         cells = [str(r["layer_compensation"]), str(r["norm_compensation"]), f"{r['params']:,}", str(r["layers"])]

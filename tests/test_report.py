@@ -36,3 +36,10 @@ def test_summary_table_without_evaluation_keeps_one_dash_column():
     lines = summary_table([_row(0, 1000, None)]).splitlines()
     assert lines[0] == "| stage | params | held-out ppl | train tokens | train loss | prune s | wall s |"
     assert lines[2] == "| 0 | 1,000 | - | 0 | - | 1.2 | 10.0 |"
+
+
+def test_table_head_aligns_the_first_columns_left_and_the_rest_right():
+    from adaptprune.report import table_head
+
+    assert table_head(["method", "params", "ppl"]) == ["| method | params | ppl |", "|---|---:|---:|"]
+    assert table_head(["a", "b", "c", "d"], left=3) == ["| a | b | c | d |", "|---|---|---|---:|"]
