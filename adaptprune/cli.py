@@ -58,8 +58,7 @@ PRUNE_FLAGS = {
     "metric": "prune.metric",
     "allocation": "prune.allocation",
     "calib_tokens": "data.calib_tokens",
-    "energy_compensation": "prune.energy_compensation",
-    "mean_compensation": "prune.mean_compensation",
+    "compensation": "prune.compensation",
 }
 
 
@@ -205,12 +204,11 @@ def _add_prune(sub) -> None:
     p.add_argument("--allocation", default=None, help=f"allocation: {', '.join(_names('allocators'))}")
     p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens")
     p.add_argument(
-        "--energy-compensation", action="store_const", const="true", default=None, help="rescale to the dense energy"
+        "--compensation",
+        default=None,
+        choices=("none", "mean", "energy", "mean+energy", "least_squares"),
+        help="repair of each o/down projection (default mean; least_squares: prune.ls_ridge via --set)",
     )
-    p.add_argument(
-        "--no-mean-compensation", dest="mean_compensation", action="store_const", const="false", default=None,
-        help="no bias compensation",
-    )  # fmt: skip
     p.add_argument("--set", nargs="*", default=[], help="extra section.key=value overrides (applied last)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.set_defaults(func=cmd_prune)

@@ -16,6 +16,16 @@ input channels split into kept K and removed R:
       and the bias becomes b + W μ − γ W_K μ_K. Mean and raw energy then both equal the dense
       layer's, because E‖y‖² = ‖E y‖² + tr Cov(y).
   γ = 1 when nothing is removed, nothing is kept or the kept part has no energy.
+- **Least squares** (the structured OBS rebuild of SlimGPT, arXiv 2412.18110, and ZipLM,
+  arXiv 2302.04089): the kept columns are rebuilt from the inputs that stay,
+    W_K ← W_K + Δ,  Δ = W_R C_RK (C_KK + λ I)⁻¹,  b ← b + W_R μ_R − Δ μ_K,
+  the minimiser of E‖(W x + b) − (W_K' x_K + b')‖² + λ‖W_K' − W_K‖² over the calibration data
+  (centred C: the bias carries the mean, so b' is free). λ = ``ridge`` × mean(diag C_KK): a small
+  or rank-poor calibration set cannot blow the weights up, and λ → ∞ is mean compensation (Δ → 0).
+  With λ = 0 and removed inputs that are linear functions of kept ones, the layer's output on the
+  calibration data is reproduced exactly. C_KK + λI is solved by Cholesky in float64, a singular
+  one (λ = 0, rank-poor data) by the pseudo-inverse. GQA needs nothing special: the channels of a
+  removed KV group leave together, and K and R are channel sets.
 
 The pure math (``mean_shift``, ``energy_scale``, ``compensate``) works on tensors; the model
 walking (``apply_compensated_plan``) computes every compensation from the dense weights, lets
@@ -43,6 +53,10 @@ class Compensation:
 
     scale: float  # γ applied to the kept columns (1.0 without EC)
     bias_delta: Tensor | None  # (out,) float64 added to the bias; None without mean compensation
+    weight_delta: Tensor | None = None  # (out, |K|) float64 added to the kept columns (least squares)
+
+
+MODES = ("none", "mean", "energy", "mean+energy", "least_squares")  # prune.compensation
 
 
 # ---- pure tensor math ----------------------------------------------------------------------
@@ -69,15 +83,37 @@ def energy_scale(weight: Tensor, moment: Tensor, kept: Tensor) -> float:
     return math.sqrt(ratio) if math.isfinite(ratio) and ratio > 0 else 1.0
 
 
-def compensate(weight: Tensor, stats: ChannelStats, kept_channels: Tensor, mean: bool, energy: bool) -> Compensation:
-    """The compensation of one (out, C) output-side weight keeping ``kept_channels`` (bool (C,))."""
+def least_squares_delta(weight: Tensor, centred: Tensor, kept: Tensor, removed: Tensor, ridge: float) -> Tensor:
+    """Δ = W_R C_RK (C_KK + λ I)⁻¹, (out, |K|) float64, λ = ``ridge`` × mean(diag C_KK)."""
+    w = weight.detach().double()
+    c = centred.double().to(w.device)
+    c_kk = c[kept][:, kept]  # (K, K)
+    rhs = c[kept][:, removed] @ w[:, removed].T  # C_KR W_Rᵀ: (K, out)
+    lam = ridge * float(c_kk.diagonal().mean())
+    a = c_kk + lam * torch.eye(kept.numel(), dtype=c.dtype, device=c.device)
+    chol, info = torch.linalg.cholesky_ex(a)
+    x = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.pinv(a, hermitian=True) @ rhs
+    return x.T if bool(torch.isfinite(x).all()) else torch.zeros_like(w[:, kept])
+
+
+def compensate(
+    weight: Tensor, stats: ChannelStats, kept_channels: Tensor, mode: str = "mean", ridge: float = 0.0
+) -> Compensation:
+    """The compensation (``mode`` in ``MODES``) of one (out, C) output-side weight keeping ``kept_channels``."""
+    if mode not in MODES:
+        raise ValueError(f"compensation must be one of {MODES}, got {mode!r}")
+    mean = mode in ("mean", "mean+energy", "least_squares")
     kept = kept_channels.nonzero().flatten()
     removed = (~kept_channels).nonzero().flatten()
+    if mode in ("energy", "mean+energy", "least_squares") and removed.numel() and stats.cov is None:
+        raise ValueError(f"{mode} compensation needs Σ = E[x xᵀ]: calibrate with collect_cov=True")
+    mu = stats.mean.double()
+    if mode == "least_squares" and removed.numel() and kept.numel():
+        delta = least_squares_delta(weight, stats.cov.double() - torch.outer(mu, mu), kept, removed, ridge)
+        shift = mean_shift(weight, stats.mean, removed) - delta @ mu.to(delta.device)[kept]
+        return Compensation(scale=1.0, bias_delta=shift, weight_delta=delta)
     scale = 1.0
-    if energy and removed.numel():
-        if stats.cov is None:
-            raise ValueError("energy compensation needs Σ = E[x xᵀ]: calibrate with collect_cov=True")
-        mu = stats.mean.double()
+    if mode in ("energy", "mean+energy") and removed.numel():
         moment = stats.cov - torch.outer(mu, mu) if mean else stats.cov  # centred when the bias carries the mean
         scale = energy_scale(weight, moment, kept)
     bias_delta = None
@@ -90,9 +126,11 @@ def compensate(weight: Tensor, stats: ChannelStats, kept_channels: Tensor, mean:
 
 # ---- model walking --------------------------------------------------------------------------
 def _plan_compensations(
-    model: nn.Module, plan: Plan, calib: CalibrationResult, mean: bool, energy: bool, adapter: ArchAdapter
+    model: nn.Module, plan: Plan, calib: CalibrationResult, mode: str, ridge: float, adapter: ArchAdapter
 ) -> list[tuple[int, str, Compensation]]:
-    """(layer, output path, compensation) for every (layer, kind) of the plan, from dense weights."""
+    """(layer, output path, compensation) for every (layer, kind) of the plan, from dense weights.
+
+    One (layer, kind) at a time: a least-squares solve's float64 temporaries are one layer's."""
     layers = adapter.decoder_layers(model)
     out = []
     for layer_idx in sorted(plan):
@@ -108,15 +146,17 @@ def _plan_compensations(
                     f"layer {layer_idx} {kind}: statistics cover {stats.mean.numel()} channels, the layer has "
                     f"{kept_channels.numel()}; recalibrate after surgery"
                 )
-            out.append((layer_idx, coupling.path, compensate(weight, stats, kept_channels, mean, energy)))
+            out.append((layer_idx, coupling.path, compensate(weight, stats, kept_channels, mode, ridge)))
     return out
 
 
 def _apply_to_linear(linear: nn.Linear, comp: Compensation) -> None:
-    """Scale the (already sliced, all kept) weight by γ and add to the bias, in place."""
+    """Scale the (already sliced, all kept) weight by γ, add Δ and add to the bias, in place."""
     with torch.no_grad():
         if comp.scale != 1.0:
             linear.weight.mul_(comp.scale)
+        if comp.weight_delta is not None:
+            linear.weight.add_(comp.weight_delta.to(device=linear.weight.device, dtype=linear.weight.dtype))
         if comp.bias_delta is not None:
             linear.bias.add_(comp.bias_delta.to(device=linear.bias.device, dtype=linear.bias.dtype))
 
@@ -125,24 +165,25 @@ def apply_compensated_plan(
     model: nn.Module,
     plan: Plan,
     calib: CalibrationResult | None,
-    mean: bool,
-    energy: bool,
+    mode: str = "mean",
+    ridge: float = 0.0,
     adapter: ArchAdapter | None = None,
 ) -> list[KeptRecord]:
     """Compute every (layer, kind)'s compensation from the dense weights, remove the units with
     ``surgery.apply_plan``, then write the compensation into the rebuilt output projections.
 
-    With ``mean`` every layer's o/down projection gets a bias (``surgery.ensure_output_biases``;
-    the config flag makes saved checkpoints rebuild it). Without ``mean`` and ``energy`` this is
-    exactly ``surgery.apply_plan``.
+    ``mode`` is one of ``MODES``; ``ridge`` is least squares' λ relative to mean(diag C_KK). A mode
+    with a bias (mean, mean+energy, least_squares) gives every layer's o/down projection one
+    (``surgery.ensure_output_biases``; the config flag makes saved checkpoints rebuild it). With
+    ``none`` this is exactly ``surgery.apply_plan``.
     """
     adapter = adapter or get_adapter(model)
-    if not (mean or energy):
+    if mode == "none":
         return apply_plan(model, plan, adapter)
     if calib is None:
         raise ValueError("compensation needs calibration statistics (calib=None)")
-    compensations = _plan_compensations(model, plan, calib, mean, energy, adapter)
-    if mean and compensations:
+    compensations = _plan_compensations(model, plan, calib, mode, ridge, adapter)
+    if mode != "energy" and compensations:
         ensure_output_biases(model, adapter)
     records = apply_plan(model, plan, adapter)
     layers = adapter.decoder_layers(model)

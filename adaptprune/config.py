@@ -84,6 +84,13 @@ class PruneConfig:
     target_params: str = _f(
         "90M", "final size: a count ('90M', '1.2B', '134515008') or a ratio of the original ('0.7x')", pattern="target"
     )
+    target_shape: str | dict | None = _f(
+        None,
+        "final shape instead of a count: a model name, folder or config.json (its reachable projection), or a "
+        "mapping {layers, hidden, kv_groups or heads, neurons}; the walk reaches it in step_fraction steps and "
+        "prune.target_params is then derived from it",
+        pattern="shape",
+    )
     step_fraction: float = _f(
         0.05, "parameters removed per pruning step, as a fraction of the original count", gt=0, le=1
     )
@@ -119,8 +126,19 @@ class PruneConfig:
         512, "taylor_param_first: calibration windows with a backward pass per pruning step (upstream: 512)", min=1
     )
     taylor_seq_len: int = _f(64, "taylor_param_first: tokens per calibration window (upstream: 64)", min=2)
-    mean_compensation: bool = _f(True, "fold removed units' mean contribution into an output bias")
-    energy_compensation: bool = _f(False, "rescale kept weights so the output energy matches the dense layer")
+    compensation: Literal["none", "mean", "energy", "mean+energy", "least_squares"] = _f(
+        "mean",
+        "closed-form repair of each o/down projection when units go: mean (removed units' mean into an output "
+        "bias), energy (rescale kept columns to the dense output energy), mean+energy, least_squares (kept columns "
+        "rebuilt from the input covariance, W_K + W_R C_RK (C_KK + lambda I)^-1, mean into the bias; "
+        "docs/compensation.md)",
+    )
+    ls_ridge: float = _f(
+        1e-2,
+        "least_squares: lambda as a fraction of the mean diagonal of C_KK; larger keeps the kept columns closer to "
+        "unchanged (lambda -> inf: mean compensation)",
+        ge=0,
+    )
     neuron_multiple: int = _f(1, "round kept MLP neurons per layer to a multiple of this", min=1)
     min_neurons: int = _f(8, "floor of MLP neurons kept in any layer", min=0)
     min_groups: int = _f(1, "floor of KV groups kept in any layer", min=1)
@@ -159,6 +177,20 @@ class PruneConfig:
     )
 
     DIMS = ("neurons", "groups", "hidden", "layers")  # not a field: no annotation
+
+    @property
+    def mean_compensation(self) -> bool:
+        """The removed units' mean goes into an output bias (mean, mean+energy, least_squares)."""
+        return self.compensation in ("mean", "mean+energy", "least_squares")
+
+    @property
+    def energy_compensation(self) -> bool:
+        return self.compensation in ("energy", "mean+energy")
+
+    @property
+    def needs_cov(self) -> bool:
+        """Compensation that reads Σ = E[x xᵀ] of the o/down inputs (calibrate with collect_cov)."""
+        return self.compensation in ("energy", "mean+energy", "least_squares")
 
     def __post_init__(self) -> None:
         if self.same_ratio and self.allocation != "accumulating":

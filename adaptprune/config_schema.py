@@ -105,6 +105,8 @@ def _check_value(name: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
     if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
         if value is None:
             return None
+        if meta.get("pattern") == "shape":
+            return _check_shape(name, value)
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
         origin = typing.get_origin(hint)
     if origin is Literal:
@@ -144,6 +146,17 @@ def _check_value(name: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
             _check_choice(name, value, meta["choices"]())
     _check_range(name, value, meta)
     return value
+
+
+def _check_shape(name: str, value: Any) -> str | dict:
+    """A model name / config.json path, or a mapping of dimension -> positive int (checked against the model later)."""
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()):
+            raise ConfigError(f"{name}={value!r} must map dimension names to integers")
+        return value
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ConfigError(f"{name}={value!r} must be a model name, a config.json path or a mapping of sizes")
 
 
 def _check_choice(name: str, value: str, allowed: list[str]) -> None:

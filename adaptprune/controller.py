@@ -133,7 +133,7 @@ class Controller:
         self.original, self.target = prep.original, prep.target
         self.corpus = RunData(cfg, prep.tokenizer, self.acc.process_index, self.acc.num_processes)
         self.heldout = self.corpus.heldout_texts(cfg.data.eval_tokens) if cfg.eval.every_stage else {}
-        self.pruner = self.pruner or default_pruner(cfg.prune, prep.adapter, progress=self.acc.is_main_process)
+        self.pruner = self.pruner or default_pruner(cfg.prune, prep.adapter, self.acc.is_main_process, prep.walk)
         s, steps = cfg.schedule, cfg.schedule.train_tokens // self._tokens_per_step()
         self.stage_steps, self.recovery_steps = split_budget(steps, len(self.targets), s.split, s.recovery_fraction)
         self.total_steps = sum(self.stage_steps) + self.recovery_steps

@@ -22,7 +22,9 @@ from .kept_ids import changed_kept_ids, compose_kept_ids, initial_kept_ids
 from .pruning import prune_step
 from .report import plot_layer_sizes
 from .run_data import heldout_texts, shared_calibration
+from .shape_step import reach_shape
 from .surgery import count_non_embedding_parameters, count_parameters
+from .target_shape import plan_walk
 
 
 def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
@@ -31,8 +33,9 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
     tokenizer = load_tokenizer(m.tokenizer or m.name, trust_remote_code=m.trust_remote_code)
     model = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     before = count_parameters(model)
+    walk = plan_walk(model, cfg.prune)  # prune.target_shape, if given, decides the size
     try:
-        target = parse_target(cfg.prune.target_params, before)
+        target = walk.final if walk is not None else parse_target(cfg.prune.target_params, before)
     except ValueError as err:
         raise ConfigError(f"prune.{err}") from None
     calibration = shared_calibration(cfg, tokenizer)  # (N, L) from the start of the train split
@@ -40,7 +43,10 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
     dense_info = describe(model)
     dense_ids = initial_kept_ids(model, get_adapter(model))
     ppl_before = _perplexities(model, texts, cfg, progress)
-    report = prune_step(model, calibration, target, cfg.prune, progress=progress, label="(1/1)")
+    if walk is not None:
+        report = reach_shape(model, calibration, walk.target, cfg.prune, get_adapter(model), progress, "(1/1)")
+    else:
+        report = prune_step(model, calibration, target, cfg.prune, progress=progress, label="(1/1)")
     ppl_after = _perplexities(model, texts, cfg, progress)
     first = next(iter(texts))
     metrics = {

@@ -21,6 +21,7 @@ from .pruning import smallest_reachable
 from .rundir import RunDir
 from .schedule import stage_targets
 from .surgery import count_parameters
+from .target_shape import ShapeWalk, plan_walk
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Prepared:
     original: int  # parameters of the dense model
     target: int  # parameters after the last stage
     targets: list[int]  # parameters after each stage
+    walk: ShapeWalk | None = None  # prune.target_shape: the shape of every stage
 
 
 def preflight(cfg: RunConfig, run_dir: RunDir, resume: bool, dense: nn.Module | None = None) -> Prepared:
@@ -47,10 +49,11 @@ def preflight(cfg: RunConfig, run_dir: RunDir, resume: bool, dense: nn.Module | 
         dense = load_model(model_cfg.name, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
     adapter = get_adapter(dense)
     original = count_parameters(dense)
-    target = validated_target(dense, adapter, cfg, original)
+    walk = plan_walk(dense, cfg.prune, adapter)
+    target = walk.final if walk is not None else validated_target(dense, adapter, cfg, original)
     targets = stage_targets(original, target, max(1, round(cfg.prune.step_fraction * original)))
     run_dir.check_disk(checkpoint_bytes(dense))
-    return Prepared(dense, tokenizer, adapter, original, target, targets)
+    return Prepared(dense, tokenizer, adapter, original, target, targets, walk)
 
 
 def validated_target(dense: nn.Module, adapter: ArchAdapter, cfg: RunConfig, original: int) -> int:

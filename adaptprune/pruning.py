@@ -299,7 +299,7 @@ def calibrate_for(
     as upstream's layer importance does. Other metrics use all of ``sequences``.
     """
     metric = get_metric(cfg.metric)
-    collect_cov = cfg.energy_compensation or metric.needs_cov
+    collect_cov = cfg.needs_cov or metric.needs_cov
     if metric.needs_elementwise_grads:
         rows = taylor_rows(sequences, cfg.taylor_samples, cfg.taylor_seq_len)
         return calibrate(
@@ -341,7 +341,7 @@ def prune_with_stats(
     profile = profile or Profile()
     allocator = allocator or build_allocator(cfg)
     metric = get_metric(cfg.metric)
-    if cfg.mean_compensation:
+    if cfg.mean_compensation:  # mean, mean+energy and least_squares write a bias
         ensure_output_biases(model, adapter)  # the bias slots count towards the target too
     remove_params = count_parameters(model) - target_params
     with profile.phase("scoring"):
@@ -359,9 +359,7 @@ def prune_with_stats(
         )
         plan = _same_plan_on_every_rank(plan)
     with profile.phase("surgery"):
-        records = apply_compensated_plan(
-            model, plan, calib, mean=cfg.mean_compensation, energy=cfg.energy_compensation, adapter=adapter
-        )
+        records = apply_compensated_plan(model, plan, calib, mode=cfg.compensation, ridge=cfg.ls_ridge, adapter=adapter)
     return StepReport(
         plan=plan, records=records, profile=profile, influence=influence.tolist(), allocator_state=allocator.to_json()
     )

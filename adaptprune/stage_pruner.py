@@ -18,6 +18,8 @@ from .allocation import allocator_from_json
 from .arch import ArchAdapter
 from .config import PruneConfig
 from .pruning import Record, build_allocator, prune_step
+from .shape_step import reach_shape
+from .target_shape import ShapeWalk
 
 
 class CalibrationSource(Protocol):
@@ -48,16 +50,23 @@ class AdaptprunePruner:
     One allocator lives for the whole run, so a stateful one (``accumulating`` with
     ``prune.sparsity_scope: run``) carries its per-layer sparsity from stage to stage; every inner
     step of a stage calibrates on fresh text (``calibration.next``). With hidden or layers in
-    ``prune.dims`` every stage first chooses its (layers, hidden) share (``shape_search``).
+    ``prune.dims`` every stage first chooses its (layers, hidden) share (``shape_search``). With a
+    target shape (``walk``) every stage instead cuts to its point on the walk (``shape_step``).
     """
 
-    def __init__(self, cfg: PruneConfig, adapter: ArchAdapter, progress: bool = True) -> None:
-        self.cfg, self.adapter, self.progress = cfg, adapter, progress
+    def __init__(
+        self, cfg: PruneConfig, adapter: ArchAdapter, progress: bool = True, walk: ShapeWalk | None = None
+    ) -> None:
+        self.cfg, self.adapter, self.progress, self.walk = cfg, adapter, progress, walk
         self.allocator = build_allocator(cfg)
 
     def __call__(
         self, model: nn.Module, calibration: CalibrationSource, target: int, label: str
     ) -> tuple[nn.Module, list[Record]]:
+        if self.walk is not None:  # prune.target_shape: this stage's point on the walk decides the sizes
+            shape = self.walk.at(target)
+            report = reach_shape(model, calibration.next, shape, self.cfg, self.adapter, self.progress, label)
+            return model, report.records
         report = prune_step(
             model, calibration.next, target, self.cfg, self.adapter, self.progress, label, allocator=self.allocator
         )
@@ -70,5 +79,7 @@ class AdaptprunePruner:
         self.allocator = allocator_from_json(state) if state else build_allocator(self.cfg)
 
 
-def default_pruner(cfg: PruneConfig, adapter: ArchAdapter, progress: bool = True) -> StagePruner:
-    return AdaptprunePruner(cfg, adapter, progress)
+def default_pruner(
+    cfg: PruneConfig, adapter: ArchAdapter, progress: bool = True, walk: ShapeWalk | None = None
+) -> StagePruner:
+    return AdaptprunePruner(cfg, adapter, progress, walk)

@@ -139,6 +139,8 @@ def check_invariants(model: nn.Module, adapter: ArchAdapter, expected_params: in
     if expected_params is not None and actual != expected_params:
         raise SurgeryError(f"parameter count {actual:,} differs from the plan's {expected_params:,}")
     device = next(model.parameters()).device
+    if device.type == "meta":
+        return  # shapes only (a target shape's size, ``plan``): there is nothing to run
     probe = torch.zeros(1, 4, dtype=torch.long, device=device)
     with torch.no_grad():
         logits = model(input_ids=probe).logits

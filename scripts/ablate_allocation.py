@@ -41,7 +41,7 @@ PUBLISHED = [
     "prune.metric=taylor_param_first",
     "prune.allocation=accumulating",
     "prune.same_ratio=true",
-    "prune.mean_compensation=false",
+    "prune.compensation=none",
 ]
 # (label, prune.* overrides); the first row is adaptprune's default path
 ONESHOT: tuple[tuple[str, list[str]], ...] = (

@@ -32,7 +32,7 @@ VARIANTS: tuple[tuple[str, dict], ...] = (
     ("default: stade + adaptive + mean", {}),
     ("allocation uniform", {"allocation": "uniform"}),
     ("allocation global (FLAP's)", {"allocation": "global"}),
-    ("no compensation", {"mean_compensation": False}),
+    ("no compensation", {"compensation": "none"}),
     ("metric wanda", {"metric": "wanda"}),
     ("metric taylor (LLM-Pruner's kind)", {"metric": "taylor"}),
 )

@@ -29,7 +29,7 @@ from adaptprune.run_data import heldout_texts, shared_calibration
 from adaptprune.surgery import count_parameters, params_after_removing
 
 ALLOCATIONS = ("uniform", "adaptive", "global")
-COMPENSATIONS = {"none": (False, False), "mean": (True, False), "mean+EC": (True, True)}
+COMPENSATIONS = {"none": "none", "mean": "mean", "mean+EC": "mean+energy"}  # row label -> prune.compensation
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,15 +76,13 @@ def main() -> None:
     print(f"dense: {total:,} params, held-out ppl {dense_ppl}; target {target:,}", flush=True)
 
     # Shared statistics for all variants (covariance for EC, gradients for Taylor).
-    everything = PruneConfig(metric="taylor", energy_compensation=True)
+    everything = PruneConfig(metric="taylor", compensation="mean+energy")
     stats = calibrate_for(model, calib, everything, report_adapter(model), progress=True)
     rows = []
     for metric in args.metrics.split(","):
         for allocation in ALLOCATIONS:
-            for comp, (mean, energy) in COMPENSATIONS.items():
-                cfg = PruneConfig(
-                    metric=metric, allocation=allocation, mean_compensation=mean, energy_compensation=energy
-                )
+            for comp, mode in COMPENSATIONS.items():
+                cfg = PruneConfig(metric=metric, allocation=allocation, compensation=mode)
                 pruned = copy.deepcopy(model)
                 t0 = time.perf_counter()
                 prune_with_stats(pruned, stats, target, cfg)

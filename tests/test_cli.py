@@ -35,7 +35,7 @@ def _non_default_config() -> dict:
     values = to_dict(RunConfig())
     values["model"].update(name="tiny-random-llama", tokenizer="tiny-random-llama")
     values["data"].update(corpus="kjv", seq_len=64, calib_tokens=512, eval_tokens=256, eval_context=128)
-    values["prune"].update(target_params="0.9x", metric="magnitude", allocation="uniform", mean_compensation=False)
+    values["prune"].update(target_params="0.9x", metric="magnitude", allocation="uniform", compensation="none")
     values["schedule"].update(train_tokens=1024, split="uniform", warmup_fraction=0.2)
     values["train"].update(trainer="lora", lr=1e-3, grad_accum_steps=2, mixed_precision="bf16")
     values["train"]["lora"].update(r=4, target_modules=["q_proj"])
@@ -59,9 +59,9 @@ def test_prune_flags_override_the_yaml_only_when_given(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text(yaml.safe_dump(values), encoding="utf-8")
     argv = ["prune", "--config", str(path), "--out", "o", "--metric", "wanda", "--target-params", "0.8x"]
-    argv += ["--no-mean-compensation", "--energy-compensation", "--calib-tokens", "256", "--set", "data.seq_len=32"]
+    argv += ["--compensation", "energy", "--calib-tokens", "256", "--set", "data.seq_len=32"]
     got = to_dict(cli.prune_config(cli.build_parser().parse_args(argv)))
-    values["prune"].update(metric="wanda", target_params="0.8x", mean_compensation=False, energy_compensation=True)
+    values["prune"].update(metric="wanda", target_params="0.8x", compensation="energy")
     values["data"].update(calib_tokens=256, seq_len=32)
     assert got == values
 

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from adaptprune.arch import NORM, WRITE, get_adapter
 from adaptprune.calibration import calibrate
 from adaptprune.checkpoint import load_model, load_tokenizer, save_checkpoint, to_heterogeneous
+from adaptprune.compensation import apply_compensated_plan
 from adaptprune.config import load_config
 from adaptprune.controller import Controller
 from adaptprune.inspection import describe
@@ -85,6 +86,23 @@ def test_unit_removal_equals_masking(family, input_ids):
 
 def test_units_pruned_checkpoint_reloads_exactly(family, tmp_path, input_ids):
     assert_reload_is_exact(units_pruned(family), tmp_path / family, input_ids)
+
+
+def test_least_squares_pruned_checkpoint_reloads_exactly(family, tmp_path, input_ids):
+    """Least-squares compensation on every family (Phi-3's fused projections, OPT's biases, Gemma's norms):
+    it changes the kept weights beyond mean compensation, and the checkpoint reloads exactly."""
+    text = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(5))
+    pruned = {}
+    for mode in ("mean", "least_squares"):
+        model = hetero(family)
+        calib = calibrate(model, text, collect_cov=True, progress=False)
+        apply_compensated_plan(model, keep_plan(model, FAMILIES[family].removed), calib, mode, ridge=1e-2)
+        pruned[mode] = model
+    model = pruned["least_squares"]
+    assert count_parameters(model) == count_parameters(pruned["mean"])
+    assert not torch.equal(logits(model, input_ids), logits(pruned["mean"], input_ids))
+    assert torch.isfinite(logits(model, input_ids)).all()
+    assert_reload_is_exact(model, tmp_path / family, input_ids)
 
 
 def test_generate_on_units_pruned_model(family, input_ids):

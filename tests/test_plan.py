@@ -73,10 +73,35 @@ def test_plan_count_equals_the_real_embedded_model(recipe, capsys):
 def test_the_table_prints_the_counts_and_stage_tokens(capsys):
     assert cli.main(["plan", "--config", str(ROOT / "configs" / "llama-3.2-3b-to-1b.yaml"), "--gpus", "8"]) == 0
     text = capsys.readouterr().out
-    assert "3,212,749,824 -> 1,240,000,000 parameters in 16 stages" in text
+    # Llama-3.2-1B's count (1,235,814,400) plus mean compensation's o/down biases (16 x 2 x 2,048)
+    assert "3,212,749,824 -> 1,235,879,936 parameters in 16 stages" in text
     assert "1 batch x 8 accum x 2048 seq x 8 GPUs = 131,072" in text
     assert "configs/models/meta-llama--Llama-3.2-3B/config.json, shipped copy" in text
-    assert "layers 0-12: 8/8 KV groups, 512/8192 MLP neurons" in text
+    final = "16 layers, hidden 2,048, 5 KV groups (15 heads x 128), 8,192 MLP neurons per layer"
+    assert f"final shape (prune.target_shape): {final}" in text
+    assert "shape search copy" in text
+
+
+def test_the_135m_recipe_ends_on_smollm2_135m_s_shape(capsys):
+    plan = _plan_json(capsys, "--config", str(ROOT / "configs" / "smollm2-360m-to-135m.yaml"))
+    shape = plan["final_shape"]
+    assert (shape["layers"], shape["hidden"], shape["kv_groups"], shape["heads"], shape["head_dim"]) == (
+        30, 576, [3, 3], [9, 9], 64
+    )  # fmt: skip
+    assert shape["neurons"] == [1536, 1536]
+    assert plan["target_params"] == 134_515_008 + 30 * 2 * 576  # SmolLM2-135M + the o/down bias slots
+    walk = plan["walk"]
+    assert walk[-1] == {"stage": len(walk), "params": plan["target_params"], "layers": 30, "hidden": 576,
+                        "groups": 3, "neurons": 1536}  # fmt: skip
+    for before, after in zip(walk, walk[1:]):  # every dimension only shrinks, on its multiples
+        assert all(after[k] <= before[k] for k in ("layers", "hidden", "groups", "neurons"))
+        assert after["hidden"] % 64 == 0 and after["neurons"] % 32 == 0
+
+
+def test_a_units_only_plan_prints_its_final_shape(capsys):
+    assert cli.main(["plan", "--config", str(ROOT / "configs" / "default.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "final shape (uniform allocation on neutral scores (units only)): 30 layers, hidden 576" in text
 
 
 def test_stage_tokens_follow_the_split_and_wall_time_the_throughput():

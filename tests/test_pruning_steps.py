@@ -96,7 +96,7 @@ def test_a_stage_runs_inner_steps_on_fresh_text_and_lands_on_the_target():
     takes ⌈18,432 / 4,608⌉ = 4 inner steps, each calibrated on a new call of the source."""
     model = tiny_llama(num_heads=4, num_kv_heads=2)
     dense = copy.deepcopy(model)
-    cfg = PruneConfig(allocation="accumulating", inner_step_fraction=0.05, mean_compensation=False, min_neurons=1)
+    cfg = PruneConfig(allocation="accumulating", inner_step_fraction=0.05, compensation="none", min_neurons=1)
     start, remove = count_parameters(model), 18_432
     calls = []
 
@@ -132,7 +132,7 @@ def test_published_setup_resumes_exactly_from_the_saved_allocator():
         same_ratio=True,
         sparsity_scope="run",
         inner_step_fraction=0.1,
-        mean_compensation=False,
+        compensation="none",
         taylor_samples=8,
         taylor_seq_len=8,
     )

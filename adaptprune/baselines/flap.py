@@ -162,7 +162,7 @@ def flap_prune(
     plan = flap_plan(layer_budgets(model, adapter, min_groups=min_groups), scores, remove)
     if not emptied_attention(plan):
         # apply_plan checks the resulting count against the plan and runs a forward
-        return apply_compensated_plan(model, plan, calib, mean=True, energy=False, adapter=adapter)
+        return apply_compensated_plan(model, plan, calib, mode="mean", adapter=adapter)
     return _apply_emptying_attention(model, plan, scores, calib, adapter)
 
 
@@ -179,7 +179,7 @@ def _apply_emptying_attention(
     emptied = emptied_attention(plan)
     last = {i: int(torch.argmax(scores[i][ATTENTION])) for i in emptied}
     staged = {i: {**kinds, ATTENTION: [last[i]]} if i in last else kinds for i, kinds in plan.items()}
-    records = apply_compensated_plan(model, staged, calib, mean=True, energy=False, adapter=adapter)
+    records = apply_compensated_plan(model, staged, calib, mode="mean", adapter=adapter)
     layers = adapter.decoder_layers(model)
     for i in emptied:
         cut = next(r for r in records if r.layer == i and r.kind == ATTENTION)

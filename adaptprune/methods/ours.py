@@ -6,7 +6,10 @@ import dataclasses
 
 from torch import nn
 
+from ..arch import get_adapter
 from ..pruning import prune_step
+from ..shape_step import reach_shape
+from ..target_shape import plan_walk
 from .base import Method, MethodContext, register_method
 from .training import run_controller
 
@@ -26,8 +29,12 @@ class AdaptpruneOneShot(Method):
     description = "one pruning step with adaptprune's defaults (run.prune), no training"
 
     def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
+        walk = plan_walk(model, ctx.run.prune)
         with ctx.profile.phase("prune"):
-            prune_step(model, ctx.calibration, ctx.target, ctx.run.prune, progress=False)
+            if walk is not None:  # the shape decides the size: pick one within the comparison's ±0.5%
+                reach_shape(model, ctx.calibration, walk.target, ctx.run.prune, get_adapter(model), False)
+            else:
+                prune_step(model, ctx.calibration, ctx.target, ctx.run.prune, progress=False)
         return model
 
 
@@ -73,8 +80,7 @@ class AdaptPrunerPublished(Method):
             inner_step_fraction=0.02,
             sparsity_scope="stage",
             same_ratio=True,
-            mean_compensation=False,
-            energy_compensation=False,
+            compensation="none",
         )
         taylor_tokens = prune.taylor_samples * prune.taylor_seq_len
         data = dataclasses.replace(ctx.run.data, calib_tokens=max(ctx.run.data.calib_tokens, taylor_tokens))

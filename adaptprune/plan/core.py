@@ -16,6 +16,7 @@ from ..config import ConfigError, RunConfig
 from ..preflight import validated_target
 from ..schedule import split_budget, stage_targets
 from ..surgery import count_parameters
+from ..target_shape import ShapeWalk, plan_walk
 from . import memory
 from .model import fsdp_gathered_params, layer_geometry, lora_params, meta_model, plan_model_config, uniform_sizes
 
@@ -53,6 +54,8 @@ class RunPlan:
     memory: dict  # mode -> {"checkpointing" | "no_checkpointing": footprint of the worst stage}
     settings: dict
     dims_shape: dict | None = None
+    final_shape: dict = field(default_factory=dict)  # layers, hidden, heads/groups and neurons at the end
+    walk: list[dict] | None = None  # prune.target_shape: the shape after every stage
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -69,7 +72,8 @@ def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
     hf_config, source = plan_model_config(cfg.model)
     model, adapter = meta_model(hf_config)
     original = count_parameters(model)
-    target = validated_target(model, adapter, cfg, original)
+    walk = plan_walk(model, cfg.prune, adapter)
+    target = walk.final if walk is not None else validated_target(model, adapter, cfg, original)
     targets = stage_targets(original, target, max(1, round(cfg.prune.step_fraction * original)))
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * options.gpus
     stage_steps, recovery_steps = split_budget(
@@ -89,9 +93,33 @@ def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
         uniform_params=uniform_params,
         memory=memory_table(cfg, options, model, adapter, [row["params"] for row in stages]),
         settings=settings(cfg, options),
-        dims_shape=chosen_shape(cfg, model, adapter, target),
+        dims_shape=None if walk is not None else chosen_shape(cfg, model, adapter, target),
+        final_shape=final_shape(model, adapter, walk, layers),
+        walk=[{"stage": i + 1, "params": t, **walk.at(t).as_dict()} for i, t in enumerate(targets)] if walk else None,
         notes=plan_notes(cfg, adapter),
     )
+
+
+def final_shape(model: nn.Module, adapter: ArchAdapter, walk: ShapeWalk | None, uniform_layers: list[dict]) -> dict:
+    """What the run ends with: the target shape, or (units only) the uniform allocation's per-layer sizes."""
+    per_group = adapter.heads_per_group(model.config)
+    if walk is not None:
+        shape = walk.target
+        groups, neurons = [shape.groups, shape.groups], [shape.neurons, shape.neurons]
+        layers, hidden = shape.layers, shape.hidden
+    else:
+        groups = [min(r["kv_groups"] for r in uniform_layers), max(r["kv_groups"] for r in uniform_layers)]
+        neurons = [min(r["neurons"] for r in uniform_layers), max(r["neurons"] for r in uniform_layers)]
+        layers, hidden = len(uniform_layers), int(model.config.hidden_size)
+    return {
+        "layers": layers,
+        "hidden": hidden,
+        "kv_groups": groups,  # [min, max] over layers
+        "heads": [g * per_group for g in groups],
+        "head_dim": adapter.head_dim(model.config),
+        "neurons": neurons,
+        "source": "prune.target_shape" if walk is not None else "uniform allocation on neutral scores (units only)",
+    }
 
 
 def stage_rows(
@@ -148,9 +176,20 @@ def memory_table(
             worst = max(range(len(prints)), key=lambda i: prints[i].peak)
             entry = {"stage": worst + 1, **prints[worst].as_dict()}
             entry["transition"] = max(fp.transition for fp in prints)  # the heaviest surgery, whichever stage
+            # the per-step width/depth search tries each candidate on a copy of the model's weights (its
+            # stage's largest, the dense model's at worst); a target shape's walk copies nothing
+            entry["shape_search"] = search_copy_bytes(cfg, count_parameters(model), precision)
+            entry["transition"] += entry["shape_search"]
+            entry["peak"] = max(entry["peak"], entry["transition"])
             entry["fits"] = memory.fits(entry["peak"], options.gpu_memory_gib)
             table[mode]["checkpointing" if ckpt else "no_checkpointing"] = entry
     return table
+
+
+def search_copy_bytes(cfg: RunConfig, params: int, precision: memory.Precision) -> int:
+    """Bytes of the trial copy ``shape_search`` makes per candidate (0 without the per-step search)."""
+    searching = cfg.prune.target_shape is None and any(d in ("hidden", "layers") for d in cfg.prune.dims)
+    return params * precision.weight_bytes if searching else 0
 
 
 def settings(cfg: RunConfig, options: PlanOptions) -> dict:

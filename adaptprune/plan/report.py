@@ -18,6 +18,7 @@ MEMORY_ROWS = (
     ("activations", "activations"),
     ("optimizer_step", "AdamW step temporary"),
     ("training", "training peak"),
+    ("shape_search", "shape search copy"),
     ("transition", "surgery (any stage)"),
     ("peak", "peak"),
 )
@@ -26,7 +27,9 @@ MODE_NAMES = {"single": "1 GPU", "ddp": "DDP", "fsdp": "FSDP"}
 
 def format_plan(plan: RunPlan) -> str:
     """The plan as text: header, stage table, uniform per-layer sizes, memory table."""
-    parts = [_header(plan), _stage_table(plan), _uniform_block(plan), _memory_table(plan)]
+    parts = [_header(plan), _stage_table(plan), _final_shape(plan)]
+    parts += [_walk_block(plan)] if plan.walk else [_uniform_block(plan)]
+    parts += [_memory_table(plan)]
     if plan.dims_shape is not None:
         lines = [f"hidden/depth candidates of a one-step cut to the target (prune.dims {plan.dims_shape['dims']}):"]
         parts.append("\n".join(lines + [f"  {c}" for c in plan.dims_shape["candidates"]]))
@@ -67,6 +70,30 @@ def _stage_table(plan: RunPlan) -> str:
         lines.append(total)
     else:
         lines += [total, "(wall time: pass --tokens-per-s)"]
+    return "\n".join(lines)
+
+
+def _span(pair: list[int]) -> str:
+    return f"{pair[0]:,}" if pair[0] == pair[1] else f"{pair[0]:,}-{pair[1]:,}"
+
+
+def _final_shape(plan: RunPlan) -> str:
+    f = plan.final_shape
+    return (
+        f"final shape ({f['source']}): {f['layers']} layers, hidden {f['hidden']:,}, {_span(f['kv_groups'])} KV groups "
+        f"({_span(f['heads'])} heads x {f['head_dim']}), {_span(f['neurons'])} MLP neurons per layer"
+    )
+
+
+def _walk_block(plan: RunPlan) -> str:
+    """The shape after every stage: each dimension moves by the same fraction of its way."""
+    lines = [f"shape walk (prune.target_shape; {len(plan.walk)} stages):"]
+    lines.append(f"{'stage':>8} {'params':>15} {'layers':>7} {'hidden':>7} {'groups':>7} {'neurons':>8}")
+    for row in plan.walk:
+        lines.append(
+            f"{row['stage']:>8} {row['params']:>15,} {row['layers']:>7} {row['hidden']:>7,} {row['groups']:>7} "
+            f"{row['neurons']:>8,}"
+        )
     return "\n".join(lines)
 
 

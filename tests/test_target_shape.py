@@ -1,0 +1,192 @@
+"""Target shapes: parsing and reachability, the walk, per-layer counts, exact landing on every family,
+reload with and without adaptprune, and a plain ``llama`` GGUF for a uniform result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adaptprune.arch import get_adapter
+from adaptprune.checkpoint import load_model, save_checkpoint, to_heterogeneous
+from adaptprune.config import ConfigError, PruneConfig, load_config
+from adaptprune.controller import Controller
+from adaptprune.export import export_gguf
+from adaptprune.shape_step import kept_counts, reach_shape
+from adaptprune.surgery import count_parameters
+from adaptprune.target_shape import (
+    ModelShape,
+    current_shape,
+    plan_walk,
+    resolve_target_shape,
+    shape_between,
+    shape_params,
+    walk_fraction,
+)
+
+from .conftest import tiny_llama
+from .family_table import FAMILIES, hf_model, remote_logits
+from .surgery_helpers import logits
+
+SOURCE = ModelShape(layers=32, hidden=960, groups=5, neurons=2560)
+TARGET = ModelShape(layers=30, hidden=576, groups=3, neurons=1536)
+
+
+def _config_json(tmp_path, **values) -> str:
+    base = dict(model_type="llama", vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=3, num_key_value_heads=1, head_dim=16)  # fmt: skip
+    base.update(values)
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    return str(tmp_path / "config.json")
+
+
+# ---- parsing and reachability ------------------------------------------------------------------
+def test_mapping_and_config_json_resolve_to_the_same_shape(tmp_path):
+    model = tiny_llama(num_heads=6, num_kv_heads=2)  # 3 layers, hidden 96, 2 groups x 3 heads of 16, MLP 96
+    from_mapping = resolve_target_shape({"layers": 2, "hidden": 48, "heads": 3, "neurons": 64}, model)
+    assert from_mapping == ModelShape(layers=2, hidden=48, groups=1, neurons=64)
+    assert resolve_target_shape(_config_json(tmp_path), model) == from_mapping
+    assert resolve_target_shape({"neurons": 32}, model) == ModelShape(3, 96, 2, 32)  # missing keys stay
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"head_dim": 8, "num_attention_heads": 6, "num_key_value_heads": 2}, "head_dim 8"),
+        ({"num_attention_heads": 4, "num_key_value_heads": 1}, "4 per group"),
+        ({"num_hidden_layers": 5}, "layers 5"),
+        ({"intermediate_size": 200}, "neurons 200"),
+    ],
+)
+def test_an_unreachable_model_is_refused_in_one_line_naming_the_dim(tmp_path, values, named):
+    model = tiny_llama(num_heads=6, num_kv_heads=2)
+    with pytest.raises(ConfigError, match=named) as err:
+        resolve_target_shape(_config_json(tmp_path, **values), model)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [({"layer": 2}, "unknown keys"), ({"heads": 4}, "multiple of 3"), ({"hidden": 0}, "positive integer")],
+)
+def test_a_bad_mapping_is_refused(spec, named):
+    with pytest.raises(ConfigError, match=named):
+        resolve_target_shape(spec, tiny_llama(num_heads=6, num_kv_heads=2))
+
+
+def test_the_config_accepts_a_name_or_a_mapping_and_nothing_else():
+    mapping = load_config(None, ["prune.target_shape={layers: 2, neurons: 64}"]).prune.target_shape
+    assert mapping == {"layers": 2, "neurons": 64}
+    assert load_config(None, ["prune.target_shape=smollm2-135m"]).prune.target_shape == "smollm2-135m"
+    with pytest.raises(ConfigError, match="target_shape"):
+        load_config(None, ["prune.target_shape=[1, 2]"])
+
+
+# ---- the walk ---------------------------------------------------------------------------------------
+def test_the_walk_starts_at_the_source_ends_on_the_target_and_only_shrinks_on_multiples():
+    steps = [shape_between(SOURCE, TARGET, k / 21, hidden_multiple=64, neuron_multiple=32) for k in range(22)]
+    assert steps[0] == SOURCE and steps[-1] == TARGET
+    for before, after in zip(steps, steps[1:]):
+        for dim in ("layers", "hidden", "groups", "neurons"):
+            assert getattr(TARGET, dim) <= getattr(after, dim) <= getattr(before, dim)
+        assert after.hidden % 64 == 0 and after.neurons % 32 == 0
+    assert steps[11] == ModelShape(layers=31, hidden=768, groups=4, neurons=2016)  # every dim about halfway
+    assert [walk_fraction(100, 60, t) for t in (100, 80, 60, 50)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_kept_counts_are_exact_uniformly_and_keep_the_total_around_the_mean():
+    assert kept_counts([96, 96, 80], 64, None, 1) == [64, 64, 64]
+    offsets = torch.tensor([0.05, -0.05, 0.0], dtype=torch.float64)  # layer 0 loses more, layer 1 less
+    kept = kept_counts([256, 256, 256], 128, offsets, 32)
+    assert sum(kept) == 3 * 128 and all(k % 32 == 0 for k in kept)
+    assert kept[0] <= 128 <= kept[1]
+
+
+def test_shape_params_counts_the_meta_surgery_without_touching_the_model():
+    model = tiny_llama(num_heads=6, num_kv_heads=2)
+    before = model.config.to_dict()
+    shape = ModelShape(layers=2, hidden=48, groups=1, neurons=64)
+    expected = 128 * 48 * 2 + 48 + 2 * (2 * 48 + 3 * 16 * 48 * 2 + 2 * 16 * 48 + 3 * 48 * 64)  # no tie, no biases
+    assert shape_params(model, shape, with_output_biases=False) == expected
+    assert shape_params(model, shape, with_output_biases=True) == expected + 2 * 2 * 48
+    assert model.config.to_dict() == before and current_shape(model).layers == 3
+
+
+# ---- landing exactly --------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_lands_on_the_target_shape_and_reloads_exactly(family, tmp_path, input_ids):
+    model = to_heterogeneous(hf_model(family)).eval()
+    adapter = get_adapter(model)
+    target = ModelShape(layers=2, hidden=48, groups=1, neurons=64)
+    text = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    cfg = PruneConfig(allocation="uniform", compensation="least_squares")
+    reach_shape(model, text, target, cfg, adapter, progress=False)
+    shapes = {(s.groups, s.neurons) for s in (adapter.layer_shape(model, i) for i in range(2))}
+    assert current_shape(model) == target and shapes == {(1, 64)}
+    assert count_parameters(model) == shape_params(hf_model(family), target, with_output_biases=True)
+    save_checkpoint(model, tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()(input_ids).logits,
+                           logits(model, input_ids))  # fmt: skip
+
+
+def _tiny_run(out, *extra: str):
+    return load_config(
+        None,
+        [
+            "model.name=tiny-random-llama", "data.seq_len=64", "data.calib_tokens=256", "data.eval_tokens=256",
+            "data.eval_context=64", "schedule.train_tokens=1024", "train.batch_size=2", "output.tensorboard=false",
+            "eval.every_stage=false", "prune.step_fraction=0.15", "prune.neuron_multiple=8", f"output.dir={out}",
+            *extra,
+        ],
+    )  # fmt: skip
+
+
+def test_the_controller_walks_to_the_target_and_the_result_reloads_without_adaptprune(tmp_path, input_ids):
+    shape = "prune.target_shape={layers: 3, hidden: 48, kv_groups: 1, neurons: 128}"
+    cfg = _tiny_run(tmp_path / "run", shape, "prune.allocation=uniform")
+    results = Controller(cfg).run()
+    final = load_model(str(tmp_path / "run" / "final"))
+    walk = plan_walk(load_model("tiny-random-llama"), cfg.prune)
+    assert current_shape(final) == ModelShape(3, 48, 1, 128) == walk.target
+    assert results["final_params"] == count_parameters(final) == walk.final
+    assert results["stages"] >= 3
+    ids = input_ids % 500
+    (remote,) = remote_logits([tmp_path / "run" / "final"], ids, tmp_path)
+    torch.testing.assert_close(remote, logits(final, ids), rtol=0, atol=0)
+
+
+def test_an_adaptive_walk_keeps_the_totals_and_varies_layers(tmp_path):
+    cfg = _tiny_run(tmp_path / "run", "prune.target_shape={neurons: 128}", "prune.amplitude=0.3")
+    Controller(cfg).run()
+    final = load_model(str(tmp_path / "run" / "final"))
+    adapter = get_adapter(final)
+    neurons = [adapter.layer_shape(final, i).neurons for i in range(4)]
+    assert sum(neurons) == 4 * 128 and all(n % 8 == 0 for n in neurons) and len(set(neurons)) > 1
+
+
+def test_a_uniform_result_exports_as_plain_llama_with_scalar_sizes(tmp_path):
+    from .test_export_gguf import fields
+
+    model = tiny_llama(num_heads=6, num_kv_heads=2, vocab_size=300, tie_word_embeddings=True)
+    text = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
+    reach_shape(model, text, ModelShape(2, 64, 1, 64), PruneConfig(allocation="uniform"), get_adapter(model), False)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(["to be or not to be"] * 20, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", bos_token="<eos>")
+    export_gguf(model, tok, tmp_path / "m.gguf")
+    meta, _ = fields(tmp_path / "m.gguf")
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == 2 and meta["llama.embedding_length"] == 64
+    assert meta["llama.feed_forward_length"] == 64
+    assert meta["llama.attention.head_count"] == 3 and meta["llama.attention.head_count_kv"] == 1
