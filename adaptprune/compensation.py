@@ -87,8 +87,9 @@ def least_squares_delta(weight: Tensor, centred: Tensor, kept: Tensor, removed: 
     """Δ = W_R C_RK (C_KK + λ I)⁻¹, (out, |K|) float64, λ = ``ridge`` × mean(diag C_KK)."""
     w = weight.detach().double()
     c = centred.double().to(w.device)
-    c_kk = c[kept][:, kept]  # (K, K)
-    rhs = c[kept][:, removed] @ w[:, removed].T  # C_KR W_Rᵀ: (K, out)
+    kept, removed = kept.to(c.device), removed.to(c.device)
+    c_kk = c[kept[:, None], kept]  # (K, K)
+    rhs = c[kept[:, None], removed] @ w[:, removed].T  # C_KR W_Rᵀ: (K, out)
     lam = ridge * float(c_kk.diagonal().mean())
     a = c_kk + lam * torch.eye(kept.numel(), dtype=c.dtype, device=c.device)
     chol, info = torch.linalg.cholesky_ex(a)
@@ -109,7 +110,8 @@ def compensate(
         raise ValueError(f"{mode} compensation needs Σ = E[x xᵀ]: calibrate with collect_cov=True")
     mu = stats.mean.double()
     if mode == "least_squares" and removed.numel() and kept.numel():
-        delta = least_squares_delta(weight, stats.cov.double() - torch.outer(mu, mu), kept, removed, ridge)
+        centred = stats.cov.double() - torch.outer(mu, mu)  # (C, C): one layer's Σ, freed with the call
+        delta = least_squares_delta(weight, centred, kept, removed, ridge)
         shift = mean_shift(weight, stats.mean, removed) - delta @ mu.to(delta.device)[kept]
         return Compensation(scale=1.0, bias_delta=shift, weight_delta=delta)
     scale = 1.0
@@ -130,7 +132,8 @@ def _plan_compensations(
 ) -> list[tuple[int, str, Compensation]]:
     """(layer, output path, compensation) for every (layer, kind) of the plan, from dense weights.
 
-    One (layer, kind) at a time: a least-squares solve's float64 temporaries are one layer's."""
+    One (layer, kind) at a time: a least-squares solve's float64 temporaries are one layer's, and its
+    Δ goes into the kept columns at once, so what stays held is a bias vector per projection."""
     layers = adapter.decoder_layers(model)
     out = []
     for layer_idx in sorted(plan):
@@ -146,7 +149,13 @@ def _plan_compensations(
                     f"layer {layer_idx} {kind}: statistics cover {stats.mean.numel()} channels, the layer has "
                     f"{kept_channels.numel()}; recalibrate after surgery"
                 )
-            out.append((layer_idx, coupling.path, compensate(weight, stats, kept_channels, mode, ridge)))
+            comp = compensate(weight, stats, kept_channels, mode, ridge)
+            if comp.weight_delta is not None:  # into the dense kept columns now: no (out, |K|) matrix is held
+                with torch.no_grad():  # for later layers, and the surgery slices the columns out as they are
+                    columns = kept_channels.nonzero().flatten().to(weight.device)
+                    weight.index_add_(1, columns, comp.weight_delta.to(weight.dtype))
+                comp = Compensation(scale=comp.scale, bias_delta=comp.bias_delta)
+            out.append((layer_idx, coupling.path, comp))
     return out
 
 

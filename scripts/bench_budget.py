@@ -58,6 +58,12 @@ ONESHOT = ("prune.step_fraction=1.0",)
 LM = ("train.trainer=full",)  # LM loss, whatever the base config's trainer
 DISTILL = ("train.trainer=distill", "train.distill.kd_weight=1.0")  # KL to the unpruned model only
 MIX = ("train.trainer=distill", "train.distill.kd_weight=0.5")  # half KL, half LM loss
+LEAST_SQUARES = ("prune.compensation=least_squares", "prune.ls_ridge=0.1")  # docs/compensation.md's best λ
+ACCUMULATING = ("prune.allocation=accumulating",)
+ALL_DIMS = ('prune.dims=["neurons","groups","hidden","layers"]', "prune.hidden_multiple=32")
+# The shape a one-shot probe chose for SmolLM2-135M at -60% (docs/shape_probe.md; the budget's quick mode
+# ignores it: the tiny model is smaller than every dimension); layers x hidden x KV groups x neurons.
+SHAPE_60 = "prune.target_shape={layers: 22, hidden: 448, kv_groups: 2, neurons: 1312}"
 # Everything a full run and a quick run share: the comparison's protocol, not its size.
 PROTOCOL = ("eval.every_stage=false", "eval.tasks=[]", "output.tensorboard=false", "data.eval_corpora=[kjv]")
 FULL = ("data.eval_tokens=4096", "data.eval_context=1024")
@@ -73,6 +79,7 @@ QUICK = (
     "prune.step_fraction=0.1",
     "prune.min_groups=2",
     "prune.inner_step_fraction=0.05",  # accumulating: 3 inner steps (calibrations) per stage instead of 6
+    "prune.neuron_multiple=1",  # 32-neuron chunks of a 64-wide model are 2% of it: FLAP would land apart
     "data.shuffle_buffer=64",  # each training stream first tokenizes a whole shuffle block
 )
 
@@ -82,7 +89,7 @@ class Schedule:
     """One line of the plot: how the model is pruned and what it recovers with."""
 
     name: str
-    pruning: str  # "incremental" or "oneshot"
+    pruning: str  # "incremental", "oneshot" or "flap" (FLAP one-shot, then the same controller training)
     objective: str  # "lm", "distill" or "mix"
     overrides: tuple[str, ...]
 
@@ -93,6 +100,8 @@ SCHEDULES = {
         Schedule("oneshot+train", "oneshot", "lm", ONESHOT + LM),
         Schedule("oneshot+train-distill", "oneshot", "distill", ONESHOT + DISTILL),
         Schedule("oneshot+train-mix", "oneshot", "mix", ONESHOT + MIX),
+        Schedule("flap+train", "flap", "lm", ONESHOT + LM),
+        Schedule("flap+train-distill", "flap", "distill", ONESHOT + DISTILL),
         Schedule("incremental", "incremental", "lm", LM),
         Schedule("incremental-distill", "incremental", "distill", DISTILL),
         Schedule("incremental-mix", "incremental", "mix", MIX),
@@ -101,6 +110,19 @@ SCHEDULES = {
         Schedule("incremental-reset", "incremental", "lm", LM + ("train.optim.after_surgery=reset",)),
     )
 }
+CORE = list(SCHEDULES)  # what runs unless --schedules names others
+# The heavy cut's variants (issues #22, #23): each is one change to incremental-distill or oneshot+train-distill.
+SCHEDULES.update(
+    (s.name, s)
+    for s in (
+        Schedule("incremental-distill-ls", "incremental", "distill", DISTILL + LEAST_SQUARES),
+        Schedule("oneshot+train-distill-ls", "oneshot", "distill", ONESHOT + DISTILL + LEAST_SQUARES),
+        Schedule("incremental-distill-alldims", "incremental", "distill", DISTILL + ALL_DIMS),
+        Schedule("incremental-distill-accumulating", "incremental", "distill", DISTILL + ACCUMULATING),
+        Schedule("incremental-distill-shape", "incremental", "distill", DISTILL + (SHAPE_60,)),
+        Schedule("incremental-distill-shape-ls", "incremental", "distill", DISTILL + (SHAPE_60,) + LEAST_SQUARES),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -138,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", type=_int_list, default=None, help="train.seed values at the smallest budgets")
     p.add_argument("--seeded-budgets", type=int, default=2, help="how many smallest budgets get every seed")
-    p.add_argument("--schedules", default=",".join(SCHEDULES), help="subset, comma-separated")
+    p.add_argument("--schedules", default=",".join(CORE), help=f"comma-separated, of: {', '.join(SCHEDULES)}")
     p.add_argument(
         "--mixed-precision",
         choices=("no", "bf16"),
@@ -147,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tasks", default="piqa,arc_easy", help="lm-eval tasks at the largest of --budgets ('' = none)")
     p.add_argument("--task-limit", type=int, default=0, help="documents per task (0 = full validation sets)")
-    p.add_argument("--remove-fraction", type=float, default=0.30, help="of the non-embedding parameters")
+    p.add_argument("--remove-fraction", "--remove", type=float, default=0.30, help="of the non-embedding parameters")
     p.add_argument("--keep-models", action="store_true", help="keep each run's final model and last checkpoint")
     p.add_argument("--render-only", action="store_true", help="rewrite budget.md/png from budget.json")
     p.add_argument("--quick", action="store_true", help="tiny-random-llama, tiny budgets, 1 seed, no tasks")
@@ -210,25 +232,37 @@ def settings(args: argparse.Namespace) -> dict:
     }
 
 
-def finished_rows(path: Path, wanted: dict) -> dict[str, dict]:
-    """Rows an earlier run wrote to ``path`` under the same settings, by key."""
+def read_grids(path: Path) -> list[dict]:
+    """Every grid (one size and protocol each) ``path`` holds; a schema-1 file is one grid."""
     if not path.exists():
-        return {}
+        return []
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        if earlier["settings"] == wanted:
-            return {row["key"]: row for row in earlier["rows"]}
-        print(f"[budget] {path} holds rows of other settings; they are ignored and will be replaced", flush=True)
-    except (json.JSONDecodeError, KeyError, TypeError):
+        return earlier["grids"] if earlier.get("schema") == 2 else [earlier]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         print(f"[budget] {path} is unreadable; recomputing every row", flush=True)
+        return []
+
+
+def finished_rows(grids: list[dict], wanted: dict) -> dict[str, dict]:
+    """Rows of the grid run under the same settings, by key; other grids are kept beside it, untouched."""
+    for grid in grids:
+        if grid.get("settings") == wanted:
+            return {row["key"]: row for row in grid["rows"]}
     return {}
 
 
-def write_json(path: Path, payload: dict) -> None:
+def with_grid(grids: list[dict], payload: dict) -> list[dict]:
+    """``grids`` with ``payload`` replacing the grid of its settings; the heaviest cut first."""
+    others = [g for g in grids if g.get("settings") != payload["settings"]]
+    return sorted([*others, payload], key=lambda g: -g["settings"]["remove_fraction"])
+
+
+def write_json(path: Path, grids: list[dict]) -> None:
     """Atomic, as ``adaptprune.compare``: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps({"schema": 2, "grids": grids}, indent=1), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -259,7 +293,7 @@ def run_one(
     folder = Path(cfg.output.dir)
     restored = open_folder(folder, run_overrides(args, target, run))
     print(f"[budget] {run.key}" + (f": resuming after stage {restored}" if restored is not None else ""), flush=True)
-    results = Controller(cfg).run(resume=restored is not None)
+    results = Controller(cfg, pruner=baseline_pruner(run.schedule)).run(resume=restored is not None)
     gc.collect()
     start = time.perf_counter()
     model = load_model(str(folder / "final"))
@@ -284,6 +318,15 @@ def run_one(
     shown = ", ".join(f"{name} {value:.2f}" for name, value in ppl.items())
     print(f"[budget] {run.key}: {row['params']:,} params, ppl {shown}, {row['wall_seconds']:.0f} s", flush=True)
     return row
+
+
+def baseline_pruner(schedule: Schedule):
+    """FLAP's one-shot as the controller's single stage (the comparison's ``flap+full``); None: adaptprune's."""
+    if schedule.pruning != "flap":
+        return None
+    from adaptprune.methods.baselines import BaselinePruner, flap
+
+    return BaselinePruner(flap)
 
 
 def timing(results: dict, restored: int | None) -> dict:
@@ -313,8 +356,9 @@ def timing(results: dict, restored: int | None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     json_path = Path(args.out) / "budget.json"
+    grids = read_grids(json_path)
     if args.render_only:
-        write_report(json.loads(json_path.read_text(encoding="utf-8")), Path(args.out))
+        write_report(grids, Path(args.out))
         return
     if args.quick:
         torch.set_num_threads(1)  # a 0.3M-parameter model: threads only add contention on a shared machine
@@ -327,7 +371,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         gc.freeze()  # accelerate's free_memory runs gc.collect every stage: 0.6 s over the imported libraries
     payload = {
-        "schema": 1,
         "settings": settings(args),
         "model": base.model.name,
         "original_params": original,
@@ -338,19 +381,21 @@ def main(argv: list[str] | None = None) -> None:
         "base_config": to_dict(base),
         "rows": [],
     }
-    rows = finished_rows(json_path, payload["settings"])
+    rows = finished_rows(grids, payload["settings"])
     largest = max(args.budgets)
     for run in plan(args):
         folder = args.runs / run.folder_name
         if run.key not in rows:
             rows[run.key] = run_one(args, target, run, texts, tokenizer, with_tasks=run.budget == largest)
             payload["rows"] = list(rows.values())
-            write_json(json_path, payload)
+            grids = with_grid(grids, payload)
+            write_json(json_path, grids)
         if not args.keep_models:
             drop_weights(folder)
     payload["rows"] = list(rows.values())
-    write_json(json_path, payload)
-    write_report(payload, Path(args.out))
+    grids = with_grid(grids, payload)
+    write_json(json_path, grids)
+    write_report(grids, Path(args.out))
 
 
 def default_precision() -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from budget_report import VERDICT_END, VERDICT_PLACEHOLDER, VERDICT_START, earlier_verdict
 
 from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
@@ -181,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
         "all_sigma_mb": round(all_sigma_mb(dense), 1),
         "rows": rows,
     }
-    text = markdown(payload)
+    md = Path(args.out).with_suffix(".md")
+    verdict = earlier_verdict(md) if md.exists() else VERDICT_PLACEHOLDER
+    text = markdown(payload) + f"\n\n## Reading\n\n{VERDICT_START}\n{verdict}\n{VERDICT_END}"
     write_markdown_and_json(Path(args.out), text, payload)
     print(text)
 

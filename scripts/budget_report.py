@@ -15,24 +15,31 @@ from pathlib import Path
 
 from adaptprune.report import table_head
 
+TITLE = "# Quality against training tokens: incremental pruning, one-shot + train and FLAP + train"
 VERDICT_START = "<!-- verdict: written by hand after the full run; kept when this file is rewritten -->"
 VERDICT_END = "<!-- end of verdict -->"
 VERDICT_PLACEHOLDER = "_To be written after the full run: does incremental beat one-shot + train, at which budgets?_"
 SHARE_GOAL = 0.05  # pruning share of wall time the project aims at
+SCHEDULE_ORDER = [  # plot colours: one per schedule across every panel
+    "incremental-distill", "oneshot+train-distill", "flap+train-distill", "incremental", "oneshot+train",
+    "flap+train", "incremental-mix", "oneshot+train-mix", "incremental-accumulating",
+]  # fmt: skip
+OBJECTIVES = ("lm", "distill", "mix")
 FAMILIES = {  # pruning -> {objective: schedule}: the rows that differ only in the recovery objective
     "incremental": {"lm": "incremental", "distill": "incremental-distill", "mix": "incremental-mix"},
     "oneshot": {"lm": "oneshot+train", "distill": "oneshot+train-distill", "mix": "oneshot+train-mix"},
+    "flap": {"lm": "flap+train", "distill": "flap+train-distill"},
 }
 
 
-def write_report(payload: dict, out: Path) -> None:
-    """Write ``budget.md`` (keeping an earlier verdict) and ``budget.png`` into ``out``."""
+def write_report(grids: list[dict], out: Path) -> None:
+    """Write ``budget.md`` (keeping an earlier verdict) and ``budget.png`` into ``out``: one section per grid."""
     out.mkdir(parents=True, exist_ok=True)
     md = out / "budget.md"
     verdict = earlier_verdict(md) if md.exists() else VERDICT_PLACEHOLDER
-    md.write_text(render_markdown(payload, verdict) + "\n", encoding="utf-8")
-    if payload["rows"]:
-        plot(payload, out / "budget.png")
+    md.write_text(render_markdown(grids, verdict) + "\n", encoding="utf-8")
+    if any(g["rows"] for g in grids):
+        plot([g for g in grids if g["rows"]], out / "budget.png")
 
 
 def earlier_verdict(path: Path) -> str:
@@ -70,7 +77,12 @@ def _num(value: float | None, spec: str = ".2f") -> str:
 
 
 # ---- sections ------------------------------------------------------------------------------
-def render_markdown(payload: dict, verdict: str) -> str:
+def render_markdown(grids: list[dict], verdict: str) -> str:
+    parts = [TITLE, f"## Verdict\n\n{VERDICT_START}\n{verdict}\n{VERDICT_END}"]
+    return "\n\n".join(parts + [render_grid(g) for g in grids])
+
+
+def render_grid(payload: dict) -> str:
     rows, texts = payload["rows"], payload["texts"]
     budgets = sorted({r["budget"] for r in rows})
     schedules = list(dict.fromkeys(r["schedule"] for r in rows))
@@ -82,11 +94,11 @@ def render_markdown(payload: dict, verdict: str) -> str:
         ratio_section(groups, budgets, texts),
         objective_section(groups, budgets, texts),
         wall_section(groups, texts),
+        schedule_wall_section(groups, texts),
         share_section(groups, schedules, budgets),
         details_table(payload, texts),
-        f"## Verdict\n\n{VERDICT_START}\n{verdict}\n{VERDICT_END}",
     ]
-    return "\n\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
 
 
 def header(payload: dict, budgets: list[int]) -> str:
@@ -97,7 +109,7 @@ def header(payload: dict, budgets: list[int]) -> str:
     limit = f"first {s['task_limit']} documents" if s["task_limit"] else "full validation sets"
     example = "**Format example from `--quick` (a tiny random model): the numbers mean nothing.**\n\n"
     return (
-        "# Quality against training tokens: incremental, one-shot and Adapt-Pruner schedules\n\n"
+        f"## {removed:.0%} of the non-embedding parameters removed\n\n"
         + (example if s.get("quick") else "")
         + f"{payload['model']} pruned from {payload['original_params']:,} to at most "
         f"{payload['target_params']:,} parameters ({removed:.0%} of the non-embedding parameters removed), "
@@ -123,30 +135,53 @@ def ppl_table(groups: dict, schedules: list[str], budgets: list[int], text: str)
     return "\n".join(lines)
 
 
+RATIO_PAIRS = (  # (numerator, denominator, what the ratio asks)
+    ("incremental", "oneshot+train", "incremental against one-shot + train (LM loss)"),
+    ("incremental-distill", "oneshot+train-distill", "incremental against one-shot + train (distillation)"),
+    ("incremental-distill", "flap+train-distill", "incremental against FLAP + train (distillation)"),
+    ("oneshot+train-distill", "flap+train-distill", "one-shot adaptprune against FLAP, both + train (distillation)"),
+)
+
+
 def ratio_section(groups: dict, budgets: list[int], texts: list[str]) -> str:
-    """incremental / oneshot+train per budget and text, per seed, with each schedule's seed spread."""
-    lines = [
-        "### Incremental against one-shot + train (LM loss), per budget",
-        "",
-        "Ratio below 1: incremental wins. Seed spread: (max − min) / mean of each schedule's perplexity.",
-        "",
-        "| budget | text | incremental | oneshot+train | ratio | ratio per seed | seed spread incr. / one-shot |",
-        "|---:|---|---:|---:|---:|---|---|",
-    ]
-    for budget in budgets:
-        inc, one = groups.get(("incremental", budget), []), groups.get(("oneshot+train", budget), [])
-        if not inc or not one:
+    """One ratio table per pair of schedules that both ran: per budget and text, per seed, with seed spreads."""
+    parts = []
+    for top, bottom, title in RATIO_PAIRS:
+        rows = [ratio_rows(groups, top, bottom, b, texts) for b in budgets]
+        rows = [line for lines in rows for line in lines]
+        if not rows:
             continue
-        for text in texts:
-            by_seed = {r["seed"]: r["ppl"][text] for r in one}
-            ratios = [r["ppl"][text] / by_seed[r["seed"]] for r in inc if r["seed"] in by_seed]
-            per_seed = ", ".join(f"{x:.3f}" for x in ratios) if len(ratios) > 1 else "-"
-            spread = f"{_spread(inc, text)} / {_spread(one, text)}" if len(inc) > 1 else "-"
-            lines.append(
-                f"| {budget:,} | {text} | {mean_ppl(inc, text):.2f} | {mean_ppl(one, text):.2f} | "
-                f"{_num(statistics.fmean(ratios) if ratios else None, '.3f')} | {per_seed} | {spread} |"
+        parts.append(
+            "\n".join(
+                [
+                    f"### {title[0].upper()}{title[1:]}, per budget",
+                    "",
+                    f"Ratio below 1: {top} wins. Seed spread: (max − min) / mean of each schedule's perplexity.",
+                    "",
+                    f"| budget | text | {top} | {bottom} | ratio | ratio per seed | seed spread |",
+                    "|---:|---|---:|---:|---:|---|---|",
+                    *rows,
+                ]
             )
-    return "\n".join(lines)
+        )
+    return "\n\n".join(parts)
+
+
+def ratio_rows(groups: dict, top: str, bottom: str, budget: int, texts: list[str]) -> list[str]:
+    inc, one = groups.get((top, budget), []), groups.get((bottom, budget), [])
+    if not inc or not one:
+        return []
+    lines = []
+    for text in texts:
+        by_seed = {r["seed"]: r["ppl"][text] for r in one}
+        ratios = [r["ppl"][text] / by_seed[r["seed"]] for r in inc if r["seed"] in by_seed]
+        per_seed = ", ".join(f"{x:.3f}" for x in ratios) if len(ratios) > 1 else "-"
+        spread = f"{_spread(inc, text)} / {_spread(one, text)}" if len(inc) > 1 and len(one) > 1 else "-"
+        lines.append(
+            f"| {budget:,} | {text} | {mean_ppl(inc, text):.2f} | {mean_ppl(one, text):.2f} | "
+            f"{_num(statistics.fmean(ratios) if ratios else None, '.3f')} | {per_seed} | {spread} |"
+        )
+    return lines
 
 
 def _spread(group: list[dict], text: str) -> str:
@@ -171,7 +206,7 @@ def objective_section(groups: dict, budgets: list[int], texts: list[str]) -> str
             if not found:
                 continue
             cells = [
-                " / ".join(f"{mean_ppl(found[o], t):.2f}" for t in texts) if o in found else "-" for o in objectives
+                " / ".join(f"{mean_ppl(found[o], t):.2f}" for t in texts) if o in found else "-" for o in OBJECTIVES
             ]
             best = "; ".join(f"{t}: {min(found, key=lambda o: mean_ppl(found[o], t))}" for t in texts)
             lines.append(f"| {pruning} | {budget:,} | " + " | ".join(cells) + f" | {best} |")
@@ -201,7 +236,9 @@ def wall_section(groups: dict, texts: list[str]) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for pruning, objectives in FAMILIES.items():
-        curves = {o: _wall_curve(groups, name, texts) for o, name in objectives.items()}
+        curves = {o: _wall_curve(groups, objectives[o], texts) if o in objectives else [] for o in OBJECTIVES}
+        if sum(1 for curve in curves.values() if curve) < 2:
+            continue  # one objective alone has nothing to be compared with
         walls = sorted({w for curve in curves.values() for w, _ in curve})
         for wall in walls:
             values = {o: [at_wall([(w, p[t]) for w, p in curve], wall) for t in texts] for o, curve in curves.items()}
@@ -210,6 +247,34 @@ def wall_section(groups: dict, texts: list[str]) -> str:
             best = "; ".join(f"{t}: {o}" for t, o in lowest if o != "-") or "-"
             shown = f"{wall:,.0f}" if wall >= 100 else f"{wall:.1f}"
             lines.append(f"| {pruning} | {shown} | " + " | ".join(cells) + f" | {best} |")
+    return "\n".join(lines)
+
+
+WALL_SCHEDULES = ("incremental-distill", "oneshot+train-distill", "flap+train-distill")
+
+
+def schedule_wall_section(groups: dict, texts: list[str]) -> str:
+    """The three distilling schedules at equal wall time: does incremental's extra calibration pay for itself?"""
+    curves = {name: _wall_curve(groups, name, texts) for name in WALL_SCHEDULES}
+    curves = {name: c for name, c in curves.items() if c}
+    if len(curves) < 2:
+        return ""
+    lines = [
+        "### Schedules at equal wall time (distillation)",
+        "",
+        "Each schedule's perplexity against the wall seconds of its runs (mean over seeds), read at every measured "
+        "wall time by log-log interpolation; `-` outside a schedule's measured span. Incremental calibrates once a "
+        "stage (~10 stages at this cut), the one-shot schedules once. Cells: perplexity on " + " / ".join(texts) + ".",
+        "",
+        "| wall s | " + " | ".join(curves) + " | best |",
+        "|---:|" + "---:|" * len(curves) + "---|",
+    ]
+    for wall in sorted({w for curve in curves.values() for w, _ in curve}):
+        values = {n: [at_wall([(w, p[t]) for w, p in c], wall) for t in texts] for n, c in curves.items()}
+        cells = [" / ".join(_num(v) for v in vs) for vs in values.values()]
+        lowest = [(t, _lowest({n: v[i] for n, v in values.items()})) for i, t in enumerate(texts)]
+        best = "; ".join(f"{t}: {n}" for t, n in lowest if n != "-") or "-"
+        lines.append(f"| {wall:,.0f} | " + " | ".join(cells) + f" | {best} |")
     return "\n".join(lines)
 
 
@@ -274,36 +339,45 @@ def details_table(payload: dict, texts: list[str]) -> str:
 
 
 # ---- the plot ------------------------------------------------------------------------------
-def plot(payload: dict, path: Path) -> None:
-    """Perplexity against training tokens (log x), one panel per text, one line per schedule."""
+def plot(grids: list[dict], path: Path) -> None:
+    """Perplexity against training tokens (log x): a row of panels per grid (cut), one panel per text."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
 
-    texts, groups = payload["texts"], grouped(payload["rows"])
-    schedules = list(dict.fromkeys(r["schedule"] for r in payload["rows"]))
-    all_budgets = sorted({b for _, b in groups})
-    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.8), squeeze=False)
-    for ax, text in zip(axes[0], texts):
-        for i, name in enumerate(schedules):
-            budgets = sorted(b for s, b in groups if s == name)
-            values = [[r["ppl"][text] for r in groups[(name, b)]] for b in budgets]
-            means = [statistics.fmean(v) for v in values]
-            errors = [[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]]
-            style = "--" if name.startswith("oneshot") else "-"
-            ax.errorbar(budgets, means, yerr=errors, fmt=style + "o", ms=4, capsize=3, label=name, color=f"C{i}")
-        ax.set_xscale("log")
-        ax.set_xticks(all_budgets, [f"{b:,}" for b in all_budgets])
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlabel("training tokens (log scale)")
-        ax.set_ylabel(f"held-out perplexity on {text}")
-        ax.set_title(text + (" (calibration domain)" if text == texts[0] else " (other domain)"))
-        ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(f"{payload['model']}: {payload['target_params']:,} parameters; error bars: seed min–max")
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    texts = grids[0]["texts"]
+    fig, axes = plt.subplots(len(grids), len(texts), figsize=(6 * len(texts), 4.4 * len(grids)), squeeze=False)
+    for row_axes, payload in zip(axes, grids):
+        for ax, text in zip(row_axes, texts):
+            plot_panel(ax, payload, text)
+    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"{grids[0]['model']}: perplexity against training tokens; error bars: seed min–max")
+    fig.tight_layout(rect=(0, 0.06 if len(grids) > 1 else 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_panel(ax, payload: dict, text: str) -> None:
+    """One grid's schedules on one text; the colour of a schedule is the same in every panel."""
+    from matplotlib.ticker import NullLocator
+
+    groups = grouped(payload["rows"])
+    all_budgets = sorted({b for _, b in groups})
+    for name in dict.fromkeys(r["schedule"] for r in payload["rows"]):
+        budgets = sorted(b for s, b in groups if s == name)
+        values = [[r["ppl"][text] for r in groups[(name, b)]] for b in budgets]
+        means = [statistics.fmean(v) for v in values]
+        errors = [[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]]
+        style = "-" if name.startswith("incremental") else "--"
+        color = f"C{SCHEDULE_ORDER.index(name) if name in SCHEDULE_ORDER else 9}"
+        ax.errorbar(budgets, means, yerr=errors, fmt=style + "o", ms=4, capsize=3, label=name, color=color)
+    ax.set_xscale("log")
+    ax.set_xticks(all_budgets, [f"{b:,}" for b in all_budgets])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("training tokens (log scale)")
+    ax.set_ylabel(f"held-out perplexity on {text}")
+    domain = " (calibration domain)" if text == payload["texts"][0] else " (other domain)"
+    ax.set_title(f"−{payload['settings']['remove_fraction']:.0%} non-embedding: {text}{domain}")
+    ax.grid(True, which="both", alpha=0.3)

@@ -226,3 +226,16 @@ def test_unknown_compensation_is_refused():
     stats = _stats_of(torch.randn(10, 2))
     with pytest.raises(ValueError, match="compensation must be one of"):
         compensate(torch.ones(3, 2), stats, torch.tensor([True, False]), "lstsq")
+
+
+def test_least_squares_holds_a_bias_vector_per_projection_not_a_weight_matrix():
+    """Memory: each layer's Δ goes into its kept columns at once, so the step holds O(out) per projection
+    beyond the statistics (peak: one layer's solve), not one (out, |K|) float64 matrix per layer."""
+    from adaptprune import compensation
+
+    model, seqs = tiny_llama(num_heads=6, num_kv_heads=3), _sequences()
+    calib = calibrate(model, seqs, collect_cov=True, progress=False)
+    plan = {i: {MLP: list(range(0, 96, 2)), ATTENTION: [0, 2]} for i in range(3)}
+    held = compensation._plan_compensations(model, plan, calib, "least_squares", 1e-2, get_adapter(model))
+    assert len(held) == 6
+    assert all(c.weight_delta is None and c.bias_delta.shape == (model.config.hidden_size,) for _, _, c in held)

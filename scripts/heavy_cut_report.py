@@ -1,0 +1,142 @@
+"""The −60% table (issue #22): every schedule of ``docs/budget.json``'s heavy-cut grid at one budget.
+
+Reads the rows ``scripts/bench_budget.py`` wrote at the cut users make (60% of SmolLM2-135M's
+non-embedding parameters removed), at one training budget (default 32,768 tokens) and seed 0, and
+the final shape of each from its run folder's ``plan.json`` (kept layers, residual channels, KV
+groups and neurons per layer). Writes ``heavy_cut.md``, ``heavy_cut.json`` and ``heavy_cut.png``;
+every ratio is against FLAP + the same distillation.
+
+    python scripts/heavy_cut_report.py --budget 32768 --runs runs/budget60 --out docs/heavy_cut
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from budget_report import VERDICT_END, VERDICT_PLACEHOLDER, VERDICT_START, earlier_verdict
+
+from adaptprune.report import table_head, write_markdown_and_json
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "flap+train-distill"
+WHAT = {  # schedule -> what it changes against the default incremental run
+    "flap+train-distill": "FLAP one-shot, then the same distillation",
+    "oneshot+train-distill": "adaptprune one-shot, then the same distillation",
+    "oneshot+train-distill-ls": "the same, least-squares compensation",
+    "incremental-distill": "incremental, defaults (units, adaptive, mean compensation)",
+    "incremental-distill-alldims": "+ hidden and layers (per-step search)",
+    "incremental-distill-accumulating": "+ accumulating allocation (2% inner re-scoring)",
+    "incremental-distill-shape": "+ target shape (walk)",
+    "incremental-distill-ls": "+ least-squares compensation",
+    "incremental-distill-shape-ls": "+ target shape + least squares",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget-json", default=str(ROOT / "docs" / "budget.json"))
+    p.add_argument("--budget", type=int, default=32768, help="training tokens of the rows to show")
+    p.add_argument("--remove", type=float, default=0.6, help="the grid's cut")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "budget60"), help="run folders (for plan.json shapes)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "heavy_cut"))
+    return p.parse_args(argv)
+
+
+def final_shape(plan: dict) -> dict:
+    """Layers, hidden, KV groups and neurons per layer ([min, max]) from a run's ``plan.json``."""
+    layers = [v for k, v in plan.items() if k.isdigit()]
+    groups = [len(v["attention"]) for v in layers if "attention" in v]
+    neurons = [len(v["mlp"]) for v in layers if "mlp" in v]
+    return {
+        "layers": len(plan["layers"]) if "layers" in plan else None,
+        "hidden": len(plan["hidden"]) if "hidden" in plan else None,
+        "kv_groups": [min(groups), max(groups)] if groups else None,
+        "neurons": [min(neurons), max(neurons)] if neurons else None,
+    }
+
+
+def _span(pair, default: str = "all") -> str:
+    if not pair:
+        return default
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}–{pair[1]}"
+
+
+def rows_at(grid: dict, budget: int, runs: Path) -> list[dict]:
+    chosen = [r for r in grid["rows"] if r["budget"] == budget and r["seed"] == 0]
+    order = list(WHAT)
+    chosen.sort(key=lambda r: order.index(r["schedule"]) if r["schedule"] in order else len(order))
+    for row in chosen:
+        plan = runs / f"{row['schedule'].replace('+', '_')}-b{budget}-s0" / "plan.json"
+        row["shape"] = final_shape(json.loads(plan.read_text())) if plan.exists() else None
+    return chosen
+
+
+def markdown(grid: dict, rows: list[dict], budget: int, verdict: str) -> str:
+    texts = grid["texts"]
+    base = next((r for r in rows if r["schedule"] == BASELINE), None)
+    head = ["schedule", "what it changes", "params", "layers", "hidden", "KV groups", "neurons"]
+    head += [f"ppl {t}" for t in texts] + [f"× FLAP {t}" for t in texts] + ["prune s", "wall s"]
+    lines = [
+        f"# SmolLM2-135M at −{grid['settings']['remove_fraction']:.0%} of its non-embedding parameters, "
+        f"{budget:,} distillation tokens",
+        "",
+        f"{grid['model']}: {grid['original_params']:,} → at most {grid['target_params']:,} parameters (±0.5%). Every "
+        f"row is one `Controller` run of `{grid['settings']['config']}` with the same data order, learning-rate "
+        "curve, seed and tokens, recovering by distillation from the dense model (`train.trainer=distill`, "
+        f"kd_weight 1); held-out perplexity at context {grid['eval_context']} on "
+        + ", ".join(f"{t} ({grid['text_tokens'][t]:,} tokens)" for t in texts)
+        + ". Shapes from each run's `plan.json` (`all`: none removed). Produced by `python "
+        "scripts/bench_budget.py` (commands in the README) and `python scripts/heavy_cut_report.py`.",
+        "",
+        *table_head(head, left=2),
+    ]
+    for r in rows:
+        s = r.get("shape") or {}
+        ratio = [f"{r['ppl'][t] / base['ppl'][t]:.3f}" if base else "-" for t in texts]
+        cells = [r["schedule"], WHAT.get(r["schedule"], ""), f"{r['params']:,}", str(s.get("layers") or 30)]
+        cells += [str(s.get("hidden") or 576), _span(s.get("kv_groups")), _span(s.get("neurons"))]
+        cells += [f"{r['ppl'][t]:.2f}" for t in texts] + ratio
+        cells += [f"{r['prune_seconds']:.0f}", f"{r['wall_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Reading", "", VERDICT_START, verdict, VERDICT_END]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], texts: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 0.5 * len(rows) + 1.5), squeeze=False)
+    names = [r["schedule"] for r in rows]
+    for ax, text in zip(axes[0], texts):
+        values = [r["ppl"][text] for r in rows]
+        ax.barh(names, values, color=["#999999" if n == BASELINE else "#3a7bd5" for n in names])
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"held-out perplexity on {text} (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    saved = json.loads(Path(args.budget_json).read_text(encoding="utf-8"))
+    grid = next(g for g in saved["grids"] if g["settings"]["remove_fraction"] == args.remove)
+    rows = rows_at(grid, args.budget, Path(args.runs))
+    out = Path(args.out)
+    md = out.with_suffix(".md")
+    verdict = earlier_verdict(md) if md.exists() else VERDICT_PLACEHOLDER
+    payload = {"budget": args.budget, "target_params": grid["target_params"], "texts": grid["texts"], "rows": rows}
+    write_markdown_and_json(out, markdown(grid, rows, args.budget, verdict), payload)
+    plot(rows, grid["texts"], out.with_suffix(".png"))
+    print(out.with_suffix(".md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()
