@@ -64,7 +64,9 @@ def test_quick_run_lands_every_schedule_on_one_size_and_budget(tmp_path):
         assert (row["pruning"], row["objective"]) == SCHEDULES[row["schedule"]]
         assert set(row["ppl"]) == {"shakespeare", "kjv"} and all(v > 1 for v in row["ppl"].values())
         assert row["tasks"] == {} and row["seed"] == 0 and not row["resumed"]
-        assert 0 < row["pruning_share"] < 1 and row["stages"] == (6 if row["pruning"] == "incremental" else 1)  # 10% steps
+        assert 0 < row["pruning_share"] < 1 and row["stages"] == (
+            6 if row["pruning"] == "incremental" else 1
+        )  # 10% steps
 
     budgets = sorted({r["budget"] for r in rows})
     assert len(budgets) >= 2
