@@ -32,12 +32,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """An embedded model name becomes its cached folder; anything else is passed through."""
-    return str(embedded_model_dir(name_or_path)) if is_embedded_model(name_or_path) else name_or_path
+    """An embedded model name becomes its cached folder, a local folder stays; a hub id is passed through.
+
+    What is clearly meant as a local path (absolute, ``./``, ``../``, ``~``) but is no folder is refused in
+    our words, instead of the hub client's "Repo id must use alphanumeric chars".
+    """
+    if is_embedded_model(name_or_path):
+        return str(embedded_model_dir(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        raise ModelLoadError(f"{name_or_path} is a file, not a model folder (one holding config.json and the weights)")
+    if not path.is_dir() and (path.is_absolute() or name_or_path.startswith((".", "~"))):
+        raise ModelLoadError(f"no such folder: {name_or_path}")
+    return str(path) if path.is_dir() else name_or_path
+
+
+def model_folder(name_or_path: str) -> str:
+    """``resolve_model_path`` of a *model* (not a tokenizer): a local folder must hold config.json."""
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"{name_or_path} is not a model folder: it has no config.json")
+    return path
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
-    return AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(model_folder(name_or_path), trust_remote_code=trust_remote_code)
 
 
 def _model_classes(config) -> tuple[type, type]:
@@ -53,7 +72,7 @@ def _model_classes(config) -> tuple[type, type]:
 
 def load_model(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
     """Load a causal LM as its family's heterogeneous class (uniform models load unchanged)."""
-    path = resolve_model_path(name_or_path)
+    path = model_folder(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     config_cls, model_cls = _model_classes(config)
     if not isinstance(config, config_cls):

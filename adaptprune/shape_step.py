@@ -99,7 +99,7 @@ def reshape_to(
         removed = ()
         if drop_layers > 0:
             order = torch.sort(layer_scores(model, calib, sequences, cfg, adapter), stable=True).indices
-            removed = tuple(sorted(order[:drop_layers].tolist()))
+            removed = _same_plan_on_every_rank(tuple(sorted(order[:drop_layers].tolist())))  # rank 0 decides
         chosen = ShapeCandidate(0.0, 0.0, removed, max(drop_channels, 0), cost=0)
         return apply_shape(model, chosen, calib, cfg, adapter)
 

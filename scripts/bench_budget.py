@@ -63,7 +63,7 @@ ACCUMULATING = ("prune.allocation=accumulating",)
 ALL_DIMS = ('prune.dims=["neurons","groups","hidden","layers"]', "prune.hidden_multiple=32")
 # The shape a one-shot probe chose for SmolLM2-135M at -60% (docs/shape_probe.md; the budget's quick mode
 # ignores it: the tiny model is smaller than every dimension); layers x hidden x KV groups x neurons.
-SHAPE_60 = "prune.target_shape={layers: 22, hidden: 448, kv_groups: 2, neurons: 1312}"
+SHAPE_60 = "prune.target_shape={layers: 22, hidden: 576, kv_groups: 2, neurons: 768}"
 # Everything a full run and a quick run share: the comparison's protocol, not its size.
 PROTOCOL = ("eval.every_stage=false", "eval.tasks=[]", "output.tensorboard=false", "data.eval_corpora=[kjv]")
 FULL = ("data.eval_tokens=4096", "data.eval_context=1024")

@@ -230,3 +230,16 @@ def test_plan_lists_the_depth_and_width_candidates_with_hidden_and_layers(capsys
     assert all(p.params <= plan["target_params"] for p in expected)
     assert cli.main(["plan", "--config", str(ROOT / "configs" / "smoke.yaml"), dims, deep]) == 0
     assert "hidden/depth candidates of a one-step cut" in capsys.readouterr().out
+
+
+def test_least_squares_holds_every_layer_s_covariance_in_the_surgery_peak(capsys):
+    mean = _plan_json(capsys, "--config", str(ROOT / "configs" / "llama-3.2-3b-to-1b.yaml"))
+    ls = _plan_json(
+        capsys, "--config", str(ROOT / "configs" / "llama-3.2-3b-to-1b.yaml"), "prune.compensation=least_squares"
+    )
+    sigma = 8 * 28 * (8192**2 + 3072**2)  # float64 Σ of every down (8,192 wide) and o (24 x 128) input
+    for mode in mean["memory"]:
+        for ckpt, entry in ls["memory"][mode].items():
+            base = mean["memory"][mode][ckpt]
+            assert base["covariance"] == 0 and entry["covariance"] == sigma
+            assert entry["transition"] == base["transition"] + sigma

@@ -230,6 +230,29 @@ def test_unreadable_config_files_are_config_errors(tmp_path):
         load_config(tmp_path / "list.yaml")
 
 
+# ---- model paths that are not model folders ------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["prune", "--model", "/no/such/folder", "--out", "unused"], "no such folder: /no/such/folder"),
+        (["inspect", "/no/such/folder"], "no such folder: /no/such/folder"),
+        (["inspect", "./no/such/folder"], "no such folder: ./no/such/folder"),
+        (["eval", "README.md"], "README.md is a file, not a model folder"),
+    ],
+)
+def test_a_path_that_is_no_model_folder_is_one_line_in_our_words(argv, needle, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert cli.main(argv) == 2
+    line = _assert_one_line(capsys.readouterr().err, needle)
+    assert "Repo id" not in line and "JSON" not in line
+
+
+def test_a_folder_without_config_json_is_not_a_model_folder(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert cli.main(["inspect", str(tmp_path)]) == 2
+    _assert_one_line(capsys.readouterr().err, "is not a model folder: it has no config.json")
+
+
 # ---- architectures and head geometry ---------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["bert", "gpt2"])
 def test_unsupported_architecture_is_one_line_naming_type_and_families(tmp_path, capsys, model_type):

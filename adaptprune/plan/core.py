@@ -179,7 +179,8 @@ def memory_table(
             # the per-step width/depth search tries each candidate on a copy of the model's weights (its
             # stage's largest, the dense model's at worst); a target shape's walk copies nothing
             entry["shape_search"] = search_copy_bytes(cfg, count_parameters(model), precision)
-            entry["transition"] += entry["shape_search"]
+            entry["covariance"] = covariance_bytes(cfg, model, adapter)  # held from calibration to surgery
+            entry["transition"] += entry["shape_search"] + entry["covariance"]
             entry["peak"] = max(entry["peak"], entry["transition"])
             entry["fits"] = memory.fits(entry["peak"], options.gpu_memory_gib)
             table[mode]["checkpointing" if ckpt else "no_checkpointing"] = entry
@@ -190,6 +191,18 @@ def search_copy_bytes(cfg: RunConfig, params: int, precision: memory.Precision) 
     """Bytes of the trial copy ``shape_search`` makes per candidate (0 without the per-step search)."""
     searching = cfg.prune.target_shape is None and any(d in ("hidden", "layers") for d in cfg.prune.dims)
     return params * precision.weight_bytes if searching else 0
+
+
+def covariance_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -> int:
+    """Σ = E[x xᵀ] of every o/down input, float64, when the compensation reads it (energy, least squares)."""
+    if not cfg.prune.needs_cov:
+        return 0
+    widths = [
+        layer.get_submodule(path).in_features
+        for layer in adapter.decoder_layers(model)
+        for path in (adapter.mlp_output, adapter.attention_output)
+    ]
+    return 8 * sum(w * w for w in widths)
 
 
 def settings(cfg: RunConfig, options: PlanOptions) -> dict:

@@ -19,6 +19,7 @@ MEMORY_ROWS = (
     ("optimizer_step", "AdamW step temporary"),
     ("training", "training peak"),
     ("shape_search", "shape search copy"),
+    ("covariance", "calibration Σ (float64)"),
     ("transition", "surgery (any stage)"),
     ("peak", "peak"),
 )
