@@ -53,6 +53,8 @@ class CompareConfig:
             raise ConfigError(f"methods={unknown} not known; choose from: {', '.join(METHODS)}")
 
 
+SIZE_TOLERANCE = 0.005  # every pruned row lands within ±0.5% of the target
+
 # Settings that do not change a method's row: rows computed under other values stay valid.
 ROW_NEUTRAL_KEYS = ("methods", "out", "resume")
 
@@ -159,6 +161,12 @@ def _evaluate(cfg: CompareConfig, ctx: MethodContext, method: str, model: nn.Mod
     }
     shown = ", ".join(f"{name} {value:.2f}" for name, value in row["ppl_by_text"].items())
     print(f"[compare] {method}: {row['params']:,} params, ppl {shown}", flush=True)
+    if method != "dense" and abs(row["params"] / ctx.target - 1) > SIZE_TOLERANCE:
+        print(  # e.g. a prune.target_shape whose size is not the comparison's: the row is not a fair one
+            f"[compare] warning: {method} has {row['params']:,} parameters, outside ±{SIZE_TOLERANCE:.1%} of the "
+            f"target {ctx.target:,}; its row is not at equal size",
+            flush=True,
+        )
     return row
 
 
