@@ -83,18 +83,43 @@ def energy_scale(weight: Tensor, moment: Tensor, kept: Tensor) -> float:
     return math.sqrt(ratio) if math.isfinite(ratio) and ratio > 0 else 1.0
 
 
-def least_squares_delta(weight: Tensor, centred: Tensor, kept: Tensor, removed: Tensor, ridge: float) -> Tensor:
-    """Δ = W_R C_RK (C_KK + λ I)⁻¹, (out, |K|) float64, λ = ``ridge`` × mean(diag C_KK)."""
+def least_squares_delta(
+    weight: Tensor, moment: Tensor, kept: Tensor, removed: Tensor, ridge: float, mean: Tensor | None = None
+) -> Tensor:
+    """Δ = W_R C_RK (C_KK + λ I)⁻¹, (out, |K|) float64, λ = ``ridge`` × mean(diag C_KK).
+
+    ``moment`` is Σ = E[x xᵀ]; with ``mean`` the blocks are centred (C = Σ − μμᵀ) one block at a time.
+    Memory: the K×K block, factored in place, and the K×R block while it is used: about one layer's Σ.
+    """
     w = weight.detach().double()
-    c = centred.double().to(w.device)
-    kept, removed = kept.to(c.device), removed.to(c.device)
-    c_kk = c[kept[:, None], kept]  # (K, K)
-    rhs = c[kept[:, None], removed] @ w[:, removed].T  # C_KR W_Rᵀ: (K, out)
-    lam = ridge * float(c_kk.diagonal().mean())
-    a = c_kk + lam * torch.eye(kept.numel(), dtype=c.dtype, device=c.device)
-    chol, info = torch.linalg.cholesky_ex(a)
-    x = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.pinv(a, hermitian=True) @ rhs
+    kept, removed = kept.to(moment.device), removed.to(moment.device)
+    c_kk = moment[kept[:, None], kept].double()  # (K, K), a copy
+    c_kr = moment[kept[:, None], removed].double()  # (K, R)
+    if mean is not None:
+        mu = mean.double().to(moment.device)
+        c_kk.addr_(mu[kept], mu[kept], alpha=-1.0)
+        c_kr.addr_(mu[kept], mu[removed], alpha=-1.0)
+    rhs = c_kr.to(w.device) @ w[:, removed].T  # C_KR W_Rᵀ: (K, out)
+    del c_kr
+    c_kk = c_kk.to(w.device)
+    c_kk.diagonal().add_(ridge * float(c_kk.diagonal().mean()))
+    _, info = torch.linalg.cholesky_ex(c_kk, out=(c_kk, torch.empty((), dtype=torch.int32, device=c_kk.device)))
+    if int(info) == 0:
+        x = torch.cholesky_solve(rhs, c_kk)
+    else:  # singular (λ = 0, rank-poor data): the minimum-norm solution of the rebuilt A
+        x = torch.linalg.pinv(_rebuilt_block(moment, mean, kept, ridge, w.device), hermitian=True) @ rhs
     return x.T if bool(torch.isfinite(x).all()) else torch.zeros_like(w[:, kept])
+
+
+def _rebuilt_block(moment: Tensor, mean: Tensor | None, kept: Tensor, ridge: float, device) -> Tensor:
+    """C_KK + λI again (the in-place factorisation overwrote it); only for the rare singular case."""
+    a = moment[kept[:, None], kept].double()
+    if mean is not None:
+        mu = mean.double().to(moment.device)
+        a.addr_(mu[kept], mu[kept], alpha=-1.0)
+    a = a.to(device)
+    a.diagonal().add_(ridge * float(a.diagonal().mean()))
+    return a
 
 
 def compensate(
@@ -110,8 +135,7 @@ def compensate(
         raise ValueError(f"{mode} compensation needs Σ = E[x xᵀ]: calibrate with collect_cov=True")
     mu = stats.mean.double()
     if mode == "least_squares" and removed.numel() and kept.numel():
-        centred = stats.cov.double() - torch.outer(mu, mu)  # (C, C): one layer's Σ, freed with the call
-        delta = least_squares_delta(weight, centred, kept, removed, ridge)
+        delta = least_squares_delta(weight, stats.cov, kept, removed, ridge, mean=stats.mean)  # centred blocks
         shift = mean_shift(weight, stats.mean, removed) - delta @ mu.to(delta.device)[kept]
         return Compensation(scale=1.0, bias_delta=shift, weight_delta=delta)
     scale = 1.0

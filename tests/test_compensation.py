@@ -188,8 +188,7 @@ def test_least_squares_on_a_singular_covariance_stays_finite_and_exact():
     x[:, 4] = 2 * x[:, 0]
     kept = torch.tensor([True, True, True, True, False, False])
     stats = _stats_of(x)
-    centred = stats.cov - torch.outer(stats.mean, stats.mean)
-    delta = least_squares_delta(torch.randn(3, 6), centred, torch.arange(4), torch.tensor([4, 5]), ridge=0.0)
+    delta = least_squares_delta(torch.randn(3, 6), stats.cov, torch.arange(4), torch.tensor([4, 5]), 0.0, stats.mean)
     assert torch.isfinite(delta).all()
     weight, bias = torch.randn(3, 6), torch.randn(3)
     w, b = _rebuilt(weight, bias, stats, kept, "least_squares", ridge=0.0)
