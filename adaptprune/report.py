@@ -48,8 +48,9 @@ def write_model_card(model_dir: Path, config, results: dict) -> Path:
 
 Source model: `{config.model.name}`, {results["original_params"]:,} parameters, pruned to
 {results["final_params"]:,} parameters in {results["stages"]} stages
-(metric `{config.prune.metric}`, allocation `{config.prune.allocation}`, trainer `{config.train.trainer}`,
-{last["train_tokens"]:,} training tokens).
+(metric `{config.prune.metric}`, allocation `{config.prune.allocation}`, compensation
+`{config.prune.compensation}`, trainer `{config.train.trainer}`, {last["train_tokens"]:,} training tokens).
+{_shape_line(config.prune)}
 
 Held-out perplexity (context {config.data.eval_context}): dense {_fmt(first["ppl"], ".2f")}, final {_fmt(last["ppl"], ".2f")}.
 
@@ -70,6 +71,18 @@ model = AutoModelForCausalLM.from_pretrained("{model_dir}", trust_remote_code=Tr
     path = Path(model_dir) / "README.md"
     path.write_text(card, encoding="utf-8")
     return path
+
+
+def _shape_line(prune) -> str:
+    """What the model card says of a target shape: uniform lands on it, other allocations vary around it."""
+    if prune.target_shape is None:
+        return ""
+    how = (
+        "every layer has exactly its sizes"
+        if prune.allocation == "uniform"
+        else f"per-layer sizes vary around its means (allocation `{prune.allocation}`)"
+    )
+    return f"\nTarget shape `{prune.target_shape}`: {how}.\n"
 
 
 def plot_layer_sizes(dense: dict, pruned: dict, path: Path) -> Path:

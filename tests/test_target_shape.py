@@ -153,6 +153,8 @@ def test_the_controller_walks_to_the_target_and_the_result_reloads_without_adapt
     assert current_shape(final) == ModelShape(3, 48, 1, 128) == walk.target
     assert results["final_params"] == count_parameters(final) == walk.final
     assert results["stages"] >= 3
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "Target shape `{'layers': 3, 'hidden': 48, 'kv_groups': 1, 'neurons': 128}`: every layer has exactly" in card
     ids = input_ids % 500
     (remote,) = remote_logits([tmp_path / "run" / "final"], ids, tmp_path)
     torch.testing.assert_close(remote, logits(final, ids), rtol=0, atol=0)
@@ -165,6 +167,10 @@ def test_an_adaptive_walk_keeps_the_totals_and_varies_layers(tmp_path):
     adapter = get_adapter(final)
     neurons = [adapter.layer_shape(final, i).neurons for i in range(4)]
     assert sum(neurons) == 4 * 128 and all(n % 8 == 0 for n in neurons) and len(set(neurons)) > 1
+    assert (
+        "per-layer sizes vary around its means (allocation `adaptive`)"
+        in (tmp_path / "run" / "final" / "README.md").read_text()
+    )
 
 
 def test_a_uniform_result_exports_as_plain_llama_with_scalar_sizes(tmp_path):
