@@ -30,22 +30,6 @@ HETERO_PLAN = {  # 6 query heads in 3 KV groups, 96 neurons per layer before pru
 LAYER_KINDS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A 300-token byte-level BPE trained in milliseconds (GPT-2's pre-tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(["to be or not to be, that is the question"] * 20, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", bos_token="<eos>")
-
-
 def fields(path: Path) -> tuple[dict, dict]:
     """(metadata values, tensors by name) of a GGUF file."""
     reader = GGUFReader(str(path))
@@ -90,9 +74,9 @@ def expected_tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in out.items()}
 
 
-def test_heterogeneous_model_is_deci_with_per_layer_arrays_and_exact_tensors(tmp_path, tokenizer):
+def test_heterogeneous_model_is_deci_with_per_layer_arrays_and_exact_tensors(tmp_path, bpe_tokenizer):
     model = pruned_model()
-    export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf")
     meta, tensors = fields(tmp_path / "m.gguf")
     assert meta["general.architecture"] == "deci"
     assert meta["deci.feed_forward_length"] == [32, 70, 5]
@@ -109,9 +93,9 @@ def test_heterogeneous_model_is_deci_with_per_layer_arrays_and_exact_tensors(tmp
         assert np.array_equal(values(tensor), value.numpy()), name
 
 
-def test_uniform_model_is_llama_with_scalars_and_tied_head(tmp_path, tokenizer):
+def test_uniform_model_is_llama_with_scalars_and_tied_head(tmp_path, bpe_tokenizer):
     model = tiny_llama(num_heads=4, num_kv_heads=2, vocab_size=VOCAB, tie_word_embeddings=True)
-    export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf")
     meta, tensors = fields(tmp_path / "m.gguf")
     assert meta["general.architecture"] == "llama"
     assert meta["llama.feed_forward_length"] == 96
@@ -138,10 +122,10 @@ def test_qk_permutation_turns_hf_rotate_half_into_adjacent_pair_rope():
     assert torch.allclose(cpp, expected, atol=1e-6)
 
 
-def test_zero_head_layer_exports_without_attention(tmp_path, tokenizer):
+def test_zero_head_layer_exports_without_attention(tmp_path, bpe_tokenizer):
     model = tiny_llama(num_heads=6, num_kv_heads=3, vocab_size=VOCAB)
     apply_plan(model, {1: {ATTENTION: []}}, allow_empty_attention=True)
-    export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf")
     meta, tensors = fields(tmp_path / "m.gguf")
     assert meta["deci.attention.head_count"] == [6, 0, 6]
     assert meta["deci.attention.head_count_kv"] == [3, 0, 3]
@@ -149,28 +133,28 @@ def test_zero_head_layer_exports_without_attention(tmp_path, tokenizer):
     assert "blk.1.ffn_down.weight" in tensors
 
 
-def test_zero_head_layer_with_compensation_bias_is_refused(tmp_path, tokenizer):
+def test_zero_head_layer_with_compensation_bias_is_refused(tmp_path, bpe_tokenizer):
     model = tiny_llama(num_heads=6, num_kv_heads=3, vocab_size=VOCAB)
     ensure_output_biases(model)
     apply_plan(model, {1: {ATTENTION: []}}, allow_empty_attention=True)
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.bias.fill_(0.5)
     with pytest.raises(ExportError, match="layer 1 has no attention heads but a non-zero attn_output bias"):
-        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+        export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-def test_layer_zero_without_heads_is_refused(tmp_path, tokenizer):
+def test_layer_zero_without_heads_is_refused(tmp_path, bpe_tokenizer):
     model = tiny_llama(num_heads=6, num_kv_heads=3, vocab_size=VOCAB)
     apply_plan(model, {0: {ATTENTION: []}}, allow_empty_attention=True)
     with pytest.raises(ExportError, match="layer 0 has no attention heads"):
-        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+        export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf")
 
 
-def test_empty_mlp_is_written_as_one_zero_neuron(tmp_path, tokenizer):
+def test_empty_mlp_is_written_as_one_zero_neuron(tmp_path, bpe_tokenizer):
     model = tiny_llama(num_heads=4, num_kv_heads=2, vocab_size=VOCAB)
     apply_plan(model, {1: {MLP: []}})
-    report = export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    report = export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf")
     meta, tensors = fields(tmp_path / "m.gguf")
     assert meta["deci.feed_forward_length"] == [96, 1, 96]
     assert not values(tensors["blk.1.ffn_gate.weight"]).any() and not values(tensors["blk.1.ffn_down.weight"]).any()
@@ -178,7 +162,7 @@ def test_empty_mlp_is_written_as_one_zero_neuron(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_other_llama_families_export_with_their_biases(tmp_path, tokenizer, family):
+def test_other_llama_families_export_with_their_biases(tmp_path, bpe_tokenizer, family):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -187,7 +171,7 @@ def test_other_llama_families_export_with_their_biases(tmp_path, tokenizer, fami
     )  # fmt: skip
     torch.manual_seed(0)
     model = to_heterogeneous(AutoModelForCausalLM.from_config(config)).eval()
-    report = export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    report = export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf")
     meta, tensors = fields(tmp_path / "m.gguf")
     assert meta["general.architecture"] == "llama"
     expected = expected_tensors(model)
@@ -199,15 +183,15 @@ def test_other_llama_families_export_with_their_biases(tmp_path, tokenizer, fami
         assert meta["llama.context_length"] == 256 and not report.warnings
 
 
-def test_f16_and_q8_0_types_with_fallback_warning(tmp_path, tokenizer):
+def test_f16_and_q8_0_types_with_fallback_warning(tmp_path, bpe_tokenizer):
     model = pruned_model(biases=False)
-    export_gguf(model, tokenizer, tmp_path / "h.gguf", dtype="f16")
+    export_gguf(model, bpe_tokenizer, tmp_path / "h.gguf", dtype="f16")
     _, tensors = fields(tmp_path / "h.gguf")
     assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "F16"
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"  # 1-D stays F32
     up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
     assert np.array_equal(values(tensors["blk.0.ffn_up.weight"]), up.astype(np.float16).astype(np.float32))
-    report = export_gguf(model, tokenizer, tmp_path / "q.gguf", dtype="q8_0")
+    report = export_gguf(model, bpe_tokenizer, tmp_path / "q.gguf", dtype="q8_0")
     meta, tensors = fields(tmp_path / "q.gguf")
     assert meta["general.file_type"] == 7
     # ffn_down rows are 32 / 70 / 5 neurons: only 70 and 5 are not multiples of Q8_0's 32
@@ -262,8 +246,8 @@ def test_smollm2_tokenizer_matches_the_original_gguf(smollm2_tokenizer):
     assert meta.add_bos == original["tokenizer.ggml.add_bos_token"] and meta.pre == "gpt-2"
 
 
-def test_tokenizer_copied_from_a_gguf(tmp_path, tokenizer):
-    export_gguf(tiny_llama(vocab_size=VOCAB), tokenizer, tmp_path / "source.gguf")
+def test_tokenizer_copied_from_a_gguf(tmp_path, bpe_tokenizer):
+    export_gguf(tiny_llama(vocab_size=VOCAB), bpe_tokenizer, tmp_path / "source.gguf")
     export_gguf(pruned_model(), None, tmp_path / "m.gguf", tokenizer_gguf=tmp_path / "source.gguf")
     source, copied = GGUFReader(str(tmp_path / "source.gguf")), GGUFReader(str(tmp_path / "m.gguf"))
     keys = [k for k in source.fields if k.startswith("tokenizer.")]
@@ -289,8 +273,8 @@ def test_unsupported_inputs_are_refused_in_one_line(tmp_path, capsys):
     assert err.startswith("adaptprune: error: this is a SliceGPT checkpoint") and "\n" not in err
 
 
-def test_cli_exports_a_saved_pruned_checkpoint(tmp_path, tokenizer, capsys):
-    save_checkpoint(pruned_model(), tmp_path / "ckpt", tokenizer)
+def test_cli_exports_a_saved_pruned_checkpoint(tmp_path, bpe_tokenizer, capsys):
+    save_checkpoint(pruned_model(), tmp_path / "ckpt", bpe_tokenizer)
     out = tmp_path / "m.gguf"
     assert main(["export", str(tmp_path / "ckpt"), "--out", str(out), "--dtype", "f16", "--check-quant", "q4_k_m"]) == 0
     captured = capsys.readouterr()

@@ -173,24 +173,13 @@ def test_an_adaptive_walk_keeps_the_totals_and_varies_layers(tmp_path):
     )
 
 
-def test_a_uniform_result_exports_as_plain_llama_with_scalar_sizes(tmp_path):
+def test_a_uniform_result_exports_as_plain_llama_with_scalar_sizes(tmp_path, bpe_tokenizer):
     from .test_export_gguf import fields
 
     model = tiny_llama(num_heads=6, num_kv_heads=2, vocab_size=300, tie_word_embeddings=True)
     text = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
     reach_shape(model, text, ModelShape(2, 64, 1, 64), PruneConfig(allocation="uniform"), get_adapter(model), False)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(["to be or not to be"] * 20, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", bos_token="<eos>")
-    export_gguf(model, tok, tmp_path / "m.gguf")
+    export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf")
     meta, _ = fields(tmp_path / "m.gguf")
     assert meta["general.architecture"] == "llama"
     assert meta["llama.block_count"] == 2 and meta["llama.embedding_length"] == 64
