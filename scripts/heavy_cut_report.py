@@ -25,7 +25,7 @@ WHAT = {  # schedule -> what it changes against the default incremental run
     "flap+train-distill": "FLAP one-shot, then the same distillation",
     "oneshot+train-distill": "adaptprune one-shot, then the same distillation",
     "oneshot+train-distill-ls": "the same, least-squares compensation",
-    "incremental-distill": "incremental, defaults (units, adaptive, mean compensation)",
+    "incremental-distill": "incremental: units, adaptive, mean compensation (the defaults before this stop)",
     "incremental-distill-alldims": "+ hidden and layers (per-step search)",
     "incremental-distill-accumulating": "+ accumulating allocation (2% inner re-scoring)",
     "incremental-distill-shape": "+ target shape (walk)",
