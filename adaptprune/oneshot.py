@@ -1,6 +1,6 @@
 """One-shot structured pruning to an exact size: ``adaptprune prune``.
 
-Loads the model, measures held-out perplexity, runs one ``prune_step`` to the target, measures
+Loads the model, measures held-out perplexity, runs one step to the target (``shape_step.prune_once``), measures
 again and writes a self-explaining folder: the checkpoint, ``plan.json`` (kept original unit
 ids per layer that lost units, plus the original ``layers`` and ``hidden`` channels kept when the
 step reshaped the model, see ``kept_ids``), ``config.yaml``, ``metrics.json`` (sizes, depth and
@@ -19,10 +19,9 @@ from .config import ConfigError, RunConfig, dump_yaml
 from .evaluation.perplexity import perplexity
 from .inspection import describe
 from .kept_ids import changed_kept_ids, compose_kept_ids, initial_kept_ids
-from .pruning import prune_step
 from .report import plot_layer_sizes
 from .run_data import heldout_texts, shared_calibration
-from .shape_step import reach_shape
+from .shape_step import prune_once
 from .surgery import count_non_embedding_parameters, count_parameters
 from .target_shape import plan_walk
 
@@ -43,10 +42,7 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
     dense_info = describe(model)
     dense_ids = initial_kept_ids(model, get_adapter(model))
     ppl_before = _perplexities(model, texts, cfg, progress)
-    if walk is not None:
-        report = reach_shape(model, calibration, walk.target, cfg.prune, get_adapter(model), progress, "(1/1)")
-    else:
-        report = prune_step(model, calibration, target, cfg.prune, progress=progress, label="(1/1)")
+    report = prune_once(model, calibration, target, cfg.prune, walk, progress, "(1/1)")
     ppl_after = _perplexities(model, texts, cfg, progress)
     first = next(iter(texts))
     metrics = {

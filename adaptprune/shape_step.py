@@ -25,12 +25,20 @@ from torch import Tensor, nn
 
 from .allocation import normalised_influence, solve_layer_targets
 from .allocation.shape import ShapeCandidate
-from .arch import ATTENTION, MLP, ArchAdapter
+from .arch import ATTENTION, MLP, ArchAdapter, get_adapter
 from .compensation import apply_compensated_plan
 from .config import PruneConfig
 from .importance import get_metric
 from .profiling import Profile
-from .pruning import Calibration, StepReport, _same_plan_on_every_rank, calibrate_for, compose_records, next_sequences
+from .pruning import (
+    Calibration,
+    StepReport,
+    _same_plan_on_every_rank,
+    calibrate_for,
+    compose_records,
+    next_sequences,
+    prune_step,
+)
 from .records import KeptRecord, Plan
 from .shape_search import apply_shape, layer_scores
 from .surgery import ensure_output_biases
@@ -145,3 +153,18 @@ def kept_counts(counts: list[int], mean: int, offsets: Tensor | None, multiple: 
             kept[i] += 1
             short -= 1
     return [max(1, k * multiple) if counts[i] >= multiple else counts[i] for i, k in enumerate(kept)]
+
+
+def prune_once(
+    model: nn.Module,
+    calibration: Calibration,
+    target: int,
+    cfg: PruneConfig,
+    walk,
+    progress: bool = True,
+    label: str = "",
+) -> StepReport:
+    """A one-shot cut: to ``walk.target`` when a target shape is given (``plan_walk``), else to ``target``."""
+    if walk is None:
+        return prune_step(model, calibration, target, cfg, progress=progress, label=label)
+    return reach_shape(model, calibration, walk.target, cfg, get_adapter(model), progress, label)

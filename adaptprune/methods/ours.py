@@ -6,9 +6,7 @@ import dataclasses
 
 from torch import nn
 
-from ..arch import get_adapter
-from ..pruning import prune_step
-from ..shape_step import reach_shape
+from ..shape_step import prune_once
 from ..target_shape import plan_walk
 from .base import Method, MethodContext, register_method
 from .training import run_controller
@@ -29,12 +27,9 @@ class AdaptpruneOneShot(Method):
     description = "one pruning step with adaptprune's defaults (run.prune), no training"
 
     def __call__(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
-        walk = plan_walk(model, ctx.run.prune)
+        walk = plan_walk(model, ctx.run.prune)  # a target shape decides the size: pick one within ±0.5%
         with ctx.profile.phase("prune"):
-            if walk is not None:  # the shape decides the size: pick one within the comparison's ±0.5%
-                reach_shape(model, ctx.calibration, walk.target, ctx.run.prune, get_adapter(model), False)
-            else:
-                prune_step(model, ctx.calibration, ctx.target, ctx.run.prune, progress=False)
+            prune_once(model, ctx.calibration, ctx.target, ctx.run.prune, walk, progress=False)
         return model
 
 
