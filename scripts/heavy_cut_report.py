@@ -26,11 +26,12 @@ WHAT = {  # schedule -> what it changes against the default incremental run
     "oneshot+train-distill": "adaptprune one-shot, then the same distillation",
     "oneshot+train-distill-ls": "the same, least-squares compensation",
     "incremental-distill": "incremental: units, adaptive, mean compensation (the defaults before this stop)",
-    "incremental-distill-alldims": "+ hidden and layers (per-step search)",
-    "incremental-distill-accumulating": "+ accumulating allocation (2% inner re-scoring)",
     "incremental-distill-shape": "+ target shape (walk)",
-    "incremental-distill-ls": "+ least-squares compensation",
-    "incremental-distill-shape-ls": "+ target shape + least squares",
+    "incremental-distill-ls": "+ least-squares compensation (the default since #23)",
+    "incremental-distill-shape-ls": "+ least squares + target shape",
+    "incremental-distill-ls-alldims": "+ least squares + hidden and layers (per-step search)",
+    "incremental-distill-ls-accumulating": "+ least squares + accumulating allocation (2% inner re-scoring)",
+    "incremental-distill-ls-accumulating-alldims": "+ least squares + accumulating + hidden and layers",
 }
 
 
