@@ -11,17 +11,20 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from .arch import get_adapter, hf_compat
-from .assets import embedded_model_dir, is_embedded_model
+from .arch import ArchAdapter, get_adapter, hf_compat
+from .assets import EMBEDDED_MODELS, RANDOM_MODELS, cache_root, embedded_model_dir, is_embedded_model, package_dir
+from .config import ConfigError, ModelConfig
 
 
 class ModelLoadError(ValueError):
@@ -164,3 +167,76 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
         for f in files:
             shutil.copyfile(f, tmp / f.name)
     return Path(out_dir)
+
+
+# ---- a model without its weights (plan, target shapes) -----------------------------------------
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def shipped_config_dir(name: str) -> Path | None:
+    """``configs/models/<org>--<name>`` when it holds a ``config.json`` for hub id ``name``."""
+    folder = SHIPPED_CONFIGS / name.replace("/", "--")
+    return folder if (folder / "config.json").is_file() else None
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub's host accepts a connection: one quick probe instead of the hub client's retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def read_model_config(model: ModelConfig) -> tuple[PretrainedConfig, str]:
+    """(the model's HF config, where it came from), reading no weights.
+
+    Found the way a run would (embedded name, local folder, hub id); a hub id it cannot reach falls back
+    to the copy shipped in ``configs/models/<org>--<name>/config.json``. Only the dry run and target
+    shapes use that fallback: a real run still needs the weights.
+    """
+    name, remote = model.name, model.trust_remote_code
+    key = name.lower()
+    if key in RANDOM_MODELS:
+        values = dict(RANDOM_MODELS[key])
+        return AutoConfig.for_model(values.pop("model_type"), **values), f"embedded {key} (built from its config)"
+    if key in EMBEDDED_MODELS:
+        cached = cache_root() / "models" / key
+        if (cached / "config.json").is_file():
+            return AutoConfig.from_pretrained(cached), f"embedded {key} ({cached}/config.json)"
+        asset = EMBEDDED_MODELS[key]  # not converted yet: the GGUF header has the config
+        folder = package_dir(asset.package, asset.pip_name)
+        return AutoConfig.from_pretrained(folder, gguf_file=asset.filename), f"embedded {key} (GGUF header)"
+    if Path(name).is_dir():
+        return AutoConfig.from_pretrained(name, trust_remote_code=remote), f"{name}/config.json"
+    online = hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=remote, local_files_only=not online)
+        return config, f"hub {name}" if online else f"hub {name} (local cache)"
+    except (OSError, ValueError) as err:
+        shipped = shipped_config_dir(name)
+        if shipped is None:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"model.name={name!r}: cannot read its config.json from the hub ({why}) and no copy is shipped "
+                f"as {SHIPPED_CONFIGS.name}/{name.replace('/', '--')}/config.json; name a local folder instead"
+            ) from None
+        shown = shipped.relative_to(SHIPPED_CONFIGS.parents[1])
+        return AutoConfig.from_pretrained(shipped), f"{shown}/config.json, shipped copy (hub not reachable)"
+
+
+def meta_model(config: PretrainedConfig) -> tuple[nn.Module, ArchAdapter]:
+    """The family's heterogeneous class (what ``load_model`` builds) on the meta device: shapes, no memory."""
+    adapter = get_adapter(config)
+    adapter.check_geometry(config)
+    config_cls, model_cls = adapter.hetero_classes()
+    if not isinstance(config, config_cls):
+        config = adapter.to_hetero_config(config)
+    with torch.device("meta"):
+        model = model_cls(config)
+    return model, adapter

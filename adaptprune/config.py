@@ -21,26 +21,21 @@ from .config_schema import (  # noqa: F401  (the config API: one import place fo
     read_yaml,
     to_dict,
 )
+from .registry import ALLOCATORS, METRICS, TRAINERS  # names only: the plug-in packages load on demand
 
 _f = option  # short alias used by the field tables below
 
 
 def _metric_names() -> list[str]:
-    from .importance import METRICS
-
-    return sorted(METRICS)
+    return sorted(METRICS.names())
 
 
 def _allocator_names() -> list[str]:
-    from .allocation import ALLOCATORS
-
-    return list(ALLOCATORS)
+    return ALLOCATORS.names()
 
 
 def _trainer_names() -> list[str]:
-    from trainers import TRAINERS
-
-    return list(TRAINERS)
+    return TRAINERS.names()
 
 
 @dataclass

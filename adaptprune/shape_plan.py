@@ -22,7 +22,8 @@ from torch import nn
 
 from .allocation import UniformAllocator, removed_params
 from .allocation.shape import ShapeCandidate, candidate, grid_candidates, width_adjusted_cost
-from .arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from .arch import ATTENTION, MLP, ArchAdapter
+from .checkpoint import meta_model
 from .config import PruneConfig
 from .pruning import layer_budgets, unit_floors
 from .reshape import unit_channel_share
@@ -59,16 +60,6 @@ class ShapePlan:
         )
 
 
-def meta_model(config) -> nn.Module:
-    """The family's heterogeneous model for ``config`` on the meta device: shapes, no memory."""
-    adapter = get_adapter(config)
-    config_cls, model_cls = adapter.hetero_classes()
-    if not isinstance(config, config_cls):
-        config = adapter.to_hetero_config(config)
-    with torch.device("meta"):
-        return model_cls(config)
-
-
 def _dry_layer_scores(layers: int) -> torch.Tensor:
     """Equal scores, the last layer kept longest: the deepest layers before it go first."""
     scores = torch.zeros(layers, dtype=torch.float64)
@@ -77,8 +68,7 @@ def _dry_layer_scores(layers: int) -> torch.Tensor:
 
 
 def _step_model(config, prune: PruneConfig) -> tuple[nn.Module, ArchAdapter]:
-    model = meta_model(config.config if isinstance(config, nn.Module) else config)
-    adapter = get_adapter(model)
+    model, adapter = meta_model(config.config if isinstance(config, nn.Module) else config)
     if prune.mean_compensation or layer_compensation_applies(prune, adapter, model.config):
         ensure_output_biases(model, adapter)  # as prune_step: the bias slots count towards the target
     return model, adapter

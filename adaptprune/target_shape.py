@@ -111,15 +111,15 @@ def _target_config(name: str):
     """The target model's HF config from a config.json file, a folder, an embedded name or a hub id."""
     from transformers import AutoConfig
 
+    from .checkpoint import read_model_config
     from .config import ModelConfig
-    from .plan.model import plan_model_config
 
     path = Path(name)
     if path.is_file():
         if path.name != "config.json":
             raise ConfigError(f"prune.target_shape={name!r}: a file must be a model's config.json")
         return AutoConfig.from_pretrained(path.parent)
-    return plan_model_config(ModelConfig(name=name))[0]
+    return read_model_config(ModelConfig(name=name))[0]
 
 
 def _from_config(config, per_group: int, head_dim: int, name: str) -> ModelShape:
@@ -190,7 +190,7 @@ def shape_params(model: nn.Module, shape: ModelShape, with_output_biases: bool, 
 
     ``with_output_biases``: mean compensation's o/down bias slots count, as they do in a run.
     """
-    from .plan.model import meta_model
+    from .checkpoint import meta_model
     from .reshape import remove_hidden_channels, remove_layers
     from .surgery import apply_plan, count_parameters, ensure_output_biases
 

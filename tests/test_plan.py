@@ -11,9 +11,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from adaptprune import cli
-from adaptprune.checkpoint import load_model
+from adaptprune.checkpoint import load_model, meta_model, read_model_config, shipped_config_dir
 from adaptprune.config import ConfigError, ModelConfig, load_config
-from adaptprune.plan import PlanOptions, format_plan, make_plan, meta_model, plan_model_config, shipped_config_dir
+from adaptprune.plan import PlanOptions, format_plan, make_plan
 from adaptprune.plan.memory import (
     GIB,
     LayerGeometry,
@@ -51,7 +51,7 @@ def test_the_recipes_are_the_expected_ones():
 def test_plan_counts_equal_the_meta_model(recipe, capsys):
     plan = _plan_json(capsys, "--config", str(recipe))
     cfg = load_config(recipe)
-    hf_config, _ = plan_model_config(cfg.model)
+    hf_config, _ = read_model_config(cfg.model)
     model, _ = meta_model(hf_config)
     assert next(model.parameters()).device.type == "meta"
     dense = count_parameters(model)
@@ -202,14 +202,14 @@ def test_offline_hub_ids_use_the_shipped_configs():
     for name in ("meta-llama/Llama-3.2-3B", "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-360M"):
         folder = shipped_config_dir(name)
         assert folder is not None and (folder.parent / "README.md").is_file()
-        config, source = plan_model_config(ModelConfig(name=name))
+        config, source = read_model_config(ModelConfig(name=name))
         assert source.endswith("shipped copy (hub not reachable)")
         assert config.to_dict() == AutoConfig.from_pretrained(folder).to_dict()
 
 
 def test_an_unknown_hub_id_is_one_line(capsys):
     with pytest.raises(ConfigError, match="no copy is shipped"):
-        plan_model_config(ModelConfig(name="nobody/no-such-model"))
+        read_model_config(ModelConfig(name="nobody/no-such-model"))
     assert cli.main(["plan", "model.name=nobody/no-such-model"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("adaptprune: error: model.name='nobody/no-such-model'") and "\n" not in err
@@ -221,7 +221,7 @@ def test_plan_lists_the_depth_and_width_candidates_with_hidden_and_layers(capsys
     dims, deep = "prune.dims=[neurons,groups,hidden,layers]", "prune.target_params=0.5x"
     plan = _plan_json(capsys, "--config", str(ROOT / "configs" / "smoke.yaml"), dims, deep)
     cfg = load_config(ROOT / "configs" / "smoke.yaml", [dims, deep])
-    hf_config, _ = plan_model_config(cfg.model)
+    hf_config, _ = read_model_config(cfg.model)
     expected = shape_candidates_for(hf_config, plan["target_params"], cfg.prune)
     assert plan["dims_shape"]["dims"] == ["hidden", "layers"]
     assert plan["dims_shape"]["candidates"] == [p.summary() for p in expected]

@@ -29,6 +29,7 @@ from torch import nn
 from adaptprune.compat import enable_activation_checkpointing
 from adaptprune.config import OptimArgs, TrainConfig
 from adaptprune.records import DepthRecord, HiddenRecord
+from adaptprune.registry import TRAINERS
 
 from .optim_state import (
     CarryReport,
@@ -115,9 +116,6 @@ def forget_prepared(accelerator: Accelerator, model: nn.Module) -> nn.Module:
         else:
             model.forward = original
     return model
-
-
-TRAINERS: dict[str, type[Trainer]] = {}
 
 
 def register_trainer(cls: type[Trainer]) -> type[Trainer]:

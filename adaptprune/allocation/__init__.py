@@ -50,6 +50,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from ..registry import ALLOCATORS
 from .accumulating import SCOPES, AccumulatingAllocator, SparsityState
 from .core import (
     Allocator,
@@ -66,9 +67,9 @@ from .core import (
 from .layerwise import AdaptiveAllocator, GlobalAllocator, UniformAllocator
 from .targets import parse_target
 
-ALLOCATORS: dict[str, type[Allocator]] = {
-    cls.name: cls for cls in (UniformAllocator, AdaptiveAllocator, AccumulatingAllocator, GlobalAllocator)
-}
+ALLOCATORS.update(
+    (cls.name, cls) for cls in (UniformAllocator, AdaptiveAllocator, AccumulatingAllocator, GlobalAllocator)
+)
 
 
 def get_allocator(name: str, **kwargs) -> Allocator:

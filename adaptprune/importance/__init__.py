@@ -10,9 +10,8 @@ import difflib
 import importlib
 import pkgutil
 
+from ..registry import METRICS
 from .base import ColumnImportance, Importance, column_norms, pool_columns
-
-METRICS: dict[str, type[Importance]] = {}
 
 
 def register(cls: type[Importance]) -> type[Importance]:

@@ -7,7 +7,6 @@ their derivation), printed as a table or JSON.
 
 from .core import PlanOptions, RunPlan, make_plan
 from .memory import Footprint, LayerGeometry, Precision, activation_bytes, footprint, layer_activation_bytes
-from .model import meta_model, plan_model_config, shipped_config_dir
 from .report import format_plan
 
 __all__ = [
@@ -21,7 +20,4 @@ __all__ = [
     "format_plan",
     "layer_activation_bytes",
     "make_plan",
-    "meta_model",
-    "plan_model_config",
-    "shipped_config_dir",
 ]

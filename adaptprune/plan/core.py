@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from ..arch import ArchAdapter
+from ..checkpoint import meta_model, read_model_config
 from ..config import ConfigError, RunConfig
 from ..preflight import validated_target
 from ..schedule import split_budget, stage_targets
 from ..surgery import count_parameters
 from ..target_shape import ShapeWalk, plan_walk
 from . import memory
-from .model import fsdp_gathered_params, layer_geometry, lora_params, meta_model, plan_model_config, uniform_sizes
+from .model import fsdp_gathered_params, layer_geometry, lora_params, uniform_sizes
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class RunPlan:
 def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
     """Plan ``cfg`` on the meta device; raises ``ConfigError`` for anything the run itself would refuse."""
     options = options or PlanOptions()
-    hf_config, source = plan_model_config(cfg.model)
+    hf_config, source = read_model_config(cfg.model)
     model, adapter = meta_model(hf_config)
     original = count_parameters(model)
     walk = plan_walk(model, cfg.prune, adapter)

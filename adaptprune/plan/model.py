@@ -1,93 +1,18 @@
-"""A run's model without its weights: its ``config.json``, built on the meta device.
+"""What the dry run reads off a run's model on the meta device: layer geometry, sizes, LoRA and FSDP counts.
 
-``plan_model_config`` finds the config the way a run would (embedded name, local folder, hub id) but
-never reads weights; a hub id it cannot reach falls back to the copy shipped in
-``configs/models/<org>--<name>/config.json``. Only ``plan`` uses that fallback: a real run still
-needs the weights from the hub or a local folder.
+The model itself comes from ``checkpoint.read_model_config`` and ``checkpoint.meta_model`` (no weights).
 """
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
-from urllib.parse import urlparse
-
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
 
 from ..allocation import LayerBudget, get_allocator, removed_params
-from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
-from ..assets import EMBEDDED_MODELS, RANDOM_MODELS, cache_root, package_dir
-from ..config import ConfigError, LoraArgs, ModelConfig, PruneConfig
+from ..arch import ATTENTION, MLP, ArchAdapter
+from ..config import LoraArgs, PruneConfig
 from ..pruning import layer_budgets, unit_floors
 from .memory import LayerGeometry
-
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
-
-
-def shipped_config_dir(name: str) -> Path | None:
-    """``configs/models/<org>--<name>`` when it holds a ``config.json`` for hub id ``name``."""
-    folder = SHIPPED_CONFIGS / name.replace("/", "--")
-    return folder if (folder / "config.json").is_file() else None
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the hub's host accepts a connection: one quick probe instead of the hub client's retries."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def plan_model_config(model: ModelConfig) -> tuple[PretrainedConfig, str]:
-    """(the model's HF config, where it came from), reading no weights."""
-    name, remote = model.name, model.trust_remote_code
-    key = name.lower()
-    if key in RANDOM_MODELS:
-        values = dict(RANDOM_MODELS[key])
-        return AutoConfig.for_model(values.pop("model_type"), **values), f"embedded {key} (built from its config)"
-    if key in EMBEDDED_MODELS:
-        cached = cache_root() / "models" / key
-        if (cached / "config.json").is_file():
-            return AutoConfig.from_pretrained(cached), f"embedded {key} ({cached}/config.json)"
-        asset = EMBEDDED_MODELS[key]  # not converted yet: the GGUF header has the config
-        folder = package_dir(asset.package, asset.pip_name)
-        return AutoConfig.from_pretrained(folder, gguf_file=asset.filename), f"embedded {key} (GGUF header)"
-    if Path(name).is_dir():
-        return AutoConfig.from_pretrained(name, trust_remote_code=remote), f"{name}/config.json"
-    online = hub_reachable()
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=remote, local_files_only=not online)
-        return config, f"hub {name}" if online else f"hub {name} (local cache)"
-    except (OSError, ValueError) as err:
-        shipped = shipped_config_dir(name)
-        if shipped is None:
-            why = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(
-                f"model.name={name!r}: cannot read its config.json from the hub ({why}) and no copy is shipped "
-                f"as {SHIPPED_CONFIGS.name}/{name.replace('/', '--')}/config.json; name a local folder instead"
-            ) from None
-        shown = shipped.relative_to(SHIPPED_CONFIGS.parents[1])
-        return AutoConfig.from_pretrained(shipped), f"{shown}/config.json, shipped copy (hub not reachable)"
-
-
-def meta_model(config: PretrainedConfig) -> tuple[nn.Module, ArchAdapter]:
-    """The family's heterogeneous class (what ``load_model`` builds) on the meta device: shapes, no memory."""
-    adapter = get_adapter(config)
-    adapter.check_geometry(config)
-    config_cls, model_cls = adapter.hetero_classes()
-    if not isinstance(config, config_cls):
-        config = adapter.to_hetero_config(config)
-    with torch.device("meta"):
-        model = model_cls(config)
-    return model, adapter
 
 
 def layer_geometry(model: nn.Module, adapter: ArchAdapter) -> LayerGeometry:
