@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from .arch import ArchAdapter, get_adapter, hf_compat
+from .arch import CHECKPOINT_CLASSES, ArchAdapter, get_adapter, hf_compat
 from .assets import EMBEDDED_MODELS, RANDOM_MODELS, cache_root, embedded_model_dir, is_embedded_model, package_dir
 from .config import ConfigError, ModelConfig
 
@@ -63,13 +63,10 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
 
 
 def _model_classes(config) -> tuple[type, type]:
-    """The (config, model) classes that load ``config``: its family's heterogeneous pair, or the SliceGPT
-    baseline's sliced Llama (no family adapter: adaptprune never prunes a sliced model further, but the
-    comparison trains and reloads one)."""
-    from .arch.hetero_sliced_llama import AdaptSlicedLlamaConfig, AdaptSlicedLlamaForCausalLM
-
-    if config.model_type == AdaptSlicedLlamaConfig.model_type:
-        return AdaptSlicedLlamaConfig, AdaptSlicedLlamaForCausalLM
+    """The (config, model) classes that load ``config``: a registered checkpoint class of no family (the
+    SliceGPT baseline's sliced Llama: the comparison trains and reloads one), else its family's pair."""
+    if config.model_type in CHECKPOINT_CLASSES:
+        return CHECKPOINT_CLASSES[config.model_type]
     return get_adapter(config).hetero_classes()  # one clear error for unsupported families
 
 

@@ -113,3 +113,32 @@ def test_lora_attaches_to_pruned_model_and_trains_one_step(input_ids):
     assert any(not torch.equal(b, p) for b, p in zip(before, trainable))
     lora_a = peft_model.base_model.model.model.layers[2].mlp.down_proj.lora_A["default"].weight
     assert lora_a.shape == (4, 5)  # the adapter follows the pruned width
+
+
+def test_a_registered_checkpoint_class_of_no_family_loads_as_itself(tmp_path, input_ids):
+    """``load_model`` asks the checkpoint-class registry first (how SliceGPT's sliced Llama reloads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adaptprune.arch import CHECKPOINT_CLASSES, register_auto_classes, register_checkpoint_class
+    from adaptprune.arch.hetero_sliced_llama import AdaptSlicedLlamaForCausalLM
+    from adaptprune.checkpoint import load_model
+
+    assert CHECKPOINT_CLASSES["adaptprune_sliced_llama"][1] is AdaptSlicedLlamaForCausalLM
+
+    class PlainConfig(LlamaConfig):
+        model_type = "test_plain_llama"
+
+    class PlainModel(LlamaForCausalLM):
+        config_class = PlainConfig
+
+    model = PlainModel(PlainConfig(**tiny_llama().config.to_dict())).eval()
+    model.save_pretrained(tmp_path / "plain")
+    register_checkpoint_class(PlainModel)
+    register_auto_classes()  # as importing adaptprune does, once every arch module has registered
+    try:
+        reloaded = load_model(str(tmp_path / "plain")).eval()
+    finally:
+        del CHECKPOINT_CLASSES["test_plain_llama"]
+    assert type(reloaded) is PlainModel
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, reloaded(input_ids).logits)

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .base import (
     ADAPTERS,
     ATTENTION,
+    CHECKPOINT_CLASSES,
     MLP,
     UNIT_KINDS,
     ArchAdapter,
@@ -17,6 +18,7 @@ from .base import (
     LayerShape,
     UnsupportedArchitectureError,
     register_adapter,
+    register_checkpoint_class,
 )
 from .stream import NORM, READ, WRITE, HiddenCoupling, StreamLayout
 
@@ -24,6 +26,11 @@ from .stream import NORM, READ, WRITE, HiddenCoupling, StreamLayout
 # adapter file (plus the heterogeneous checkpoint class it names, which travels with checkpoints).
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+
+from .hetero_sliced_llama import AdaptSlicedLlamaForCausalLM  # noqa: E402
+
+# The SliceGPT baseline's format; its file travels with checkpoints, so it registers here, importing nothing of ours.
+register_checkpoint_class(AdaptSlicedLlamaForCausalLM)
 
 
 def supported_families() -> list[str]:
@@ -47,15 +54,15 @@ def register_auto_classes() -> None:
         config_cls, model_cls = adapter.hetero_classes()
         AutoConfig.register(adapter.hetero_model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
-    from .hetero_sliced_llama import AdaptSlicedLlamaConfig, AdaptSlicedLlamaForCausalLM  # SliceGPT baseline
-
-    AutoConfig.register(AdaptSlicedLlamaConfig.model_type, AdaptSlicedLlamaConfig, exist_ok=True)
-    AutoModelForCausalLM.register(AdaptSlicedLlamaConfig, AdaptSlicedLlamaForCausalLM, exist_ok=True)
+    for model_type, (config_cls, model_cls) in CHECKPOINT_CLASSES.items():  # e.g. the SliceGPT baseline's
+        AutoConfig.register(model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
 
 __all__ = [
     "ADAPTERS",
     "ATTENTION",
+    "CHECKPOINT_CLASSES",
     "MLP",
     "NORM",
     "READ",
@@ -70,5 +77,6 @@ __all__ = [
     "get_adapter",
     "register_adapter",
     "register_auto_classes",
+    "register_checkpoint_class",
     "supported_families",
 ]

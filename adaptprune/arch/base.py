@@ -60,6 +60,18 @@ def register_adapter(cls: type[ArchAdapter]) -> type[ArchAdapter]:
     return cls
 
 
+# Checkpoint classes that belong to no family (a baseline's output format, e.g. SliceGPT's sliced Llama),
+# by model_type -> (config class, model class): ``load_model`` and the Auto classes load them like the
+# families' heterogeneous classes; adaptprune never prunes them further. Filled by ``register_checkpoint_class``.
+CHECKPOINT_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+def register_checkpoint_class(model_cls: type) -> type:
+    """Class decorator on a ``PreTrainedModel``: checkpoints of its config's ``model_type`` load as it."""
+    CHECKPOINT_CLASSES[model_cls.config_class.model_type] = (model_cls.config_class, model_cls)
+    return model_cls
+
+
 class ArchAdapter(StreamLayout, ABC):
     """All knowledge of one model family's layout. Subclasses register in ``arch/__init__``."""
 
