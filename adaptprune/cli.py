@@ -20,15 +20,15 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("adaptprune.assets", "MissingAssetError"),
     ("adaptprune.arch", "UnsupportedArchitectureError"),
     ("adaptprune.data", "CorpusError"),
-    ("adaptprune.surgery", "SurgeryError"),
+    ("adaptprune.pruning.surgery", "SurgeryError"),
     ("adaptprune.compat", "IncompatibleVersionError"),
     ("adaptprune.compat", "PickledWeightsError"),
     ("adaptprune.checkpoint", "ModelLoadError"),
     ("adaptprune.evaluation.tasks", "UnknownTaskError"),
-    ("adaptprune.rundir", "CheckpointWriteError"),
+    ("adaptprune.run.rundir", "CheckpointWriteError"),
     ("adaptprune.export.errors", "ExportError"),
 )
-STOPPED = (("adaptprune.controller", "TrainingStoppedError"),)  # exit status 3
+STOPPED = (("adaptprune.run.controller", "TrainingStoppedError"),)  # exit status 3
 
 
 def _is_instance(err: BaseException, classes: tuple[tuple[str, str], ...]) -> bool:
@@ -42,7 +42,7 @@ def _is_instance(err: BaseException, classes: tuple[tuple[str, str], ...]) -> bo
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, resolve_model_path
     from .compat import require_safetensors
-    from .inspection import describe, format_table
+    from .evaluation.inspection import describe, format_table
 
     require_safetensors(resolve_model_path(args.model))
     info = describe(load_model(args.model, trust_remote_code=args.trust_remote_code))
@@ -77,7 +77,7 @@ def prune_config(args: argparse.Namespace):
 def cmd_prune(args: argparse.Namespace) -> None:
     from .checkpoint import resolve_model_path
     from .compat import require_safetensors
-    from .oneshot import run_oneshot
+    from .run.oneshot import run_oneshot
 
     config = prune_config(args)
     require_safetensors(resolve_model_path(config.model.name))
@@ -94,7 +94,7 @@ def train(config_path: str | None, overrides: list[str], resume: bool) -> None:
     from .config import load_config
 
     config = load_config(config_path, overrides)
-    from .controller import Controller
+    from .run.controller import Controller
 
     Controller(config).run(resume=resume)
 
@@ -130,7 +130,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import load_compare_config, run_compare
+    from .methods.compare import load_compare_config, run_compare
 
     cfg = load_compare_config(args.config, args.overrides)
     run_compare(cfg)

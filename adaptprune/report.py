@@ -148,7 +148,7 @@ def write_run_report(run_dir: Path) -> Path:
 
     from .checkpoint import load_model
     from .config import load_config
-    from .inspection import describe
+    from .evaluation.inspection import describe
 
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").exists():

@@ -29,13 +29,13 @@ from pathlib import Path
 
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import load_config
-from adaptprune.controller import Controller
 from adaptprune.data import open_corpus
 from adaptprune.evaluation.perplexity import perplexity
-from adaptprune.pruning import prune_step
+from adaptprune.pruning.step import prune_step
+from adaptprune.pruning.surgery import count_parameters, params_after_removing
 from adaptprune.report import table_head, write_markdown_and_json
-from adaptprune.run_data import heldout_texts
-from adaptprune.surgery import count_parameters, params_after_removing
+from adaptprune.run.controller import Controller
+from adaptprune.run.run_data import heldout_texts
 
 PUBLISHED = [
     "prune.metric=taylor_param_first",

@@ -46,12 +46,12 @@ from budget_report import write_report
 
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import RunConfig, load_config, to_dict
-from adaptprune.controller import Controller
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.evaluation.tasks import run_tasks
-from adaptprune.run_data import heldout_texts
-from adaptprune.rundir import RunDir
-from adaptprune.surgery import count_parameters, params_after_removing
+from adaptprune.pruning.surgery import count_parameters, params_after_removing
+from adaptprune.run.controller import Controller
+from adaptprune.run.run_data import heldout_texts
+from adaptprune.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 ONESHOT = ("prune.step_fraction=1.0",)
@@ -269,7 +269,7 @@ def with_grid(grids: list[dict], payload: dict) -> list[dict]:
 
 
 def write_json(path: Path, grids: list[dict]) -> None:
-    """Atomic, as ``adaptprune.compare``: a crash never leaves half a file."""
+    """Atomic, as ``adaptprune.methods.compare``: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"schema": 2, "grids": grids}, indent=1), encoding="utf-8")

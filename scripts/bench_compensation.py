@@ -29,11 +29,11 @@ from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import PruneConfig, load_config
 from adaptprune.evaluation.perplexity import perplexity
-from adaptprune.profiling import Profile
-from adaptprune.pruning import calibrate_for, prune_with_stats
+from adaptprune.pruning.profiling import Profile
+from adaptprune.pruning.step import calibrate_for, prune_with_stats
+from adaptprune.pruning.surgery import count_parameters, params_after_removing
 from adaptprune.report import table_head, write_markdown_and_json
-from adaptprune.run_data import heldout_texts, shared_calibration
-from adaptprune.surgery import count_parameters, params_after_removing
+from adaptprune.run.run_data import heldout_texts, shared_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("none", "mean", "mean+energy", "least_squares")

@@ -24,9 +24,9 @@ from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import PruneConfig, load_config
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.importance import METRICS
-from adaptprune.pruning import calibrate_for, prune_step, prune_with_stats
-from adaptprune.run_data import heldout_texts, shared_calibration
-from adaptprune.surgery import count_parameters, params_after_removing
+from adaptprune.pruning.step import calibrate_for, prune_step, prune_with_stats
+from adaptprune.pruning.surgery import count_parameters, params_after_removing
+from adaptprune.run.run_data import heldout_texts, shared_calibration
 
 ALLOCATIONS = ("uniform", "adaptive", "global")
 COMPENSATIONS = {"none": "none", "mean": "mean", "mean+EC": "mean+energy"}  # row label -> prune.compensation

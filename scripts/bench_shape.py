@@ -30,12 +30,12 @@ from adaptprune.allocation import parse_target
 from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import RunConfig, load_config
-from adaptprune.controller import Controller
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.evaluation.speed import compare_speed
-from adaptprune.pruning import prune_step
-from adaptprune.run_data import heldout_texts, shared_calibration
-from adaptprune.surgery import count_parameters, params_after_removing
+from adaptprune.pruning.step import prune_step
+from adaptprune.pruning.surgery import count_parameters, params_after_removing
+from adaptprune.run.controller import Controller
+from adaptprune.run.run_data import heldout_texts, shared_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = {"units": "[neurons,groups]", "all": "[neurons,groups,hidden,layers]"}

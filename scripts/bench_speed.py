@@ -23,7 +23,7 @@ from torch import nn
 from adaptprune.arch import MLP, get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.evaluation.speed import compare_speed
-from adaptprune.surgery import apply_plan, count_non_embedding_parameters
+from adaptprune.pruning.surgery import apply_plan, count_non_embedding_parameters
 
 
 def uniform_mlp_plan(model: nn.Module, fraction: float) -> dict[int, dict[str, list[int]]]:

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from adaptprune.checkpoint import load_model
 from adaptprune.config import TrainConfig, from_dict, load_config
-from adaptprune.controller import Controller
+from adaptprune.run.controller import Controller
 from trainers import FullTrainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -64,8 +64,8 @@ def pruned_dir(work: Path, multiple: int) -> Path:
     if not (out / "model" / "config.json").exists():
         from adaptprune.checkpoint import load_model
         from adaptprune.config import load_config
-        from adaptprune.oneshot import run_oneshot
-        from adaptprune.surgery import params_after_removing
+        from adaptprune.pruning.surgery import params_after_removing
+        from adaptprune.run.oneshot import run_oneshot
 
         target = params_after_removing(load_model(DENSE), TARGET_FRACTION)
         overrides = [f"model.name={DENSE}", f"prune.target_params={target}", f"prune.neuron_multiple={multiple}"]
@@ -90,7 +90,7 @@ def heldout_text(tokenizer, tokens: int) -> str:
 def export_row(name: str, folder: str, work: Path, quants: list[str], threads: int) -> dict:
     """Export f32/f16, quantize, and record sizes, layer sizes and llama-quantize's fallbacks."""
     from adaptprune.checkpoint import load_model
-    from adaptprune.surgery import count_non_embedding_parameters, count_parameters
+    from adaptprune.pruning.surgery import count_non_embedding_parameters, count_parameters
 
     model = load_model(folder)
     row = {"name": name, "folder": str(folder), "params": count_parameters(model)}

@@ -88,8 +88,8 @@ def timed_controller(cfg):
     """The real ``Controller``, each training phase timed (CUDA synchronised) with its model's size."""
     import torch
 
-    from adaptprune.controller import Controller
-    from adaptprune.surgery import count_parameters
+    from adaptprune.pruning.surgery import count_parameters
+    from adaptprune.run.controller import Controller
 
     def sync() -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():

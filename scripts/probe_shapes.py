@@ -23,11 +23,11 @@ from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import load_config
 from adaptprune.importance.residual import calibration_loss
+from adaptprune.pruning.shape_step import reach_shape
+from adaptprune.pruning.surgery import count_parameters, params_after_removing
+from adaptprune.pruning.target_shape import ModelShape
 from adaptprune.report import table_head, write_markdown_and_json
-from adaptprune.run_data import RunData
-from adaptprune.shape_step import reach_shape
-from adaptprune.surgery import count_parameters, params_after_removing
-from adaptprune.target_shape import ModelShape
+from adaptprune.run.run_data import RunData
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from adaptprune.config import load_config
-from adaptprune.controller import Controller
+from adaptprune.run.controller import Controller
 
 
 def main(config_path: str, out: str, corpus: str) -> None:

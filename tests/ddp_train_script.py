@@ -17,7 +17,7 @@ from accelerate import Accelerator  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from adaptprune.config import TrainConfig  # noqa: E402
-from adaptprune.surgery import apply_plan  # noqa: E402
+from adaptprune.pruning.surgery import apply_plan  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 from tests.trainer_utils import constant_lr, half_plan, toy_batches  # noqa: E402
 from trainers import FullTrainer  # noqa: E402

@@ -15,7 +15,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from adaptprune.config import load_config
-from adaptprune.controller import Controller
+from adaptprune.run.controller import Controller
 
 
 def fsdp2_accelerator() -> Accelerator:

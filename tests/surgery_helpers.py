@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from adaptprune.arch import MLP, get_adapter
 from adaptprune.checkpoint import save_checkpoint, to_heterogeneous
-from adaptprune.surgery import apply_plan
+from adaptprune.pruning.surgery import apply_plan
 
 # {layer_idx: {kind: unit ids to remove}}
 Removal = Mapping[int, Mapping[str, Sequence[int]]]

@@ -337,7 +337,7 @@ def test_property_target_is_hit(case, name, ties):
 @pytest.mark.parametrize("name", ALL)
 def test_plan_applies_with_surgery(name):
     from adaptprune.arch import get_adapter
-    from adaptprune.surgery import apply_plan, count_parameters
+    from adaptprune.pruning.surgery import apply_plan, count_parameters
 
     from .conftest import tiny_llama
 

@@ -26,7 +26,7 @@ from adaptprune.baselines.llm_pruner import (
     unit_scores,
 )
 from adaptprune.checkpoint import save_checkpoint
-from adaptprune.surgery import count_non_embedding_parameters, count_parameters
+from adaptprune.pruning.surgery import count_non_embedding_parameters, count_parameters
 
 from .conftest import tiny_llama
 
@@ -87,7 +87,7 @@ def test_flap_wifv_matches_activations_captured_by_hand():
     x = torch.cat(captured).double()  # (tokens, C)
     var = x.var(dim=0, unbiased=False)
     by_hand = var * down.weight.detach().double().square().sum(0)
-    from adaptprune.calibration import calibrate
+    from adaptprune.pruning.calibration import calibrate
 
     calib = calibrate(model, seqs, progress=False)
     assert torch.allclose(wifv(down.weight, calib.layers[1].mlp.var), by_hand, rtol=1e-9, atol=0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptprune import calibration
 from adaptprune.arch import ATTENTION, MLP, UNIT_KINDS, Coupling, get_adapter
-from adaptprune.calibration import ChannelAccumulator, calibrate, first_order_terms
+from adaptprune.pruning import calibration
+from adaptprune.pruning.calibration import ChannelAccumulator, calibrate, first_order_terms
 
 from .conftest import tiny_llama
 

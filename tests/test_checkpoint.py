@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from adaptprune.arch import ATTENTION, MLP
 from adaptprune.checkpoint import save_checkpoint
-from adaptprune.surgery import apply_plan, ensure_output_biases
+from adaptprune.pruning.surgery import apply_plan, ensure_output_biases
 
 from .conftest import tiny_llama
 

@@ -168,7 +168,7 @@ def test_resume_refuses_a_run_folder_another_process_is_writing(tmp_path, capsys
 
 HOLD_LOCK = """
 import sys, time
-from adaptprune.rundir import RunDir
+from adaptprune.run.rundir import RunDir
 run = RunDir(sys.argv[1])
 run.path.mkdir(parents=True, exist_ok=True)
 run._acquire_lock()
@@ -178,7 +178,7 @@ time.sleep(300)
 
 
 def test_disk_full_while_saving_is_one_line_naming_folder_and_size(tmp_path, monkeypatch, capsys):
-    from adaptprune import rundir
+    from adaptprune.run import rundir
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from adaptprune.compare import DEFAULT_METHODS, load_compare_config, run_compare
 from adaptprune.methods import METHODS
+from adaptprune.methods.compare import DEFAULT_METHODS, load_compare_config, run_compare
 
 
 def test_compare_runs_every_method_at_equal_size(tmp_path):

@@ -169,7 +169,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns():
     import torch
 
     from adaptprune.compat import cpu_has_native_bf16
-    from adaptprune.controller import precision_warning
+    from adaptprune.run.controller import precision_warning
 
     assert cpu_has_native_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     assert "no native bf16" in precision_warning("bf16", on_cpu=True, native_bf16=False)

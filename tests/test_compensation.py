@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter, hf_compat
-from adaptprune.calibration import ChannelStats, calibrate
 from adaptprune.checkpoint import save_checkpoint
-from adaptprune.compensation import (
+from adaptprune.pruning.calibration import ChannelStats, calibrate
+from adaptprune.pruning.compensation import (
     MODES,
     apply_compensated_plan,
     compensate,
@@ -230,7 +230,7 @@ def test_unknown_compensation_is_refused():
 def test_least_squares_holds_a_bias_vector_per_projection_not_a_weight_matrix():
     """Memory: each layer's Δ goes into its kept columns at once, so the step holds O(out) per projection
     beyond the statistics (peak: one layer's solve), not one (out, |K|) float64 matrix per layer."""
-    from adaptprune import compensation
+    from adaptprune.pruning import compensation
 
     model, seqs = tiny_llama(num_heads=6, num_kv_heads=3), _sequences()
     calib = calibrate(model, seqs, collect_cov=True, progress=False)

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adaptprune.config import load_config
-from adaptprune.controller import CRASH_ENV, Controller
-from adaptprune.schedule import stage_targets
+from adaptprune.run.controller import CRASH_ENV, Controller
+from adaptprune.run.schedule import stage_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

@@ -17,7 +17,7 @@ from adaptprune.cli import main
 from adaptprune.export import ExportError, block_size, export_gguf, quant_fallbacks
 from adaptprune.export.gguf_layout import check_exportable, interleave_rope_rows
 from adaptprune.export.gguf_tokenizer import hf_tokenizer_meta, pre_tokenizer_name
-from adaptprune.surgery import apply_plan, ensure_output_biases
+from adaptprune.pruning.surgery import apply_plan, ensure_output_biases
 
 from .conftest import tiny_llama
 

@@ -19,15 +19,20 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from adaptprune.arch import NORM, WRITE, get_adapter
-from adaptprune.calibration import calibrate
 from adaptprune.checkpoint import load_model, load_tokenizer, save_checkpoint, to_heterogeneous
-from adaptprune.compensation import apply_compensated_plan
 from adaptprune.config import load_config
-from adaptprune.controller import Controller
-from adaptprune.inspection import describe
-from adaptprune.oneshot import run_oneshot
-from adaptprune.reshape import compensate_layer_removal, compensate_norm_gains, remove_hidden_channels, remove_layers
-from adaptprune.surgery import apply_plan, count_parameters
+from adaptprune.evaluation.inspection import describe
+from adaptprune.pruning.calibration import calibrate
+from adaptprune.pruning.compensation import apply_compensated_plan
+from adaptprune.pruning.reshape import (
+    compensate_layer_removal,
+    compensate_norm_gains,
+    remove_hidden_channels,
+    remove_layers,
+)
+from adaptprune.pruning.surgery import apply_plan, count_parameters
+from adaptprune.run.controller import Controller
+from adaptprune.run.oneshot import run_oneshot
 
 from .family_table import FAMILIES, KEEP_HIDDEN, KEEP_LAYERS, expected_params, hf_model, remote_logits
 from .surgery_helpers import (

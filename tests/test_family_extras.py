@@ -11,8 +11,8 @@ import torch
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter
 from adaptprune.checkpoint import save_checkpoint, to_heterogeneous
-from adaptprune.reshape import remove_hidden_channels, remove_layers
-from adaptprune.surgery import apply_plan, count_non_embedding_parameters, count_parameters
+from adaptprune.pruning.reshape import remove_hidden_channels, remove_layers
+from adaptprune.pruning.surgery import apply_plan, count_non_embedding_parameters, count_parameters
 
 from .family_table import KEEP_HIDDEN, REMOVED, expected_params, hf_model
 from .surgery_helpers import assert_reload_is_exact, assert_removal_equals_masking, keep_plan, logits, remote_logits

@@ -14,7 +14,7 @@ import torch
 from adaptprune.arch import ATTENTION, MLP
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.export import export_gguf, llamacpp
-from adaptprune.surgery import apply_plan, ensure_output_biases
+from adaptprune.pruning.surgery import apply_plan, ensure_output_biases
 
 pytestmark = [
     pytest.mark.llamacpp,

@@ -6,7 +6,7 @@ import torch
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter
 from adaptprune.config import TrainConfig
-from adaptprune.surgery import apply_plan, ensure_output_biases
+from adaptprune.pruning.surgery import apply_plan, ensure_output_biases
 from trainers import FullTrainer, load_optimizer_state, save_optimizer_state
 from trainers.optim_state import surgery_cuts
 

@@ -23,8 +23,8 @@ from adaptprune.plan.memory import (
     head_activation_bytes,
     layer_activation_bytes,
 )
-from adaptprune.schedule import stage_targets
-from adaptprune.surgery import count_parameters
+from adaptprune.pruning.surgery import count_parameters
+from adaptprune.run.schedule import stage_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "compare.yaml")
@@ -216,7 +216,7 @@ def test_an_unknown_hub_id_is_one_line(capsys):
 
 
 def test_plan_lists_the_depth_and_width_candidates_with_hidden_and_layers(capsys):
-    from adaptprune.shape_plan import shape_candidates_for
+    from adaptprune.pruning.shape_plan import shape_candidates_for
 
     dims, deep = "prune.dims=[neurons,groups,hidden,layers]", "prune.target_params=0.5x"
     plan = _plan_json(capsys, "--config", str(ROOT / "configs" / "smoke.yaml"), dims, deep)

@@ -11,7 +11,7 @@ import torch
 from adaptprune.allocation import allocator_from_json
 from adaptprune.arch import ATTENTION, MLP, get_adapter
 from adaptprune.config import ConfigError, PruneConfig
-from adaptprune.pruning import (
+from adaptprune.pruning.step import (
     build_allocator,
     fresh_windows,
     inner_targets,
@@ -20,7 +20,7 @@ from adaptprune.pruning import (
     random_windows,
     taylor_rows,
 )
-from adaptprune.surgery import count_parameters
+from adaptprune.pruning.surgery import count_parameters
 
 from .conftest import tiny_llama
 

@@ -15,7 +15,7 @@ from adaptprune.arch import MLP, get_adapter
 from adaptprune.checkpoint import save_checkpoint
 from adaptprune.data import load_corpus, token_stream
 from adaptprune.evaluation.perplexity import perplexity
-from adaptprune.surgery import apply_plan
+from adaptprune.pruning.surgery import apply_plan
 
 README_HELDOUT_PPL = 19.33  # README: 2,046 held-out Shakespeare tokens, context 1024
 

@@ -24,9 +24,9 @@ from adaptprune.arch import UnsupportedArchitectureError
 from adaptprune.arch.llama import LlamaAdapter
 from adaptprune.compat import PickledWeightsError, require_safetensors
 from adaptprune.config import ConfigError, RunConfig, from_dict, load_config
-from adaptprune.controller import Controller
 from adaptprune.data import CorpusError, load_corpus
-from adaptprune.surgery import SurgeryError, remove_attention_groups
+from adaptprune.pruning.surgery import SurgeryError, remove_attention_groups
+from adaptprune.run.controller import Controller
 from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from adaptprune.arch import get_adapter
-from adaptprune.calibration import calibrate
+from adaptprune.evaluation.inspection import describe, format_table
 from adaptprune.importance.residual import (
     hidden_channel_scores,
     hidden_scores,
@@ -21,10 +21,15 @@ from adaptprune.importance.residual import (
     relative_rms,
     top_indices,
 )
-from adaptprune.inspection import describe, format_table
-from adaptprune.records import DepthRecord, HiddenRecord
-from adaptprune.reshape import compensate_layer_removal, layer_mean_shifts, remove_hidden_channels, remove_layers
-from adaptprune.surgery import SurgeryError, apply_plan, count_parameters
+from adaptprune.pruning.calibration import calibrate
+from adaptprune.pruning.records import DepthRecord, HiddenRecord
+from adaptprune.pruning.reshape import (
+    compensate_layer_removal,
+    layer_mean_shifts,
+    remove_hidden_channels,
+    remove_layers,
+)
+from adaptprune.pruning.surgery import SurgeryError, apply_plan, count_parameters
 from trainers.optim_state import state_by_name
 from trainers.optim_state_shape import carry_reshaped_optimizer_state
 

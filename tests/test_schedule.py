@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptprune.schedule import lr_at, num_stages, split_budget, stage_targets
+from adaptprune.run.schedule import lr_at, num_stages, split_budget, stage_targets
 
 
 def test_stage_targets_step_evenly_to_the_target():

@@ -27,15 +27,15 @@ from adaptprune.allocation.shape import (
 from adaptprune.arch import ATTENTION, MLP, get_adapter
 from adaptprune.checkpoint import to_heterogeneous
 from adaptprune.config import ConfigError, PruneConfig, load_config
-from adaptprune.controller import CRASH_ENV, Controller
 from adaptprune.importance.residual import calibration_loss
-from adaptprune.kept_ids import changed_kept_ids, compose_kept_ids, initial_kept_ids
-from adaptprune.pruning import prune_step
-from adaptprune.records import DepthRecord, HiddenRecord, KeptRecord
-from adaptprune.reshape import remove_hidden_channels, remove_layers, unit_channel_share
-from adaptprune.shape_plan import shape_candidates_for, shape_for_target
-from adaptprune.shape_search import shape_costs
-from adaptprune.surgery import count_parameters, ensure_output_biases
+from adaptprune.pruning.records import DepthRecord, HiddenRecord, KeptRecord
+from adaptprune.pruning.reshape import remove_hidden_channels, remove_layers, unit_channel_share
+from adaptprune.pruning.shape_plan import shape_candidates_for, shape_for_target
+from adaptprune.pruning.shape_search import shape_costs
+from adaptprune.pruning.step import prune_step
+from adaptprune.pruning.surgery import count_parameters, ensure_output_biases
+from adaptprune.run.controller import CRASH_ENV, Controller
+from adaptprune.run.kept_ids import changed_kept_ids, compose_kept_ids, initial_kept_ids
 from trainers import FullTrainer
 from trainers.optim_state_shape import reshape_state
 

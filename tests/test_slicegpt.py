@@ -21,7 +21,7 @@ from adaptprune.baselines.slicegpt import (
     slicegpt_prune,
 )
 from adaptprune.checkpoint import save_checkpoint
-from adaptprune.surgery import apply_plan
+from adaptprune.pruning.surgery import apply_plan
 
 from .conftest import tiny_llama
 

@@ -7,7 +7,7 @@ import torch
 
 from adaptprune.arch import MLP
 from adaptprune.evaluation.speed import SpeedProbe, compare_speed, forward_flops_per_token, measure_speed, size_ratios
-from adaptprune.surgery import apply_plan
+from adaptprune.pruning.surgery import apply_plan
 
 from .conftest import tiny_llama
 

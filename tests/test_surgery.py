@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter
-from adaptprune.surgery import SurgeryError, apply_plan, count_parameters, params_after_removing
+from adaptprune.pruning.surgery import SurgeryError, apply_plan, count_parameters, params_after_removing
 
 from .conftest import tiny_llama
 

@@ -12,11 +12,10 @@ from transformers import AutoModelForCausalLM
 from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, save_checkpoint, to_heterogeneous
 from adaptprune.config import ConfigError, PruneConfig, load_config
-from adaptprune.controller import Controller
 from adaptprune.export import export_gguf
-from adaptprune.shape_step import kept_counts, reach_shape
-from adaptprune.surgery import count_parameters
-from adaptprune.target_shape import (
+from adaptprune.pruning.shape_step import kept_counts, reach_shape
+from adaptprune.pruning.surgery import count_parameters
+from adaptprune.pruning.target_shape import (
     ModelShape,
     current_shape,
     plan_walk,
@@ -25,6 +24,7 @@ from adaptprune.target_shape import (
     shape_params,
     walk_fraction,
 )
+from adaptprune.run.controller import Controller
 
 from .conftest import tiny_llama
 from .family_table import FAMILIES, hf_model, remote_logits

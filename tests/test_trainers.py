@@ -17,7 +17,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from torch import nn
 
-from adaptprune.surgery import apply_plan
+from adaptprune.pruning.surgery import apply_plan
 from trainers import (
     DistillTrainer,
     FullTrainer,

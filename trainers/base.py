@@ -28,8 +28,8 @@ from torch import nn
 
 from adaptprune.compat import enable_activation_checkpointing
 from adaptprune.config import OptimArgs, TrainConfig
-from adaptprune.records import DepthRecord, HiddenRecord
-from adaptprune.registry import TRAINERS
+from adaptprune.config.registry import TRAINERS
+from adaptprune.pruning.records import DepthRecord, HiddenRecord
 
 from .optim_state import (
     CarryReport,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from adaptprune.arch import ArchAdapter, get_adapter
-from adaptprune.records import KeptRecord
+from adaptprune.pruning.records import KeptRecord
 
 OPTIMIZER_STATE_MODES = ("carry", "reset")
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from adaptprune.arch import ArchAdapter, get_adapter
-from adaptprune.records import DepthRecord, HiddenRecord, KeptRecord
+from adaptprune.pruning.records import DepthRecord, HiddenRecord, KeptRecord
 
 from .optim_state import CarryReport, StateByName, carry_optimizer_state, slice_state
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from ..registry import ALLOCATORS
+from ..config.registry import ALLOCATORS
 from .accumulating import SCOPES, AccumulatingAllocator, SparsityState
 from .core import (
     Allocator,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..arch import ATTENTION, MLP
-from ..records import Plan
+from ..pruning.records import Plan
 
 _KIND_CODE = {ATTENTION: 0, MLP: 1}
 

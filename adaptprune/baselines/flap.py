@@ -47,11 +47,11 @@ from torch import Tensor, nn
 
 from ..allocation import GlobalAllocator, LayerBudget, zscore
 from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
-from ..calibration import CalibrationResult, ChannelStats, calibrate
-from ..compensation import apply_compensated_plan, mean_shift
-from ..pruning import layer_budgets
-from ..records import KeptRecord
-from ..surgery import apply_plan, count_parameters, ensure_output_biases
+from ..pruning.calibration import CalibrationResult, ChannelStats, calibrate
+from ..pruning.compensation import apply_compensated_plan, mean_shift
+from ..pruning.records import KeptRecord
+from ..pruning.step import layer_budgets
+from ..pruning.surgery import apply_plan, count_parameters, ensure_output_biases
 
 FLAP_PAPER_CALIBRATION = (1024, 128)  # sequences × tokens of WikiText2 in the paper
 

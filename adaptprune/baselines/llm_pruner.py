@@ -52,9 +52,9 @@ from tqdm.auto import tqdm
 from ..allocation import LayerBudget, apportion, solve_layer_targets
 from ..arch import ATTENTION, MLP, ArchAdapter, Coupling, get_adapter
 from ..config import LoraArgs, TrainConfig
-from ..pruning import random_windows
-from ..records import KeptRecord
-from ..surgery import apply_plan, count_parameters
+from ..pruning.records import KeptRecord
+from ..pruning.step import random_windows
+from ..pruning.surgery import apply_plan, count_parameters
 
 IMPORTANCE_MODES = ("element_first", "element_second", "vectorwise")
 CALIB_SAMPLES = 10  # calibration sequences (the paper's bookcorpus samples)

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ..arch import get_adapter
-from ..surgery import count_non_embedding_parameters, count_parameters
+from ..pruning.surgery import count_non_embedding_parameters, count_parameters
 
 
 def _sync(device: torch.device) -> None:

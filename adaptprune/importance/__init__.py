@@ -10,7 +10,7 @@ import difflib
 import importlib
 import pkgutil
 
-from ..registry import METRICS
+from ..config.registry import METRICS
 from .base import ColumnImportance, Importance, column_norms, pool_columns
 
 

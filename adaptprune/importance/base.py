@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import ArchAdapter
-from ..calibration import CalibrationResult, ChannelStats
+from ..pruning.calibration import CalibrationResult, ChannelStats
 
 
 class Importance(ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..calibration import ChannelStats
+from ..pruning.calibration import ChannelStats
 from . import register
 from .base import ColumnImportance
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import ArchAdapter, get_adapter
-from ..calibration import CalibrationResult
+from ..pruning.calibration import CalibrationResult
 
 
 # ---- pure tensor maths ---------------------------------------------------------------------------

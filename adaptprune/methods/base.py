@@ -8,6 +8,7 @@ package, so nothing else needs editing.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..profiling import Profile
+from ..pruning.profiling import Profile
 
 
 @dataclass
@@ -51,3 +52,12 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method '{cls.name}' is already registered by {type(METHODS[cls.name]).__name__}")
     METHODS[cls.name] = cls()
     return cls
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name``; unknown names suggest the nearest one."""
+    if name not in METHODS:
+        near = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ValueError(f"unknown method '{name}'{hint}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..records import KeptRecord
-from ..stage_pruner import CalibrationSource
+from ..pruning.records import KeptRecord
+from ..run.stage_pruner import CalibrationSource
 from .base import Method, MethodContext, register_method
 from .training import run_controller
 

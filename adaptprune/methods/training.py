@@ -13,7 +13,7 @@ from torch import nn
 
 from ..checkpoint import load_model
 from ..config import DataConfig, PruneConfig, TrainConfig
-from ..stage_pruner import StagePruner
+from ..run.stage_pruner import StagePruner
 from .base import MethodContext
 
 
@@ -31,7 +31,7 @@ def run_controller(
 
     A run folder left by an interrupted comparison is resumed (``ctx.out``).
     """
-    from ..controller import Controller  # the controller imports the methods' pruners' modules
+    from ..run.controller import Controller  # the controller imports the methods' pruners' modules
 
     run = ctx.run
     prune = dataclasses.replace(prune or run.prune, target_params=str(ctx.target))

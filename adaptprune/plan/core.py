@@ -14,10 +14,10 @@ from torch import nn
 from ..arch import ArchAdapter
 from ..checkpoint import meta_model, read_model_config
 from ..config import ConfigError, RunConfig
-from ..preflight import validated_target
-from ..schedule import split_budget, stage_targets
-from ..surgery import count_parameters
-from ..target_shape import ShapeWalk, plan_walk
+from ..pruning.surgery import count_parameters
+from ..pruning.target_shape import ShapeWalk, plan_walk
+from ..run.preflight import validated_target
+from ..run.schedule import split_budget, stage_targets
 from . import memory
 from .model import fsdp_gathered_params, layer_geometry, lora_params, uniform_sizes
 
@@ -234,7 +234,7 @@ def chosen_shape(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, target:
     A run measures each candidate's calibration loss at every step and keeps the best; a dry run cannot,
     so it lists them all, units-only first (the choice on a tie).
     """
-    from ..shape_plan import shape_candidates_for
+    from ..pruning.shape_plan import shape_candidates_for
 
     reshaping = [d for d in cfg.prune.dims if d in ("hidden", "layers")]
     if not reshaping:

@@ -11,7 +11,7 @@ from torch import nn
 from ..allocation import LayerBudget, get_allocator, removed_params
 from ..arch import ATTENTION, MLP, ArchAdapter
 from ..config import LoraArgs, PruneConfig
-from ..pruning import layer_budgets, unit_floors
+from ..pruning.step import layer_budgets, unit_floors
 from .memory import LayerGeometry
 
 

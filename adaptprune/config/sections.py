@@ -2,7 +2,7 @@
 
 Nested dataclasses (model, data, prune, schedule, train, eval, output; ``train`` nests each
 trainer's own arguments); every field carries its help text and checks (``option``). The
-validation machinery is in ``config_schema``: unknown keys, wrong types and out-of-range values
+validation machinery is in ``config.schema``: unknown keys, wrong types and out-of-range values
 raise one ``ConfigError`` line naming the field, the value and what is allowed.
 """
 
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .config_schema import (  # noqa: F401  (the config API: one import place for callers)
+from .registry import ALLOCATORS, METRICS, TRAINERS  # names only: the plug-in packages load on demand
+from .schema import (  # noqa: F401  (re-exported by the package)
     ConfigError,
     dump_yaml,
     from_dict,
@@ -21,7 +22,6 @@ from .config_schema import (  # noqa: F401  (the config API: one import place fo
     read_yaml,
     to_dict,
 )
-from .registry import ALLOCATORS, METRICS, TRAINERS  # names only: the plug-in packages load on demand
 
 _f = option  # short alias used by the field tables below
 

@@ -7,9 +7,9 @@ import math
 
 from torch import nn
 
-from .arch import ArchAdapter
-from .evaluation.perplexity import perplexity
-from .surgery import count_parameters
+from ..arch import ArchAdapter
+from ..evaluation.perplexity import perplexity
+from ..pruning.surgery import count_parameters
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .arch import UNIT_KINDS, ArchAdapter, Coupling
+from ..arch import UNIT_KINDS, ArchAdapter, Coupling
 
 Terms = list[dict[str, Tensor]]  # per layer, per kind: (units,) float64
 

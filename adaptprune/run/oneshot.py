@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .allocation import parse_target
-from .arch import get_adapter
-from .checkpoint import atomic_dir, load_model, load_tokenizer, save_checkpoint
-from .config import ConfigError, RunConfig, dump_yaml
-from .evaluation.perplexity import perplexity
-from .inspection import describe
+from ..allocation import parse_target
+from ..arch import get_adapter
+from ..checkpoint import atomic_dir, load_model, load_tokenizer, save_checkpoint
+from ..config import ConfigError, RunConfig, dump_yaml
+from ..evaluation.inspection import describe
+from ..evaluation.perplexity import perplexity
+from ..pruning.shape_step import prune_once
+from ..pruning.surgery import count_non_embedding_parameters, count_parameters
+from ..pruning.target_shape import plan_walk
+from ..report import plot_layer_sizes
 from .kept_ids import changed_kept_ids, compose_kept_ids, initial_kept_ids
-from .report import plot_layer_sizes
 from .run_data import heldout_texts, shared_calibration
-from .shape_step import prune_once
-from .surgery import count_non_embedding_parameters, count_parameters
-from .target_shape import plan_walk
 
 
 def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:

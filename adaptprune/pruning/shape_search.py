@@ -36,11 +36,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .allocation.shape import HIDDEN, LAYERS, ShapeCandidate, ShapeCosts, grid_candidates
-from .arch import ArchAdapter
-from .calibration import CalibrationResult
-from .config import PruneConfig
-from .importance.residual import (
+from ..allocation.shape import HIDDEN, LAYERS, ShapeCandidate, ShapeCosts, grid_candidates
+from ..arch import ArchAdapter
+from ..config import PruneConfig
+from ..importance.residual import (
     calibration_loss,
     hidden_channel_scores,
     influence_scores,
@@ -49,6 +48,7 @@ from .importance.residual import (
     stream_gains,
     top_indices,
 )
+from .calibration import CalibrationResult
 from .records import DepthRecord, HiddenRecord
 from .reshape import (
     channel_shares,

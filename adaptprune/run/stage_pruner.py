@@ -14,12 +14,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .allocation import allocator_from_json
-from .arch import ArchAdapter
-from .config import PruneConfig
-from .pruning import Record, build_allocator, prune_step
-from .shape_step import reach_shape
-from .target_shape import ShapeWalk
+from ..allocation import allocator_from_json
+from ..arch import ArchAdapter
+from ..config import PruneConfig
+from ..pruning.shape_step import reach_shape
+from ..pruning.step import Record, build_allocator, prune_step
+from ..pruning.target_shape import ShapeWalk
 
 
 class CalibrationSource(Protocol):

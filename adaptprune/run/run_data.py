@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .config import RunConfig
-from .data import Corpus, heldout_tokens, open_corpus
+from ..config import RunConfig
+from ..data import Corpus, heldout_tokens, open_corpus
 
 
 class TrainBatches:

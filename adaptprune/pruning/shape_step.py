@@ -23,14 +23,16 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .allocation import normalised_influence, solve_layer_targets
-from .allocation.shape import ShapeCandidate
-from .arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from ..allocation import normalised_influence, solve_layer_targets
+from ..allocation.shape import ShapeCandidate
+from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from ..config import PruneConfig
+from ..importance import get_metric
 from .compensation import apply_compensated_plan
-from .config import PruneConfig
-from .importance import get_metric
 from .profiling import Profile
-from .pruning import (
+from .records import KeptRecord, Plan
+from .shape_search import apply_shape, layer_scores
+from .step import (
     Calibration,
     StepReport,
     _same_plan_on_every_rank,
@@ -39,8 +41,6 @@ from .pruning import (
     next_sequences,
     prune_step,
 )
-from .records import KeptRecord, Plan
-from .shape_search import apply_shape, layer_scores
 from .surgery import ensure_output_biases
 from .target_shape import ModelShape, current_shape
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, get_adapter
+from ..arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, get_adapter
 from .gradients import TaylorAccumulator, first_order_terms  # noqa: F401  (first_order_terms: re-exported)
 
 

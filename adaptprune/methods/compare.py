@@ -18,13 +18,13 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import load_model, load_tokenizer
-from .config import ConfigError, RunConfig, load_into, option, to_dict
-from .evaluation.perplexity import perplexity
-from .methods import METHODS, MethodContext, get_method
-from .report import table_head
-from .run_data import heldout_texts, shared_calibration
-from .surgery import count_parameters, params_after_removing
+from ..checkpoint import load_model, load_tokenizer
+from ..config import ConfigError, RunConfig, load_into, option, to_dict
+from ..evaluation.perplexity import perplexity
+from ..pruning.surgery import count_parameters, params_after_removing
+from ..report import table_head
+from ..run.run_data import heldout_texts, shared_calibration
+from .base import METHODS, MethodContext, get_method
 
 DEFAULT_METHODS = [
     "dense",
@@ -137,7 +137,7 @@ def _write_json(cfg: CompareConfig, rows: list[dict], target: int) -> None:
 
 
 def _evaluate(cfg: CompareConfig, ctx: MethodContext, method: str, model: nn.Module, tokenizer, texts, seconds) -> dict:
-    from .evaluation.tasks import run_tasks
+    from ..evaluation.tasks import run_tasks
 
     model.eval()
     start = time.perf_counter()

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .allocation import Allocator, LayerBudget, get_allocator, removable_params
-from .arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from ..allocation import Allocator, LayerBudget, get_allocator, removable_params
+from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from ..config import PruneConfig
+from ..importance import get_metric
 from .calibration import CalibrationResult, calibrate
 from .compensation import apply_compensated_plan
-from .config import PruneConfig
-from .importance import get_metric
 from .profiling import Profile
 from .records import DepthRecord, HiddenRecord, KeptRecord, Plan
 from .shape_search import ShapeStep, layer_compensation_applies, search_shape

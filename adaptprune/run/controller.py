@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from trainers import NonFiniteLossError, get_trainer, load_optimizer_state, save_optimizer_state
 
-from .compat import cpu_has_native_bf16
-from .config import RunConfig, to_dict
+from ..compat import cpu_has_native_bf16
+from ..config import RunConfig, to_dict
 from .kept_ids import compose_kept_ids, initial_kept_ids
 from .phase_log import PhaseLog
 from .preflight import Prepared, load_teacher, preflight

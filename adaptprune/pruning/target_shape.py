@@ -26,8 +26,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .arch import ATTENTION, MLP, ArchAdapter, get_adapter
-from .config import ConfigError
+from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from ..config import ConfigError
 
 MAPPING_KEYS = ("layers", "hidden", "kv_groups", "heads", "neurons")
 
@@ -111,8 +111,8 @@ def _target_config(name: str):
     """The target model's HF config from a config.json file, a folder, an embedded name or a hub id."""
     from transformers import AutoConfig
 
-    from .checkpoint import read_model_config
-    from .config import ModelConfig
+    from ..checkpoint import read_model_config
+    from ..config import ModelConfig
 
     path = Path(name)
     if path.is_file():
@@ -190,7 +190,7 @@ def shape_params(model: nn.Module, shape: ModelShape, with_output_biases: bool, 
 
     ``with_output_biases``: mean compensation's o/down bias slots count, as they do in a run.
     """
-    from .checkpoint import meta_model
+    from ..checkpoint import meta_model
     from .reshape import remove_hidden_channels, remove_layers
     from .surgery import apply_plan, count_parameters, ensure_output_biases
 

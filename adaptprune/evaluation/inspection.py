@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .arch import get_adapter
-from .surgery import count_non_embedding_parameters, count_parameters
+from ..arch import get_adapter
+from ..pruning.surgery import count_non_embedding_parameters, count_parameters
 
 
 def describe(model: nn.Module) -> dict:

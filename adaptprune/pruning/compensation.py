@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .arch import UNIT_KINDS, ArchAdapter, get_adapter
+from ..arch import UNIT_KINDS, ArchAdapter, get_adapter
 from .calibration import CalibrationResult, ChannelStats
 from .records import KeptRecord, Plan
 from .surgery import apply_plan, ensure_output_biases

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, get_adapter, hf_compat
+from ..arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, get_adapter, hf_compat
 from .records import KeptRecord, Plan, SliceRecord
 
 

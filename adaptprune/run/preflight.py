@@ -11,17 +11,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .allocation import parse_target
-from .arch import ArchAdapter, get_adapter
-from .checkpoint import load_config as load_model_config
-from .checkpoint import load_model, load_tokenizer, resolve_model_path
-from .compat import require_safetensors
-from .config import ConfigError, RunConfig
-from .pruning import smallest_reachable
+from ..allocation import parse_target
+from ..arch import ArchAdapter, get_adapter
+from ..checkpoint import load_config as load_model_config
+from ..checkpoint import load_model, load_tokenizer, resolve_model_path
+from ..compat import require_safetensors
+from ..config import ConfigError, RunConfig
+from ..pruning.step import smallest_reachable
+from ..pruning.surgery import count_parameters
+from ..pruning.target_shape import ShapeWalk, plan_walk
 from .rundir import RunDir
 from .schedule import stage_targets
-from .surgery import count_parameters
-from .target_shape import ShapeWalk, plan_walk
 
 
 @dataclass
