@@ -243,3 +243,38 @@ def test_least_squares_holds_every_layer_s_covariance_in_the_surgery_peak(capsys
             base = mean["memory"][mode][ckpt]
             assert base["covariance"] == 0 and entry["covariance"] == sigma
             assert entry["transition"] == base["transition"] + sigma
+
+
+def test_the_search_copy_in_the_plan_is_the_copy_the_search_makes(capsys, monkeypatch):
+    """``plan``'s "shape search copy" row equals the bytes of the trial model the per-step search copies."""
+    import copy
+
+    from torch import nn
+
+    from adaptprune.arch import get_adapter
+    from adaptprune.plan.model import bias_slots
+    from adaptprune.pruning.step import prune_step
+
+    dims = ["prune.dims=[neurons,groups,hidden,layers]", "prune.target_params=0.5x", "prune.min_neurons=4"]
+    smoke = str(ROOT / "configs" / "smoke.yaml")
+    plan = _plan_json(capsys, "--config", smoke, *dims)
+    figures = {entry["shape_search"] for mode in plan["memory"].values() for entry in mode.values()}
+    cfg = load_config(smoke, dims)
+    model = load_model(cfg.model.name)
+    copied: list[int] = []
+    deepcopy = copy.deepcopy
+
+    def recording_deepcopy(obj, *args, **kwargs):
+        out = deepcopy(obj, *args, **kwargs)
+        if isinstance(obj, nn.Module):
+            copied.append(sum(p.numel() * p.element_size() for p in {id(p): p for p in out.parameters()}.values()))
+        return out
+
+    monkeypatch.setattr(copy, "deepcopy", recording_deepcopy)
+    sequences = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    target = round(0.5 * count_parameters(model))  # one deep step: a grid of candidates, each a dense copy
+    report = prune_step(model, sequences, target, cfg.prune, progress=False)
+    assert len(report.shape.candidates) > 1 and len(copied) == len(report.shape.candidates)
+    dense = load_model(cfg.model.name)
+    slots = bias_slots(dense, get_adapter(dense))  # least squares (the default) adds the o/down biases first
+    assert figures == {max(copied)} == {4 * (count_parameters(dense) + slots)} and slots > 0  # fp32 weights

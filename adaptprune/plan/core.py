@@ -19,7 +19,7 @@ from ..pruning.target_shape import ShapeWalk, plan_walk
 from ..run.preflight import validated_target
 from ..run.schedule import split_budget, stage_targets
 from . import memory
-from .model import fsdp_gathered_params, layer_geometry, lora_params, uniform_sizes
+from .model import bias_slots, fsdp_gathered_params, layer_geometry, lora_params, uniform_sizes
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,10 @@ def memory_table(
             entry = {"stage": worst + 1, **prints[worst].as_dict()}
             entry["transition"] = max(fp.transition for fp in prints)  # the heaviest surgery, whichever stage
             # the per-step width/depth search tries each candidate on a copy of the model's weights (its
-            # stage's largest, the dense model's at worst); a target shape's walk copies nothing
-            entry["shape_search"] = search_copy_bytes(cfg, count_parameters(model), precision)
+            # stage's largest, the dense model's at worst, with the output biases compensation adds before
+            # the search); a target shape's walk copies nothing
+            copied = count_parameters(model) + (bias_slots(model, adapter) if cfg.prune.mean_compensation else 0)
+            entry["shape_search"] = search_copy_bytes(cfg, copied, precision)
             entry["covariance"] = covariance_bytes(cfg, model, adapter)  # held from calibration to surgery
             entry["transition"] += entry["shape_search"] + entry["covariance"]
             entry["peak"] = max(entry["peak"], entry["transition"])
