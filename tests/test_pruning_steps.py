@@ -96,7 +96,9 @@ def test_a_stage_runs_inner_steps_on_fresh_text_and_lands_on_the_target():
     takes ⌈18,432 / 4,608⌉ = 4 inner steps, each calibrated on a new call of the source."""
     model = tiny_llama(num_heads=4, num_kv_heads=2)
     dense = copy.deepcopy(model)
-    cfg = PruneConfig(allocation="accumulating", inner_step_fraction=0.05, compensation="none", min_neurons=1)
+    cfg = PruneConfig(
+        allocation="accumulating", inner_step_fraction=0.05, compensation="none", min_neurons=1, neuron_multiple=1
+    )
     start, remove = count_parameters(model), 18_432
     calls = []
 
@@ -161,3 +163,20 @@ def test_published_setup_resumes_exactly_from_the_saved_allocator():
     budgets = layer_budgets(model, get_adapter(model))
     groups0, s = 2, second.allocator_state["state"]["sparsity"]
     assert [groups0 - b.groups for b in budgets] == [min(int(x * groups0 + 1e-9), 1) for x in s]  # ⌊s·G0⌋ (floor 1)
+
+
+def test_the_default_multiples_leave_no_row_llama_cpp_must_store_in_f16():
+    """``prune.neuron_multiple`` defaults to 32 (issue #22): every kept MLP width fits a 32-block quant type."""
+    from adaptprune.export import quant_fallbacks
+
+    cfg = PruneConfig()
+    assert (cfg.neuron_multiple, cfg.hidden_multiple) == (32, 32)
+    model = tiny_llama(intermediate_size=256)
+    sequences = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    prune_step(model, sequences, round(0.7 * count_parameters(model)), cfg, progress=False)
+    downs = {f"{i}.down": tuple(layer.mlp.down_proj.weight.shape) for i, layer in enumerate(model.model.layers)}
+    widths = [shape[1] for shape in downs.values()]
+    assert all(w % 32 == 0 for w in widths) and min(widths) < 256  # pruned, on multiples
+    assert quant_fallbacks(downs, "q8_0") == {}
+    odd = {name: (rows, cols + 1) for name, (rows, cols) in downs.items()}  # what neuron_multiple=1 may leave
+    assert set(quant_fallbacks(odd, "q8_0").values()) == {"F16"}

@@ -46,6 +46,9 @@ from .trainer_utils import constant_lr, cpu_accelerator, toy_batches, train_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_DIMS = ["neurons", "groups", "hidden", "layers"]
+# The tiny models are 64 channels and 64-128 neurons wide: the defaults' llama.cpp-sized multiples of 32
+# would leave a step no channel and almost no unit to choose, so these tests prune at a fine grain.
+TINY_GRAIN = {"hidden_multiple": 8, "neuron_multiple": 1}
 
 
 def _largest_unit_chunk(model) -> int:
@@ -151,7 +154,7 @@ def test_all_four_dims_land_within_one_unit_chunk(family):
     """Layers and channels first (forced by one-point grids), units fill the exact remainder."""
     model = to_heterogeneous(hf_model(family)).eval()
     target = round(0.5 * count_parameters(model))
-    cfg = PruneConfig(dims=ALL_DIMS, layer_grid="0.7", hidden_grid="0.5", min_neurons=4)
+    cfg = PruneConfig(dims=ALL_DIMS, layer_grid="0.7", hidden_grid="0.5", min_neurons=4, **TINY_GRAIN)
     sequences = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     report = prune_step(model, sequences, target, cfg, progress=False)
     assert [type(r).__name__ for r in report.records[:2]] == ["DepthRecord", "HiddenRecord"]
@@ -193,7 +196,9 @@ def test_search_keeps_the_candidate_with_the_lowest_loss_a_free_layer():
     layer_cost = sum(p.numel() for p in get_adapter(model).decoder_layers(model)[1].parameters())
     target = count_parameters(model) - layer_cost  # exactly one layer's worth
     # mean compensation: least squares rebuilds a memorised model's units so well that they cost ~1e-6 of loss
-    cfg = PruneConfig(dims=ALL_DIMS, layer_grid="0, 1", hidden_grid="0, 0.5", min_neurons=4, compensation="mean")
+    cfg = PruneConfig(
+        dims=ALL_DIMS, layer_grid="0, 1", hidden_grid="0, 0.5", min_neurons=4, compensation="mean", **TINY_GRAIN
+    )
     report = prune_step(model, sequences, target, cfg, progress=False)
     shape = report.shape
     assert shape.chosen.removed_layers == (1,) and shape.chosen.removed_channels == 0
@@ -212,7 +217,7 @@ def test_trainer_carries_the_sliced_and_renamed_adamw_state():
     trainer.run_phase(toy_batches(), 2, constant_lr(1e-2), 0)
     old = {n: {k: v.clone() for k, v in s.items()} for n, s in trainer.optimizer_state_by_name().items()}
     model = trainer.before_surgery()
-    cfg = PruneConfig(dims=ALL_DIMS, layer_grid="0.7", hidden_grid="0.5", min_neurons=4)
+    cfg = PruneConfig(dims=ALL_DIMS, layer_grid="0.7", hidden_grid="0.5", min_neurons=4, **TINY_GRAIN)
     sequences = torch.cat([next(toy_batches(seed=s)) for s in (7, 8)])
     report = prune_step(model, sequences, round(0.5 * count_parameters(model)), cfg, progress=False)
     assert {type(r) for r in report.records} == {DepthRecord, HiddenRecord, KeptRecord}
@@ -254,7 +259,9 @@ def test_dry_run_gives_the_shape_and_size_a_real_step_reaches():
     model = tiny_llama(layers=4)
     dense = tiny_llama(layers=4).config  # prune_step rewrites model.config in place
     target = round(0.55 * count_parameters(model))
-    cfg = PruneConfig(dims=ALL_DIMS, allocation="uniform", layer_grid="0.5", hidden_grid="0.4", min_neurons=4)
+    cfg = PruneConfig(
+        dims=ALL_DIMS, allocation="uniform", layer_grid="0.5", hidden_grid="0.4", min_neurons=4, **TINY_GRAIN
+    )
     plan = shape_for_target(dense, target, cfg, layer_fraction=0.5, hidden_fraction=0.4)
     assert plan.layers == 3 and plan.hidden < 64 and plan.params <= target
     sequences = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -262,10 +269,10 @@ def test_dry_run_gives_the_shape_and_size_a_real_step_reaches():
     assert (plan.layers, plan.hidden) == (report.shape.layers[1], report.shape.hidden[1])
     assert plan.reshape_params == report.shape.chosen.cost
     assert abs(plan.params - count_parameters(model)) < _largest_unit_chunk(model)
-    candidates = shape_candidates_for(dense, target, PruneConfig(dims=ALL_DIMS, min_neurons=4))
+    candidates = shape_candidates_for(dense, target, PruneConfig(dims=ALL_DIMS, min_neurons=4, **TINY_GRAIN))
     assert candidates[0].layers == 4 and candidates[0].hidden == 64  # (0, 0): today's shape
     assert len({(c.layers, c.hidden) for c in candidates}) == len(candidates) > 2
-    units_only = shape_for_target(dense, target, PruneConfig(min_neurons=4), 1.0, 1.0)  # dims ignore them
+    units_only = shape_for_target(dense, target, PruneConfig(min_neurons=4, **TINY_GRAIN), 1.0, 1.0)  # dims ignore them
     assert (units_only.layers, units_only.hidden) == (4, 64)
 
 
@@ -277,6 +284,8 @@ RESHAPING = [  # 2 stages: 16 channels go in stage 1 (chosen by loss of 2), a la
     "prune.step_fraction=0.3",
     "prune.layer_grid=0.6",
     "prune.hidden_grid=0.5,1",
+    "prune.hidden_multiple=8",  # TINY_GRAIN
+    "prune.neuron_multiple=1",
     "eval.every_stage=false",
     "output.tensorboard=false",
 ]
@@ -374,7 +383,7 @@ def test_two_cpu_processes_choose_the_same_shape_and_end_identical(tmp_path, toy
 
     config = yaml.safe_load(SMOKE.read_text())
     config["prune"].update(
-        dims=ALL_DIMS, target_params="0.4x", step_fraction=0.3, layer_grid="0.6", hidden_grid="0.5, 1"
+        dims=ALL_DIMS, target_params="0.4x", step_fraction=0.3, layer_grid="0.6", hidden_grid="0.5, 1", **TINY_GRAIN
     )
     path = tmp_path / "reshaping.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -134,7 +134,12 @@ class PruneConfig:
         "unchanged (lambda -> inf: mean compensation)",
         ge=0,
     )
-    neuron_multiple: int = _f(1, "round kept MLP neurons per layer to a multiple of this", min=1)
+    neuron_multiple: int = _f(
+        32,
+        "round kept MLP neurons per layer to a multiple of this (32: every GGUF 32-block quant type fits the rows; "
+        "1 leaves F16 fallbacks, docs/edge.md)",
+        min=1,
+    )
     min_neurons: int = _f(8, "floor of MLP neurons kept in any layer", min=0)
     min_groups: int = _f(1, "floor of KV groups kept in any layer", min=1)
     dims: list[str] = _f(
@@ -160,7 +165,7 @@ class PruneConfig:
         "calibration-loss increase when the layer is bypassed (one extra pass per layer)",
     )
     hidden_multiple: int = _f(
-        8, "round the kept hidden size to a multiple of this (32: every GGUF 32-block type fits the rows)", min=1
+        32, "round the kept hidden size to a multiple of this (32: every GGUF 32-block quant type fits the rows)", min=1
     )
     min_hidden: int = _f(8, "floor of residual channels (hidden size) kept", min=1)
     min_layers: int = _f(1, "floor of decoder layers kept", min=1)
