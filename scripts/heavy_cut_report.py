@@ -42,7 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remove", type=float, default=0.6, help="the grid's cut")
     p.add_argument("--runs", default=str(ROOT / "runs" / "budget60"), help="run folders (for plan.json shapes)")
     p.add_argument("--out", default=str(ROOT / "docs" / "heavy_cut"))
+    p.add_argument(
+        "--tasks-json",
+        default=str(ROOT / "docs" / "heavy_cut_tasks.json"),
+        help="zero-shot results by schedule ({'limit': N, 'rows': {schedule or 'dense': {task: metrics}}})",
+    )
     return p.parse_args(argv)
+
+
+TASKS = {"piqa": "PIQA", "arc_easy": "ARC-E"}  # acc_norm columns, where measured
 
 
 def final_shape(plan: dict) -> dict:
@@ -64,21 +72,36 @@ def _span(pair, default: str = "all") -> str:
     return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}–{pair[1]}"
 
 
-def rows_at(grid: dict, budget: int, runs: Path) -> list[dict]:
+def rows_at(grid: dict, budget: int, runs: Path, earlier: dict[str, dict]) -> list[dict]:
+    """The grid's rows at ``budget``, seed 0, with their final shapes (from the run folders, else the
+    shapes an earlier report recorded: run folders are not kept in the repository)."""
     chosen = [r for r in grid["rows"] if r["budget"] == budget and r["seed"] == 0]
     order = list(WHAT)
     chosen.sort(key=lambda r: order.index(r["schedule"]) if r["schedule"] in order else len(order))
     for row in chosen:
         plan = runs / f"{row['schedule'].replace('+', '_')}-b{budget}-s0" / "plan.json"
-        row["shape"] = final_shape(json.loads(plan.read_text())) if plan.exists() else None
+        row["shape"] = final_shape(json.loads(plan.read_text())) if plan.exists() else earlier.get(row["schedule"])
     return chosen
 
 
-def markdown(grid: dict, rows: list[dict], budget: int, verdict: str) -> str:
+def earlier_shapes(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    return {r["schedule"]: r.get("shape") for r in json.loads(path.read_text(encoding="utf-8"))["rows"]}
+
+
+def task_cells(measured: dict, schedule: str) -> list[str]:
+    metrics = measured.get("rows", {}).get(schedule, {})
+    return [f"{metrics[t]['acc_norm']:.3f}" if t in metrics else "-" for t in TASKS]
+
+
+def markdown(grid: dict, rows: list[dict], budget: int, verdict: str, measured: dict) -> str:
     texts = grid["texts"]
     base = next((r for r in rows if r["schedule"] == BASELINE), None)
     head = ["schedule", "what it changes", "params", "layers", "hidden", "KV groups", "neurons"]
-    head += [f"ppl {t}" for t in texts] + [f"× FLAP {t}" for t in texts] + ["prune s", "wall s"]
+    head += [f"ppl {t}" for t in texts] + [f"× FLAP {t}" for t in texts]
+    head += [f"{name} acc_norm" for name in TASKS.values()] if measured else []
+    head += ["prune s", "wall s"]
     lines = [
         f"# SmolLM2-135M at −{grid['settings']['remove_fraction']:.0%} of its non-embedding parameters, "
         f"{budget:,} distillation tokens",
@@ -91,6 +114,7 @@ def markdown(grid: dict, rows: list[dict], budget: int, verdict: str) -> str:
         + ". Shapes from each run's `plan.json` (`all`: none removed). Produced by `python "
         "scripts/bench_budget.py` (commands in the README) and `python scripts/heavy_cut_report.py`.",
         "",
+        *_tasks_note(measured),
         *table_head(head, left=2),
     ]
     for r in rows:
@@ -99,10 +123,22 @@ def markdown(grid: dict, rows: list[dict], budget: int, verdict: str) -> str:
         cells = [r["schedule"], WHAT.get(r["schedule"], ""), f"{r['params']:,}", str(s.get("layers") or 30)]
         cells += [str(s.get("hidden") or 576), _span(s.get("kv_groups")), _span(s.get("neurons"))]
         cells += [f"{r['ppl'][t]:.2f}" for t in texts] + ratio
+        cells += task_cells(measured, r["schedule"]) if measured else []
         cells += [f"{r['prune_seconds']:.0f}", f"{r['wall_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Reading", "", VERDICT_START, verdict, VERDICT_END]
     return "\n".join(lines)
+
+
+def _tasks_note(measured: dict) -> list[str]:
+    if not measured:
+        return []
+    dense = ", ".join(f"{name} {cell}" for name, cell in zip(TASKS.values(), task_cells(measured, "dense")))
+    return [
+        f"Zero-shot: acc_norm on the first {measured['limit']} documents of each task (offline lm-eval; `-`: not "
+        f"measured; {measured['source']}). Dense SmolLM2-135M: {dense}.",
+        "",
+    ]
 
 
 def plot(rows: list[dict], texts: list[str], path: Path) -> None:
@@ -129,12 +165,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     saved = json.loads(Path(args.budget_json).read_text(encoding="utf-8"))
     grid = next(g for g in saved["grids"] if g["settings"]["remove_fraction"] == args.remove)
-    rows = rows_at(grid, args.budget, Path(args.runs))
     out = Path(args.out)
+    rows = rows_at(grid, args.budget, Path(args.runs), earlier_shapes(out.with_suffix(".json")))
+    tasks_path = Path(args.tasks_json)
+    measured = json.loads(tasks_path.read_text(encoding="utf-8")) if tasks_path.exists() else {}
     md = out.with_suffix(".md")
     verdict = earlier_verdict(md) if md.exists() else VERDICT_PLACEHOLDER
     payload = {"budget": args.budget, "target_params": grid["target_params"], "texts": grid["texts"], "rows": rows}
-    write_markdown_and_json(out, markdown(grid, rows, args.budget, verdict), payload)
+    payload["tasks"] = measured
+    write_markdown_and_json(out, markdown(grid, rows, args.budget, verdict, measured), payload)
     plot(rows, grid["texts"], out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text(encoding="utf-8"))
 

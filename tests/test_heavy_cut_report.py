@@ -1,0 +1,74 @@
+"""scripts/heavy_cut_report.py on a hand-built grid: ratios to FLAP, shapes, task columns, the verdict kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(schedule: str, shakespeare: float, kjv: float, budget: int = 32768) -> dict:
+    ppl = {"shakespeare": shakespeare, "kjv": kjv}
+    return {"schedule": schedule, "budget": budget, "seed": 0, "params": 70_000_000, "ppl": ppl}
+
+
+def _grid() -> dict:
+    rows = [_row("incremental-distill-ls", 30.0, 60.0), _row("flap+train-distill", 40.0, 120.0)]
+    rows += [_row("incremental-distill-ls-alldims", 20.0, 90.0), _row("flap+train-distill", 1.0, 1.0, budget=2048)]
+    for r in rows:
+        r.update(prune_seconds=10.0, wall_seconds=100.0)
+    return {
+        "settings": {"remove_fraction": 0.6, "config": "configs/default.yaml"},
+        "model": "smollm2-135m",
+        "original_params": 134_515_008,
+        "target_params": 70_800_000,
+        "texts": ["shakespeare", "kjv"],
+        "text_tokens": {"shakespeare": 4096, "kjv": 4096},
+        "eval_context": 1024,
+        "rows": rows,
+    }
+
+
+def test_the_report_divides_by_flap_keeps_shapes_and_shows_tasks(tmp_path):
+    budget = tmp_path / "budget.json"
+    budget.write_text(json.dumps({"grids": [_grid()]}))
+    runs = tmp_path / "runs" / "incremental-distill-ls-b32768-s0"
+    runs.mkdir(parents=True)
+    plan = {"layers": list(range(28)), "hidden": list(range(512))}
+    plan.update({str(i): {"attention": [0, 1], "mlp": list(range(256 + 32 * i))} for i in range(3)})
+    (runs / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "heavy_cut"
+    earlier = {"rows": [{"schedule": "incremental-distill-ls-alldims", "shape": {"layers": 25, "hidden": 576}}]}
+    out.with_suffix(".json").write_text(json.dumps(earlier))  # a shape an earlier report kept (no run folder)
+    tasks = tmp_path / "tasks.json"
+    metrics = {"piqa": {"acc_norm": 0.6}, "arc_easy": {"acc_norm": 0.41}}
+    tasks.write_text(
+        json.dumps({"limit": 250, "source": "test", "rows": {"dense": metrics, "flap+train-distill": metrics}})
+    )
+    args = [
+        "--budget-json",
+        str(budget),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(out),
+        "--tasks-json",
+        str(tasks),
+    ]
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "heavy_cut_report.py"), *args], check=True, capture_output=True
+    )
+
+    table = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")][1:]
+    cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in table}
+    assert list(cells) == ["flap+train-distill", "incremental-distill-ls", "incremental-distill-ls-alldims"]
+    assert cells["incremental-distill-ls"][3:7] == ["28", "512", "2", "256–320"]  # from plan.json
+    assert cells["incremental-distill-ls"][9:11] == ["0.750", "0.500"]  # × FLAP, each text
+    assert cells["incremental-distill-ls-alldims"][3:5] == ["25", "576"]  # the earlier report's shape
+    assert cells["flap+train-distill"][11:13] == ["0.600", "0.410"] and cells["incremental-distill-ls"][11] == "-"
+    assert "Dense SmolLM2-135M: PIQA 0.600, ARC-E 0.410" in out.with_suffix(".md").read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["tasks"]["limit"] == 250
+    assert out.with_suffix(".png").stat().st_size > 0
