@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -149,7 +150,8 @@ def cached_row(name: str, folder: str, work: Path, args: argparse.Namespace, qua
 
 
 def slug(name: str) -> str:
-    return name.replace(" ", "_").replace("=", "")
+    """A file-name stem llama-bench can take: it splits ``-m`` on commas, so only [A-Za-z0-9._-] stay."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("=", "")).strip("_")
 
 
 def heldout_ids(work: Path) -> list[int]:
