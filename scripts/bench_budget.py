@@ -60,6 +60,20 @@ DISTILL = ("train.trainer=distill", "train.distill.kd_weight=1.0")  # KL to the 
 MIX = ("train.trainer=distill", "train.distill.kd_weight=0.5")  # half KL, half LM loss
 LEAST_SQUARES = ("prune.compensation=least_squares", "prune.ls_ridge=0.1")  # docs/compensation.md's best λ
 ACCUMULATING = ("prune.allocation=accumulating",)
+# Re-scoring half as often: ~5% of each layer per inner step instead of 2% (about half the calibrations).
+COARSE = ("prune.inner_step_fraction=0.05",)
+# Adapt-Pruner as published (the `adapt_pruner` method of `compare`): Taylor on 512 x 64 tokens per inner step,
+# accumulated 2% inner steps, KV heads and neurons at one ratio, no compensation.
+ADAPT_PRUNER = (
+    "prune.metric=taylor_param_first",
+    "prune.allocation=accumulating",
+    "prune.amplitude=0.02",
+    "prune.inner_step_fraction=0.02",
+    "prune.sparsity_scope=stage",
+    "prune.same_ratio=true",
+    "prune.compensation=none",
+    "data.calib_tokens=32768",
+)
 ALL_DIMS = ('prune.dims=["neurons","groups","hidden","layers"]', "prune.hidden_multiple=32")
 # The shape a one-shot probe chose for SmolLM2-135M at -60% (docs/shape_probe.md; the budget's quick mode
 # ignores it: the tiny model is smaller than every dimension); layers x hidden x KV groups x neurons.
@@ -123,6 +137,13 @@ SCHEDULES.update(
         Schedule(
             "incremental-distill-ls-accumulating", "incremental", "distill", DISTILL + LEAST_SQUARES + ACCUMULATING
         ),
+        Schedule(
+            "incremental-distill-ls-accumulating-coarse",
+            "incremental",
+            "distill",
+            DISTILL + LEAST_SQUARES + ACCUMULATING + COARSE,
+        ),
+        Schedule("adapt-pruner-distill", "incremental", "distill", DISTILL + ADAPT_PRUNER),
         Schedule(
             "incremental-distill-ls-accumulating-alldims",
             "incremental",
