@@ -107,7 +107,7 @@ def hidden_scores(model: nn.Module, calib: CalibrationResult, adapter: ArchAdapt
     return hidden_channel_scores([s.sq_mean for s in calib.residual], stream_gains(model, adapter))
 
 
-class _Bypass:
+class Bypass:
     """A forward hook that makes a decoder layer return its input (h_out = h_in)."""
 
     def __call__(self, _module, args, kwargs, output):
@@ -148,7 +148,7 @@ def layer_drop_losses(
         base = _mean_loss(model, batches)
         dropped = []
         for layer in adapter.decoder_layers(model):
-            handle = layer.register_forward_hook(_Bypass(), with_kwargs=True)
+            handle = layer.register_forward_hook(Bypass(), with_kwargs=True)
             try:
                 dropped.append(_mean_loss(model, batches))
             finally:

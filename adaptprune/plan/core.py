@@ -14,12 +14,13 @@ from torch import nn
 from ..arch import ArchAdapter
 from ..checkpoint import meta_model, read_model_config
 from ..config import ConfigError, RunConfig
+from ..pruning.shape_trial import trial_bytes
 from ..pruning.surgery import count_parameters
 from ..pruning.target_shape import ShapeWalk, plan_walk
 from ..run.preflight import validated_target
 from ..run.schedule import split_budget, stage_targets
 from . import memory
-from .model import bias_slots, fsdp_gathered_params, layer_geometry, lora_params, uniform_sizes
+from .model import fsdp_gathered_params, layer_geometry, lora_params, uniform_sizes
 
 
 @dataclass(frozen=True)
@@ -177,11 +178,9 @@ def memory_table(
             worst = max(range(len(prints)), key=lambda i: prints[i].peak)
             entry = {"stage": worst + 1, **prints[worst].as_dict()}
             entry["transition"] = max(fp.transition for fp in prints)  # the heaviest surgery, whichever stage
-            # the per-step width/depth search tries each candidate on a copy of the model's weights (its
-            # stage's largest, the dense model's at worst, with the output biases compensation adds before
-            # the search); a target shape's walk copies nothing
-            copied = count_parameters(model) + (bias_slots(model, adapter) if cfg.prune.mean_compensation else 0)
-            entry["shape_search"] = search_copy_bytes(cfg, copied, precision)
+            # the per-step width/depth search measures each candidate through hooks on the model itself:
+            # it holds one projection's compensation temporaries at a time (the dense model's largest)
+            entry["shape_search"] = search_trial_bytes(cfg, model, adapter)
             entry["covariance"] = covariance_bytes(cfg, model, adapter)  # held from calibration to surgery
             entry["transition"] += entry["shape_search"] + entry["covariance"]
             entry["peak"] = max(entry["peak"], entry["transition"])
@@ -190,10 +189,10 @@ def memory_table(
     return table
 
 
-def search_copy_bytes(cfg: RunConfig, params: int, precision: memory.Precision) -> int:
-    """Bytes of the trial copy ``shape_search`` makes per candidate (0 without the per-step search)."""
+def search_trial_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -> int:
+    """Bytes a candidate of the per-step search holds beside the model (0 without the search)."""
     searching = cfg.prune.target_shape is None and any(d in ("hidden", "layers") for d in cfg.prune.dims)
-    return params * precision.weight_bytes if searching else 0
+    return trial_bytes(model, adapter, cfg.prune.compensation) if searching else 0
 
 
 def covariance_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -> int:

@@ -18,7 +18,7 @@ MEMORY_ROWS = (
     ("activations", "activations"),
     ("optimizer_step", "AdamW step temporary"),
     ("training", "training peak"),
-    ("shape_search", "shape search copy"),
+    ("shape_search", "shape search trial"),
     ("covariance", "calibration Σ (float64)"),
     ("transition", "surgery (any stage)"),
     ("peak", "peak"),

@@ -129,7 +129,7 @@ def _copy_sliced(new: nn.Module, old: nn.Module, dim: int, index: torch.Tensor) 
     return new
 
 
-def _resized(model: nn.Module, c: HiddenCoupling, kept: torch.Tensor, adapter: ArchAdapter) -> nn.Module:
+def sliced_holder(model: nn.Module, c: HiddenCoupling, kept: torch.Tensor, adapter: ArchAdapter) -> nn.Module:
     """A new module for one holder with only channels ``kept``."""
     module = model.get_submodule(c.path)
     if isinstance(module, nn.Linear):
@@ -171,7 +171,7 @@ def remove_hidden_channels(model: nn.Module, keep: Sequence[int], adapter: ArchA
     cut_names = [(name, dim) for _, name, _, dim in _unique_coupled_params(model, couplings)]
     for c in couplings:
         if not (tied and model.get_submodule(c.path) is head):
-            model.set_submodule(c.path, _resized(model, c, kept, adapter))
+            model.set_submodule(c.path, sliced_holder(model, c, kept, adapter))
     if tied:
         model.set_output_embeddings(_tied_head(model.get_input_embeddings(), head))
     for key, value in updates.items():

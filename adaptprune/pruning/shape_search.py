@@ -8,11 +8,12 @@ With ``hidden`` or ``layers`` in ``prune.dims`` a step removing R parameters (Gi
 3. builds the candidates of the grid ``prune.layer_grid × prune.hidden_grid``
    (``allocation.shape``: layers take ≤ f_L·R, hidden channels ≤ f_H·R of what layers left, units
    the rest), each distinct (layers, channel count) once;
-4. tries every candidate on a deep copy: the layers go (their mean contribution folded into the
-   down bias of the kept layer before them, ``prune.layer_compensation``), then the channels with
-   the lowest Minitron scores over the kept stream points (norm gains rescaled with
-   ``prune.norm_compensation``), then the units for the rest of R, scored from the same statistics
-   re-indexed to the kept layers; the copy's mean LM loss on the calibration text is its loss;
+4. measures every candidate on the model itself (``shape_trial``: forward hooks, no copy of the
+   weights): the layers go (their mean contribution folded into the down bias of the kept layer
+   before them, ``prune.layer_compensation``), then the channels with the lowest Minitron scores
+   over the kept stream points (norm gains rescaled with ``prune.norm_compensation``), then the
+   units for the rest of R, allocated from the same statistics re-indexed to the kept layers and
+   the candidate's sizes; the mean LM loss on the calibration text is its loss;
 5. keeps the lowest loss (ties: grid order, so the first candidate, (0, 0) in the default grids,
    wins a tie); under several processes rank 0's choice is broadcast;
 6. removes the winner's layers and channels from the model itself. ``prune_step`` then calibrates
@@ -21,13 +22,13 @@ With ``hidden`` or ``layers`` in ``prune.dims`` a step removing R parameters (Gi
 
 Layers go before channels because a channel removed afterwards owns no entries in the removed
 layers (its cost is known exactly), and both before units because the units are the fine chunks
-that land the count exactly. Unit statistics of the copies are stale (taken before the reshape):
-the search ranks candidates with them; the final units use fresh ones.
+that land the count exactly. A candidate's unit statistics and scores are stale (taken before the
+reshape, on the full-width weights): the search ranks candidates with them; the final units use
+fresh ones.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from ..importance.residual import (
     top_indices,
 )
 from .calibration import CalibrationResult
-from .records import DepthRecord, HiddenRecord
+from .records import DepthRecord, HiddenRecord, Plan
 from .reshape import (
     channel_shares,
     compensate_layer_removal,
@@ -58,9 +59,12 @@ from .reshape import (
     remove_hidden_channels,
     remove_layers,
 )
+from .shape_trial import hooked_trial, layer_compensation_applies, meta_copy
 from .surgery import count_parameters
 
-UnitEstimate = Callable[[nn.Module, CalibrationResult], None]  # prunes a trial copy's units to the step target
+# (model, kept layers, calibration of model, the candidate's sizes on the meta device) -> the units the
+# candidate removes to reach the step's target, as a plan over its layers 0..L'-1 (ValueError: infeasible)
+UnitPlanner = Callable[[nn.Module, Sequence[int], CalibrationResult, nn.Module], Plan]
 
 
 @dataclass
@@ -121,11 +125,6 @@ def shape_costs(model: nn.Module, adapter: ArchAdapter) -> ShapeCosts:
     )
 
 
-def layer_compensation_applies(cfg: PruneConfig, adapter: ArchAdapter, config) -> bool:
-    """Whether removed layers' means go into a stream bias (which must then exist, and count)."""
-    return LAYERS in cfg.dims and cfg.layer_compensation and adapter.stream_bias_path(config) is not None
-
-
 def layer_scores(
     model: nn.Module, calib: CalibrationResult, sequences: Tensor, cfg: PruneConfig, adapter: ArchAdapter
 ) -> Tensor:
@@ -153,11 +152,31 @@ def sub_calibration(calib: CalibrationResult, kept_layers: Sequence[int]) -> Cal
 
 
 # ---- surgery ----------------------------------------------------------------------------------------
+def channel_keep(
+    model: nn.Module, chosen: ShapeCandidate, calib: CalibrationResult, adapter: ArchAdapter
+) -> list[int] | None:
+    """The hidden channels ``chosen`` keeps (None: all): the highest Minitron scores over the stream
+    points its kept layers still read. ``calib`` and the norm gains are of ``model`` now."""
+    if not chosen.removed_channels:
+        return None
+    kept = [i for i in range(len(calib.layers)) if i not in set(chosen.removed_layers)]
+    sq_means = [s.sq_mean for s in sub_calibration(calib, kept).residual]
+    gains = stream_gains(model, adapter)
+    scores = hidden_channel_scores(sq_means, [gains[i] for i in kept] + [gains[-1]])
+    return top_indices(scores, int(model.config.hidden_size) - chosen.removed_channels)
+
+
 def apply_shape(
-    model: nn.Module, chosen: ShapeCandidate, calib: CalibrationResult, cfg: PruneConfig, adapter: ArchAdapter
+    model: nn.Module,
+    chosen: ShapeCandidate,
+    calib: CalibrationResult,
+    cfg: PruneConfig,
+    adapter: ArchAdapter,
+    keep: list[int] | None = None,
 ) -> list[DepthRecord | HiddenRecord]:
-    """Remove ``chosen``'s layers (mean-compensated if configured), then its channels (lowest scores
-    over the kept stream points; norm gains rescaled if configured). ``calib`` is of ``model`` now."""
+    """Remove ``chosen``'s layers (mean-compensated if configured), then its channels (``keep``, or
+    ``channel_keep``'s; norm gains rescaled if configured). ``calib`` is of ``model`` now."""
+    keep = keep if keep is not None else channel_keep(model, chosen, calib, adapter)
     records: list[DepthRecord | HiddenRecord] = []
     depth = len(adapter.decoder_layers(model))
     kept = [i for i in range(depth) if i not in set(chosen.removed_layers)]
@@ -165,13 +184,10 @@ def apply_shape(
         if layer_compensation_applies(cfg, adapter, model.config):
             compensate_layer_removal(model, kept, layer_mean_shifts([s.mean for s in calib.residual]), adapter)
         records.append(remove_layers(model, kept, adapter))
-    if chosen.removed_channels:
-        sq_means = [s.sq_mean for s in sub_calibration(calib, kept).residual]  # the stream points still read
-        scores = hidden_channel_scores(sq_means, stream_gains(model, adapter))
-        keep = top_indices(scores, int(model.config.hidden_size) - chosen.removed_channels)
+    if keep is not None:
         records.append(remove_hidden_channels(model, keep, adapter))
         if cfg.norm_compensation:
-            compensate_norm_gains(model, sq_means, keep, adapter)
+            compensate_norm_gains(model, [s.sq_mean for s in sub_calibration(calib, kept).residual], keep, adapter)
     return records
 
 
@@ -182,17 +198,20 @@ def candidate_loss(
     sequences: Tensor,
     cfg: PruneConfig,
     adapter: ArchAdapter,
-    estimate_units: UnitEstimate,
+    plan_units: UnitPlanner,
 ) -> float:
-    """Calibration loss of a copy with ``chosen`` applied and the units estimated; inf if infeasible."""
-    trial = copy.deepcopy(model)
+    """Calibration loss of ``model`` computing as ``chosen`` with its units would (``shape_trial``: hooks,
+    no copy of the weights); inf if the units cannot remove the rest."""
+    keep = channel_keep(model, chosen, calib, adapter)
+    kept = [i for i in range(len(calib.layers)) if i not in set(chosen.removed_layers)]
+    sizes = meta_copy(model)  # the candidate's sizes, for the allocator
+    apply_shape(sizes, chosen, calib, cfg, adapter, keep)
     try:
-        apply_shape(trial, chosen, calib, cfg, adapter)
-        kept = [i for i in range(len(calib.layers)) if i not in set(chosen.removed_layers)]
-        estimate_units(trial, sub_calibration(calib, kept))
+        units = plan_units(model, kept, calib, sizes)
     except ValueError:  # the units cannot remove the rest (floors)
         return math.inf
-    return calibration_loss(trial, sequences)
+    with hooked_trial(model, adapter, calib, kept, keep, units, cfg):
+        return calibration_loss(model, sequences)
 
 
 # ---- the search ---------------------------------------------------------------------------------------
@@ -203,7 +222,7 @@ def search_shape(
     target_params: int,
     cfg: PruneConfig,
     adapter: ArchAdapter,
-    estimate_units: UnitEstimate,
+    plan_units: UnitPlanner,
     progress: bool = True,
     label: str = "",
 ) -> ShapeStep:
@@ -219,7 +238,7 @@ def search_shape(
     losses: list[float | None] = [None]
     if len(candidates) > 1:
         bar = tqdm(candidates, desc=f"{label} shape candidates".strip(), disable=not progress, unit="shape")
-        losses = [candidate_loss(model, c, calib, sequences, cfg, adapter, estimate_units) for c in bar]
+        losses = [candidate_loss(model, c, calib, sequences, cfg, adapter, plan_units) for c in bar]
         if all(math.isinf(loss) for loss in losses):
             raise ValueError(f"no (layers, hidden) candidate leaves units that can remove the rest of {remove:,}")
     best = min(range(len(candidates)), key=lambda i: (losses[i] if losses[i] is not None else 0.0, i))
@@ -256,6 +275,7 @@ __all__ = [
     "ShapeStep",
     "apply_shape",
     "candidate_loss",
+    "channel_keep",
     "layer_compensation_applies",
     "layer_scores",
     "search_shape",

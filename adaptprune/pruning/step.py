@@ -272,13 +272,13 @@ def _shape_step(
         desc = f"{label} calibrating".strip()
         calib = calibrate_for(model, sequences, cfg, adapter, progress, desc, collect_residual=True)
 
-    def estimate_units(trial: nn.Module, trial_calib: CalibrationResult) -> None:
-        trial_allocator = copy.deepcopy(allocator)
-        trial_allocator.start_stage(layer_budgets(trial, adapter, *unit_floors(cfg)))
-        prune_with_stats(trial, trial_calib, target_params, cfg, adapter, allocator=trial_allocator)
+    def plan_units(scored: nn.Module, kept: Sequence[int], stats: CalibrationResult, sizes: nn.Module) -> Plan:
+        if cfg.mean_compensation:
+            ensure_output_biases(sizes, adapter)  # the bias slots the units' compensation adds count too
+        return allocate_units(scored, kept, stats, sizes, target_params, cfg, adapter, copy.deepcopy(allocator))
 
     with profile.phase("shape"):
-        return search_shape(model, calib, sequences, target_params, cfg, adapter, estimate_units, progress, label)
+        return search_shape(model, calib, sequences, target_params, cfg, adapter, plan_units, progress, label)
 
 
 def calibrate_for(
@@ -340,26 +340,39 @@ def prune_with_stats(
     adapter = adapter or get_adapter(model)
     profile = profile or Profile()
     allocator = allocator or build_allocator(cfg)
-    metric = get_metric(cfg.metric)
     if cfg.mean_compensation:  # mean, mean+energy and least_squares write a bias
         ensure_output_biases(model, adapter)  # the bias slots count towards the target too
-    remove_params = count_parameters(model) - target_params
     with profile.phase("scoring"):
         layers = range(len(adapter.decoder_layers(model)))
-        scores = [
-            {kind: metric.unit_scores(model, adapter, i, kind, calib) for kind in (ATTENTION, MLP)} for i in layers
-        ]
-        influence = torch.tensor([s.influence for s in calib.layers], dtype=torch.float64)
-        plan = allocator.plan(
-            layer_budgets(model, adapter, *unit_floors(cfg)),
-            scores,
-            influence,
-            remove_params,
-            neuron_multiple=cfg.neuron_multiple,
-        )
+        plan = allocate_units(model, layers, calib, model, target_params, cfg, adapter, allocator, start_stage=False)
         plan = _same_plan_on_every_rank(plan)
     with profile.phase("surgery"):
         records = apply_compensated_plan(model, plan, calib, mode=cfg.compensation, ridge=cfg.ls_ridge, adapter=adapter)
+    influence = [calib.layers[i].influence for i in layers]
     return StepReport(
-        plan=plan, records=records, profile=profile, influence=influence.tolist(), allocator_state=allocator.to_json()
+        plan=plan, records=records, profile=profile, influence=influence, allocator_state=allocator.to_json()
     )
+
+
+def allocate_units(
+    scored: nn.Module,
+    layers: Sequence[int],
+    calib: CalibrationResult,
+    sizes: nn.Module,
+    target_params: int,
+    cfg: PruneConfig,
+    adapter: ArchAdapter,
+    allocator: Allocator,
+    start_stage: bool = True,
+) -> Plan:
+    """The units ``sizes`` (a model, or its meta copy with a shape applied) loses to reach ``target_params``:
+    scored on ``scored``'s ``layers`` (the plan's layer t is ``layers[t]``), allocated by ``allocator``
+    (its ``start_stage`` first, unless the caller already started it)."""
+    metric = get_metric(cfg.metric)
+    scores = [{kind: metric.unit_scores(scored, adapter, i, kind, calib) for kind in (ATTENTION, MLP)} for i in layers]
+    influence = torch.tensor([calib.layers[i].influence for i in layers], dtype=torch.float64)
+    budgets = layer_budgets(sizes, adapter, *unit_floors(cfg))
+    if start_stage:
+        allocator.start_stage(budgets)
+    remove = count_parameters(sizes) - target_params
+    return allocator.plan(budgets, scores, influence, remove, neuron_multiple=cfg.neuron_multiple)
