@@ -136,3 +136,22 @@ def test_a_candidate_holds_no_copy_and_the_plan_figure_bounds_what_it_holds(comp
     bound = trial_bytes(model, adapter, compensation)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert bound / 4 < extra <= bound < weights / 2  # a bound of the right order, below the copy it replaces
+
+
+def test_the_benchmark_script_compares_hooks_and_copies(tmp_path):
+    """``scripts/bench_search_trial.py --quick``: equal losses where no channel goes, the hooks within plan's bound."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_search_trial.py"
+    out = tmp_path / "trial"
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = result["rows"]
+    assert len(rows) > 1 and "| removed layers |" in out.with_suffix(".md").read_text()
+    for row in rows:
+        assert 0 < row["extra_bytes_hooked"] <= result["plan_bound_bytes"]
+        if row["removed_channels"] == 0:
+            assert row["loss_hooked"] == pytest.approx(row["loss_copy"], rel=1e-5)

@@ -273,6 +273,7 @@ __all__ = [
     "HIDDEN",
     "LAYERS",
     "ShapeStep",
+    "UnitPlanner",
     "apply_shape",
     "candidate_loss",
     "channel_keep",

@@ -34,7 +34,7 @@ from .calibration import CalibrationResult, calibrate
 from .compensation import apply_compensated_plan
 from .profiling import Profile
 from .records import DepthRecord, HiddenRecord, KeptRecord, Plan
-from .shape_search import ShapeStep, layer_compensation_applies, search_shape
+from .shape_search import ShapeStep, UnitPlanner, layer_compensation_applies, search_shape
 from .surgery import count_parameters, ensure_output_biases
 
 Calibration = Tensor | Sequence[Tensor] | Callable[[], Tensor]
@@ -272,13 +272,21 @@ def _shape_step(
         desc = f"{label} calibrating".strip()
         calib = calibrate_for(model, sequences, cfg, adapter, progress, desc, collect_residual=True)
 
+    plan_units = unit_planner(target_params, cfg, adapter, allocator)
+    with profile.phase("shape"):
+        return search_shape(model, calib, sequences, target_params, cfg, adapter, plan_units, progress, label)
+
+
+def unit_planner(target_params: int, cfg: PruneConfig, adapter: ArchAdapter, allocator: Allocator) -> UnitPlanner:
+    """How the search allocates a candidate's units: from ``allocate_units`` with a copy of ``allocator``
+    (its state is the stage's, and only the winner's real units move it)."""
+
     def plan_units(scored: nn.Module, kept: Sequence[int], stats: CalibrationResult, sizes: nn.Module) -> Plan:
         if cfg.mean_compensation:
             ensure_output_biases(sizes, adapter)  # the bias slots the units' compensation adds count too
         return allocate_units(scored, kept, stats, sizes, target_params, cfg, adapter, copy.deepcopy(allocator))
 
-    with profile.phase("shape"):
-        return search_shape(model, calib, sequences, target_params, cfg, adapter, plan_units, progress, label)
+    return plan_units
 
 
 def calibrate_for(
