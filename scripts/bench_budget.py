@@ -78,6 +78,8 @@ ALL_DIMS = ('prune.dims=["neurons","groups","hidden","layers"]', "prune.hidden_m
 # The shape a one-shot probe chose for SmolLM2-135M at -60% (docs/shape_probe.md; the budget's quick mode
 # ignores it: the tiny model is smaller than every dimension); layers x hidden x KV groups x neurons.
 SHAPE_60 = "prune.target_shape={layers: 22, hidden: 576, kv_groups: 2, neurons: 768}"
+# All 30 layers and the full width kept (the units-only rows' depth and width, made uniform): 30x576x2x480.
+SHAPE_60_DEEP = "prune.target_shape={layers: 30, hidden: 576, kv_groups: 2, neurons: 480}"
 # Everything a full run and a quick run share: the comparison's protocol, not its size.
 PROTOCOL = ("eval.every_stage=false", "eval.tasks=[]", "output.tensorboard=false", "data.eval_corpora=[kjv]")
 FULL = ("data.eval_tokens=4096", "data.eval_context=1024")
@@ -152,6 +154,9 @@ SCHEDULES.update(
         ),
         Schedule("incremental-distill-shape", "incremental", "distill", DISTILL + (SHAPE_60,)),
         Schedule("incremental-distill-shape-ls", "incremental", "distill", DISTILL + (SHAPE_60,) + LEAST_SQUARES),
+        Schedule(
+            "incremental-distill-shape30-ls", "incremental", "distill", DISTILL + (SHAPE_60_DEEP,) + LEAST_SQUARES
+        ),
     )
 )
 
