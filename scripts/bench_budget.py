@@ -54,6 +54,9 @@ from adaptprune.run.run_data import heldout_texts
 from adaptprune.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
+# The rows in docs/ were measured with configs/default.yaml's allocation before issue #22 made it accumulating;
+# pinned so a resumed grid stays one experiment (a schedule or override naming another allocation wins).
+ADAPTIVE = "prune.allocation=adaptive"
 ONESHOT = ("prune.step_fraction=1.0",)
 LM = ("train.trainer=full",)  # LM loss, whatever the base config's trainer
 DISTILL = ("train.trainer=distill", "train.distill.kd_weight=1.0")  # KL to the unpruned model only
@@ -246,6 +249,7 @@ def run_config(args: argparse.Namespace, target: int, run: Run) -> RunConfig:
 
 def run_overrides(args: argparse.Namespace, target: int, run: Run) -> list[str]:
     return [
+        ADAPTIVE,
         *base_overrides(args),
         f"prune.target_params={target}",
         *run.schedule.overrides,

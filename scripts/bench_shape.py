@@ -38,6 +38,9 @@ from adaptprune.run.controller import Controller
 from adaptprune.run.run_data import heldout_texts, shared_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
+# The rows in docs/ were measured with configs/default.yaml's allocation before issue #22 made it accumulating;
+# pinned so a resumed grid stays one experiment (a schedule or override naming another allocation wins).
+ADAPTIVE = "prune.allocation=adaptive"
 DIMS = {"units": "[neurons,groups]", "all": "[neurons,groups,hidden,layers]"}
 COMPENSATIONS = [(False, False), (True, False), (False, True), (True, True)]  # (layer, norm)
 
@@ -82,6 +85,7 @@ def run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     return load_config(
         args.config,
         [
+            ADAPTIVE,
             f"model.name={args.model}",
             "data.eval_corpora=[kjv]",
             f"data.eval_tokens={args.eval_tokens}",

@@ -81,13 +81,14 @@ def test_build_allocator_reads_the_prune_config():
         "scope": "run",
         "state": None,
     }
-    assert build_allocator(PruneConfig(amplitude=0.05)).to_json() == {
+    assert PruneConfig().allocation == "accumulating"  # the default since issue #22
+    assert build_allocator(PruneConfig(allocation="adaptive", amplitude=0.05)).to_json() == {
         "name": "adaptive",
         "amplitude": 0.05,
         "max_sparsity": 0.99,
     }
     with pytest.raises(ConfigError, match="same_ratio=true needs prune.allocation=accumulating"):
-        PruneConfig(same_ratio=True)
+        PruneConfig(allocation="adaptive", same_ratio=True)
 
 
 # ---- prune_step ------------------------------------------------------------------------------------
