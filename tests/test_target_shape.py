@@ -160,15 +160,17 @@ def test_the_controller_walks_to_the_target_and_the_result_reloads_without_adapt
     torch.testing.assert_close(remote, logits(final, ids), rtol=0, atol=0)
 
 
-def test_an_adaptive_walk_keeps_the_totals_and_varies_layers(tmp_path):
-    cfg = _tiny_run(tmp_path / "run", "prune.target_shape={neurons: 128}", "prune.amplitude=0.3")
+@pytest.mark.parametrize("allocation", ["adaptive", "accumulating"])
+def test_a_non_uniform_walk_keeps_the_totals_and_varies_layers(tmp_path, allocation):
+    overrides = ("prune.target_shape={neurons: 128}", "prune.amplitude=0.3", f"prune.allocation={allocation}")
+    cfg = _tiny_run(tmp_path / "run", *overrides)
     Controller(cfg).run()
     final = load_model(str(tmp_path / "run" / "final"))
     adapter = get_adapter(final)
     neurons = [adapter.layer_shape(final, i).neurons for i in range(4)]
     assert sum(neurons) == 4 * 128 and all(n % 8 == 0 for n in neurons) and len(set(neurons)) > 1
     assert (
-        "per-layer sizes vary around its means (allocation `adaptive`)"
+        f"per-layer sizes vary around its means (allocation `{allocation}`)"
         in (tmp_path / "run" / "final" / "README.md").read_text()
     )
 
