@@ -160,6 +160,12 @@ SCHEDULES.update(
         Schedule(
             "incremental-distill-shape30-ls", "incremental", "distill", DISTILL + (SHAPE_60_DEEP,) + LEAST_SQUARES
         ),
+        Schedule(
+            "incremental-distill-shape30-ls-accumulating",
+            "incremental",
+            "distill",
+            DISTILL + (SHAPE_60_DEEP,) + LEAST_SQUARES + ACCUMULATING,
+        ),
     )
 )
 
