@@ -161,18 +161,24 @@ def test_the_controller_walks_to_the_target_and_the_result_reloads_without_adapt
 
 
 @pytest.mark.parametrize("allocation", ["adaptive", "accumulating"])
-def test_a_non_uniform_walk_keeps_the_totals_and_varies_layers(tmp_path, allocation):
+def test_a_non_uniform_walk_keeps_the_totals_and_varies_layers(tmp_path, capsys, allocation):
     overrides = ("prune.target_shape={neurons: 128}", "prune.amplitude=0.3", f"prune.allocation={allocation}")
     cfg = _tiny_run(tmp_path / "run", *overrides)
     Controller(cfg).run()
+    said = "inner re-scoring does not apply to a walk (it acts as adaptive)"
+    assert (said in capsys.readouterr().out) == (allocation == "accumulating")
     final = load_model(str(tmp_path / "run" / "final"))
     adapter = get_adapter(final)
     neurons = [adapter.layer_shape(final, i).neurons for i in range(4)]
     assert sum(neurons) == 4 * 128 and all(n % 8 == 0 for n in neurons) and len(set(neurons)) > 1
     assert (
-        f"per-layer sizes vary around its means (allocation `{allocation}`)"
+        f"per-layer sizes vary around its means (allocation `{allocation}`), by −A·Ĩ once per stage"
         in (tmp_path / "run" / "final" / "README.md").read_text()
     )
+    if allocation == "accumulating":  # what the note says: the walk gives adaptive's model, weight for weight
+        Controller(_tiny_run(tmp_path / "adaptive", *overrides[:2], "prune.allocation=adaptive")).run()
+        other = load_model(str(tmp_path / "adaptive" / "final")).state_dict()
+        assert all(torch.equal(t, other[name]) for name, t in final.state_dict().items())
 
 
 def test_a_uniform_result_exports_as_plain_llama_with_scalar_sizes(tmp_path, bpe_tokenizer):

@@ -20,6 +20,7 @@ from ..config import PruneConfig
 from ..pruning.shape_step import reach_shape
 from ..pruning.step import Record, build_allocator, prune_step
 from ..pruning.target_shape import ShapeWalk
+from ..report import walk_note
 
 
 class CalibrationSource(Protocol):
@@ -59,6 +60,8 @@ class AdaptprunePruner:
     ) -> None:
         self.cfg, self.adapter, self.progress, self.walk = cfg, adapter, progress, walk
         self.allocator = build_allocator(cfg)
+        if walk is not None and walk_note(cfg.allocation):  # measured: the same model as adaptive, issue #22
+            print(f"[adaptprune] prune.target_shape{walk_note(cfg.allocation)}")
 
     def __call__(
         self, model: nn.Module, calibration: CalibrationSource, target: int, label: str
