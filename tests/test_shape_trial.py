@@ -155,3 +155,13 @@ def test_the_benchmark_script_compares_hooks_and_copies(tmp_path):
         assert 0 < row["extra_bytes_hooked"] <= result["plan_bound_bytes"]
         if row["removed_channels"] == 0:
             assert row["loss_hooked"] == pytest.approx(row["loss_copy"], rel=1e-5)
+
+
+def test_a_trial_that_fails_halfway_leaves_no_hook():
+    sequences = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(4))
+    model, adapter, calib = _model_and_stats("llama", sequences)
+    cfg = PruneConfig(dims=ALL_DIMS, compensation="mean")
+    with pytest.raises(IndexError):  # layer 5 of 3: fails after layer 0's unit hooks went in
+        with hooked_trial(model, adapter, calib, [0, 1, 2], None, {0: UNITS[0], 5: UNITS[0]}, cfg):
+            pass
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

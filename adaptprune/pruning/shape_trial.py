@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..allocation.shape import LAYERS
 from ..arch import NORM, UNIT_KINDS, ArchAdapter
+from ..config import PruneConfig
 from ..importance.residual import Bypass, norm_gain_factor
 from .calibration import CalibrationResult, ChannelStats
 from .compensation import compensate
@@ -39,7 +40,7 @@ from .records import Plan
 from .reshape import layer_mean_shifts, sliced_holder
 
 
-def layer_compensation_applies(cfg, adapter: ArchAdapter, config) -> bool:
+def layer_compensation_applies(cfg: PruneConfig, adapter: ArchAdapter, config) -> bool:
     """Whether removed layers' means go into a stream bias (which must then exist, and count)."""
     return LAYERS in cfg.dims and cfg.layer_compensation and adapter.stream_bias_path(config) is not None
 
@@ -138,27 +139,26 @@ def hooked_trial(
     kept_layers: Sequence[int],
     keep_channels: Sequence[int] | None,
     units: Plan,
-    cfg,
+    cfg: PruneConfig,
 ) -> Iterator[None]:
     """While open, ``model`` computes as the candidate would: ``kept_layers`` (old indices),
     ``keep_channels`` (None: all), ``units`` (a plan over the kept layers, numbered 0..L'-1) and the
     compensations ``cfg`` (a ``PruneConfig``) names. ``calib`` is of ``model`` as it is."""
-    handles: list = []
+    handles: list = []  # filled as each hook goes in, so a failure halfway still removes them all
     try:
         rows = None if keep_channels is None else torch.as_tensor(sorted(int(k) for k in keep_channels))
-        handles += _unit_hooks(model, adapter, calib, kept_layers, units, cfg, rows)
-        handles += _layer_hooks(model, adapter, calib, kept_layers, cfg)
+        _unit_hooks(handles, model, adapter, calib, kept_layers, units, cfg, rows)
+        _layer_hooks(handles, model, adapter, calib, kept_layers, cfg)
         if keep_channels is not None:
-            handles += _channel_hooks(model, adapter, calib, kept_layers, keep_channels, cfg.norm_compensation)
+            _channel_hooks(handles, model, adapter, calib, kept_layers, keep_channels, cfg.norm_compensation)
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _unit_hooks(model, adapter, calib, kept_layers, units: Plan, cfg, rows: Tensor | None) -> list:
+def _unit_hooks(handles: list, model, adapter, calib, kept_layers, units: Plan, cfg, rows: Tensor | None) -> None:
     layers = adapter.decoder_layers(model)
-    handles = []
     for t, kinds in units.items():
         i = kept_layers[t]
         for kind, keep in kinds.items():
@@ -169,28 +169,26 @@ def _unit_hooks(model, adapter, calib, kept_layers, units: Plan, cfg, rows: Tens
             stats = calib.layers[i].channels(kind) if cfg.compensation != "none" else None
             hook = _MaskedOutput(kept, stats, cfg.compensation, cfg.ls_ridge, rows)
             linear = layers[i].get_submodule(coupling.path)
-            handles += [linear.register_forward_pre_hook(hook.pre), linear.register_forward_hook(hook.post)]
-    return handles
+            handles.append(linear.register_forward_pre_hook(hook.pre))
+            handles.append(linear.register_forward_hook(hook.post))
 
 
-def _layer_hooks(model, adapter, calib, kept_layers, cfg) -> list:
+def _layer_hooks(handles: list, model, adapter, calib, kept_layers, cfg) -> None:
     """Bypass the removed layers; add each removed run's mean to the kept layer before it."""
     layers = adapter.decoder_layers(model)
     removed = [i for i in range(len(layers)) if i not in set(kept_layers)]
-    handles = [layers[i].register_forward_hook(Bypass(), with_kwargs=True) for i in removed]
+    handles.extend(layers[i].register_forward_hook(Bypass(), with_kwargs=True) for i in removed)
     if removed and layer_compensation_applies(cfg, adapter, model.config):
         shifts = layer_mean_shifts([s.mean for s in calib.residual])
         path = adapter.stream_bias_path(model.config)
         for i in (i for i in removed if i > kept_layers[0]):
             before = max(k for k in kept_layers if k < i)
             handles.append(layers[before].get_submodule(path).register_forward_hook(_AddShift(shifts[i])))
-    return handles
 
 
-def _channel_hooks(model, adapter, calib, kept_layers, keep_channels, compensate_gains: bool) -> list:
+def _channel_hooks(handles: list, model, adapter, calib, kept_layers, keep_channels, compensate_gains: bool) -> None:
     keep = torch.as_tensor(sorted(int(k) for k in keep_channels), dtype=torch.long)
     factors = norm_factors(calib, kept_layers, keep, model, adapter) if compensate_gains else {}
-    handles = []
     for c in adapter.hidden_couplings(model):
         if c.role != NORM:
             continue
@@ -198,7 +196,6 @@ def _channel_hooks(model, adapter, calib, kept_layers, keep_channels, compensate
         if c.path in factors:
             adapter.scale_norm_gain(sliced, factors[c.path])
         handles.append(model.get_submodule(c.path).register_forward_hook(_KeptChannelsNorm(sliced, keep)))
-    return handles
 
 
 def trial_bytes(model: nn.Module, adapter: ArchAdapter, compensation: str) -> int:
