@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from budget_report import write_report
+from measured import ADAPTIVE
 
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import RunConfig, load_config, to_dict
@@ -54,9 +55,6 @@ from adaptprune.run.run_data import heldout_texts
 from adaptprune.run.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
-# The rows in docs/ were measured with configs/default.yaml's allocation before issue #22 made it accumulating;
-# pinned so a resumed grid stays one experiment (a schedule or override naming another allocation wins).
-ADAPTIVE = "prune.allocation=adaptive"
 ONESHOT = ("prune.step_fraction=1.0",)
 LM = ("train.trainer=full",)  # LM loss, whatever the base config's trainer
 DISTILL = ("train.trainer=distill", "train.distill.kd_weight=1.0")  # KL to the unpruned model only

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import torch
 from budget_report import VERDICT_END, VERDICT_PLACEHOLDER, VERDICT_START, earlier_verdict
+from measured import ADAPTIVE
 
 from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
@@ -36,9 +37,6 @@ from adaptprune.report import table_head, write_markdown_and_json
 from adaptprune.run.run_data import heldout_texts, shared_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
-# The rows in docs/ were measured with configs/default.yaml's allocation before issue #22 made it accumulating;
-# pinned so a resumed grid stays one experiment (a schedule or override naming another allocation wins).
-ADAPTIVE = "prune.allocation=adaptive"
 MODES = ("none", "mean", "mean+energy", "least_squares")
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import shape_report
+from measured import ADAPTIVE
 
 from adaptprune.allocation import parse_target
 from adaptprune.arch import get_adapter
@@ -38,9 +39,6 @@ from adaptprune.run.controller import Controller
 from adaptprune.run.run_data import heldout_texts, shared_calibration
 
 ROOT = Path(__file__).resolve().parents[1]
-# The rows in docs/ were measured with configs/default.yaml's allocation before issue #22 made it accumulating;
-# pinned so a resumed grid stays one experiment (a schedule or override naming another allocation wins).
-ADAPTIVE = "prune.allocation=adaptive"
 DIMS = {"units": "[neurons,groups]", "all": "[neurons,groups,hidden,layers]"}
 COMPENSATIONS = [(False, False), (True, False), (False, True), (True, True)]  # (layer, norm)
 
