@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from adaptprune.allocation.shape import LAYERS, grid_candidates
 from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import load_config
@@ -35,8 +34,7 @@ from adaptprune.pruning.shape_search import (
     apply_shape,
     candidate_loss,
     channel_keep,
-    layer_scores,
-    shape_costs,
+    search_candidates,
     sub_calibration,
 )
 from adaptprune.pruning.shape_trial import trial_bytes
@@ -109,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     sequences = shared_calibration(run_cfg, load_tokenizer(args.model))
     calib = calibrate_for(model, sequences, cfg, adapter, progress=False, collect_residual=True)
     target = round((1 - args.remove) * count_parameters(model))
-    costs = shape_costs(model, adapter)
-    scores = layer_scores(model, calib, sequences, cfg, adapter) if LAYERS in cfg.dims else None
-    floors = (cfg.min_layers, cfg.min_hidden, cfg.hidden_multiple)
-    candidates = grid_candidates(costs, scores, costs.total - target, cfg.layer_fractions, cfg.hidden_fractions, floors)
+    candidates = search_candidates(model, calib, sequences, target, cfg, adapter)
     plan_units = unit_planner(target, cfg, adapter, build_allocator(cfg))
     plain = peak_bytes(lambda: calibration_loss(model, sequences))
     rows = []

@@ -215,6 +215,22 @@ def candidate_loss(
 
 
 # ---- the search ---------------------------------------------------------------------------------------
+def search_candidates(
+    model: nn.Module,
+    calib: CalibrationResult,
+    sequences: Tensor,
+    target_params: int,
+    cfg: PruneConfig,
+    adapter: ArchAdapter,
+) -> list[ShapeCandidate]:
+    """The grid's distinct (layers, hidden channels) candidates for a step to ``target_params``."""
+    costs = shape_costs(model, adapter)
+    scores = layer_scores(model, calib, sequences, cfg, adapter) if LAYERS in cfg.dims else None
+    floors = (cfg.min_layers, cfg.min_hidden, cfg.hidden_multiple)
+    remove = costs.total - target_params
+    return grid_candidates(costs, scores, remove, cfg.layer_fractions, cfg.hidden_fractions, floors)
+
+
 def search_shape(
     model: nn.Module,
     calib: CalibrationResult,
@@ -232,9 +248,7 @@ def search_shape(
     """
     costs = shape_costs(model, adapter)
     remove = costs.total - target_params
-    scores = layer_scores(model, calib, sequences, cfg, adapter) if LAYERS in cfg.dims else None
-    floors = (cfg.min_layers, cfg.min_hidden, cfg.hidden_multiple)
-    candidates = grid_candidates(costs, scores, remove, cfg.layer_fractions, cfg.hidden_fractions, floors)
+    candidates = search_candidates(model, calib, sequences, target_params, cfg, adapter)
     losses: list[float | None] = [None]
     if len(candidates) > 1:
         bar = tqdm(candidates, desc=f"{label} shape candidates".strip(), disable=not progress, unit="shape")
@@ -279,6 +293,7 @@ __all__ = [
     "channel_keep",
     "layer_compensation_applies",
     "layer_scores",
+    "search_candidates",
     "search_shape",
     "shape_costs",
     "sub_calibration",
