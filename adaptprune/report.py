@@ -79,15 +79,10 @@ def _shape_line(prune) -> str:
         return ""
     if prune.allocation == "uniform":
         return f"\nTarget shape `{prune.target_shape}`: every layer has exactly its sizes.\n"
+    from .pruning.shape_step import walk_note  # lazily: writing a card should not load the pruning code
+
     how = f"per-layer sizes vary around its means (allocation `{prune.allocation}`), by −A·Ĩ once per stage"
     return f"\nTarget shape `{prune.target_shape}`: {how}{walk_note(prune.allocation)}.\n"
-
-
-def walk_note(allocation: str) -> str:
-    """What a target shape's walk does not take from the allocation (empty when it takes all of it)."""
-    if allocation != "accumulating":
-        return ""
-    return "; the accumulating allocation's inner re-scoring does not apply to a walk (it acts as adaptive)"
 
 
 def plot_layer_sizes(dense: dict, pruned: dict, path: Path) -> Path:

@@ -45,6 +45,14 @@ from .surgery import ensure_output_biases
 from .target_shape import ModelShape, current_shape
 
 
+def walk_note(allocation: str) -> str:
+    """What a walk does not take from the allocation (empty when it takes all of it): ``shape_unit_plan``
+    only tells ``uniform`` from the rest, so accumulating's inner re-scoring never runs here."""
+    if allocation != "accumulating":
+        return ""
+    return "; the accumulating allocation's inner re-scoring does not apply to a walk (it acts as adaptive)"
+
+
 def reach_shape(
     model: nn.Module,
     calibration: Calibration,

@@ -17,10 +17,9 @@ from torch import nn
 from ..allocation import allocator_from_json
 from ..arch import ArchAdapter
 from ..config import PruneConfig
-from ..pruning.shape_step import reach_shape
+from ..pruning.shape_step import reach_shape, walk_note
 from ..pruning.step import Record, build_allocator, prune_step
 from ..pruning.target_shape import ShapeWalk
-from ..report import walk_note
 
 
 class CalibrationSource(Protocol):
