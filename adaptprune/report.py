@@ -74,15 +74,12 @@ model = AutoModelForCausalLM.from_pretrained("{model_dir}", trust_remote_code=Tr
 
 
 def _shape_line(prune) -> str:
-    """What the model card says of a target shape: uniform lands on it, other allocations vary around it."""
+    """What the model card says of a target shape: how the walk set each layer's sizes."""
     if prune.target_shape is None:
         return ""
-    if prune.allocation == "uniform":
-        return f"\nTarget shape `{prune.target_shape}`: every layer has exactly its sizes.\n"
-    from .pruning.shape_step import walk_note  # lazily: writing a card should not load the pruning code
+    from .pruning.shape_step import walk_allocation  # lazily: writing a card should not load the pruning code
 
-    how = f"per-layer sizes vary around its means (allocation `{prune.allocation}`), by −A·Ĩ once per stage"
-    return f"\nTarget shape `{prune.target_shape}`: {how}{walk_note(prune.allocation)}.\n"
+    return f"\nTarget shape `{prune.target_shape}`: {walk_allocation(prune.allocation)}.\n"
 
 
 def plot_layer_sizes(dense: dict, pruned: dict, path: Path) -> Path:

@@ -13,7 +13,7 @@ from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, save_checkpoint, to_heterogeneous
 from adaptprune.config import ConfigError, PruneConfig, load_config
 from adaptprune.export import export_gguf
-from adaptprune.pruning.shape_step import kept_counts, reach_shape
+from adaptprune.pruning.shape_step import kept_counts, reach_shape, unit_inner_steps
 from adaptprune.pruning.surgery import count_parameters
 from adaptprune.pruning.target_shape import (
     ModelShape,
@@ -97,11 +97,35 @@ def test_the_walk_starts_at_the_source_ends_on_the_target_and_only_shrinks_on_mu
 
 
 def test_kept_counts_are_exact_uniformly_and_keep_the_total_around_the_mean():
-    assert kept_counts([96, 96, 80], 64, None, 1) == [64, 64, 64]
+    assert kept_counts([96, 96, 80], 3 * 64, None, 1) == [64, 64, 64]
     offsets = torch.tensor([0.05, -0.05, 0.0], dtype=torch.float64)  # layer 0 loses more, layer 1 less
-    kept = kept_counts([256, 256, 256], 128, offsets, 32)
+    kept = kept_counts([256, 256, 256], 3 * 128, offsets, 32)
     assert sum(kept) == 3 * 128 and all(k % 32 == 0 for k in kept)
     assert kept[0] <= 128 <= kept[1]
+    assert kept_counts([64, 96, 160], 320, offsets, 32) == [64, 96, 160]  # at the total already: nothing goes
+    steep = torch.tensor([0.9, -0.9], dtype=torch.float64)
+    assert kept_counts([64, 128], 64, steep, 32) == [32, 32]  # no layer below one multiple, the total exact
+
+
+def test_an_accumulating_walk_cuts_units_in_inner_steps_each_on_fresh_text():
+    model = tiny_llama()  # 3 layers of 2 groups (6,144 parameters each) and 96 neurons (192 each)
+    shape = ModelShape(layers=3, hidden=64, groups=1, neurons=32)  # removes 3 x 6,144 + 192 x 192 = 55,296
+    cfg = PruneConfig(allocation="accumulating", inner_step_fraction=0.2, amplitude=0.3, neuron_multiple=8)
+    adapter = get_adapter(model)
+    assert unit_inner_steps(model, shape, cfg, adapter) == 3  # 55,296 / (0.2 x 92,160)
+    assert unit_inner_steps(model, shape, PruneConfig(allocation="adaptive"), adapter) == 1
+    seen = []
+
+    def fresh_text():  # what the model holds when each inner step asks for its text
+        sizes = [adapter.layer_shape(model, i) for i in range(3)]
+        seen.append((sum(s.groups for s in sizes), sum(s.neurons for s in sizes)))
+        return torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(len(seen)))
+
+    report = reach_shape(model, fresh_text, shape, cfg, adapter, progress=False)
+    assert report.inner_steps == 3 and seen == [(6, 288), (5, 224), (4, 160)]  # a third of what is left each
+    sizes = [adapter.layer_shape(model, i) for i in range(3)]
+    assert sum(s.groups for s in sizes) == 3 and sum(s.neurons for s in sizes) == 96
+    assert all(s.neurons % 8 == 0 for s in sizes) and len({s.neurons for s in sizes}) > 1
 
 
 def test_shape_params_counts_the_meta_surgery_without_touching_the_model():
@@ -161,24 +185,23 @@ def test_the_controller_walks_to_the_target_and_the_result_reloads_without_adapt
 
 
 @pytest.mark.parametrize("allocation", ["adaptive", "accumulating"])
-def test_a_non_uniform_walk_keeps_the_totals_and_varies_layers(tmp_path, capsys, allocation):
+def test_a_non_uniform_walk_keeps_the_totals_and_varies_layers(tmp_path, allocation):
     overrides = ("prune.target_shape={neurons: 128}", "prune.amplitude=0.3", f"prune.allocation={allocation}")
     cfg = _tiny_run(tmp_path / "run", *overrides)
     Controller(cfg).run()
-    said = "inner re-scoring does not apply to a walk (it acts as adaptive)"
-    assert (said in capsys.readouterr().out) == (allocation == "accumulating")
     final = load_model(str(tmp_path / "run" / "final"))
     adapter = get_adapter(final)
     neurons = [adapter.layer_shape(final, i).neurons for i in range(4)]
     assert sum(neurons) == 4 * 128 and all(n % 8 == 0 for n in neurons) and len(set(neurons)) > 1
+    how = {"adaptive": "once per stage", "accumulating": "at every inner step (re-scored on fresh text)"}[allocation]
     assert (
-        f"per-layer sizes vary around its means (allocation `{allocation}`), by −A·Ĩ once per stage"
+        f"per-layer sizes vary around its means (allocation `{allocation}`), by −A·Ĩ {how}"
         in (tmp_path / "run" / "final" / "README.md").read_text()
     )
-    if allocation == "accumulating":  # what the note says: the walk gives adaptive's model, weight for weight
+    if allocation == "accumulating":  # its inner steps re-score: not adaptive's model
         Controller(_tiny_run(tmp_path / "adaptive", *overrides[:2], "prune.allocation=adaptive")).run()
         other = load_model(str(tmp_path / "adaptive" / "final")).state_dict()
-        assert all(torch.equal(t, other[name]) for name, t in final.state_dict().items())
+        assert not all(torch.equal(t, other[name]) for name, t in final.state_dict().items())
 
 
 def test_a_uniform_result_exports_as_plain_llama_with_scalar_sizes(tmp_path, bpe_tokenizer):

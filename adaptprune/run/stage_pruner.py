@@ -17,7 +17,7 @@ from torch import nn
 from ..allocation import allocator_from_json
 from ..arch import ArchAdapter
 from ..config import PruneConfig
-from ..pruning.shape_step import reach_shape, walk_note
+from ..pruning.shape_step import reach_shape
 from ..pruning.step import Record, build_allocator, prune_step
 from ..pruning.target_shape import ShapeWalk
 
@@ -59,8 +59,6 @@ class AdaptprunePruner:
     ) -> None:
         self.cfg, self.adapter, self.progress, self.walk = cfg, adapter, progress, walk
         self.allocator = build_allocator(cfg)
-        if walk is not None and walk_note(cfg.allocation):  # measured: the same model as adaptive, issue #22
-            print(f"[adaptprune] prune.target_shape{walk_note(cfg.allocation)}")
 
     def __call__(
         self, model: nn.Module, calibration: CalibrationSource, target: int, label: str
