@@ -7,6 +7,9 @@ groups and neurons per layer). Writes ``heavy_cut.md``, ``heavy_cut.json`` and `
 every ratio is against FLAP + the same distillation.
 
     python scripts/heavy_cut_report.py --budget 32768 --runs runs/budget60 --out docs/heavy_cut
+
+Zero-shot columns come from ``--tasks-json``; ``--collect-tasks DIR`` first rewrites it from DIR's
+``adaptprune eval MODEL --tasks piqa,arc_easy --limit N --out DIR/<schedule or dense>.json`` files.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(ROOT / "docs" / "heavy_cut_tasks.json"),
         help="zero-shot results by schedule ({'limit': N, 'rows': {schedule or 'dense': {task: metrics}}})",
     )
+    p.add_argument("--collect-tasks", help="folder of `adaptprune eval --out` files named <schedule or dense>.json")
     return p.parse_args(argv)
 
 
@@ -92,6 +96,22 @@ def earlier_shapes(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
     return {r["schedule"]: r.get("shape") for r in json.loads(path.read_text(encoding="utf-8"))["rows"]}
+
+
+def collect_tasks(folder: Path) -> dict:
+    """``--tasks-json``'s content from ``adaptprune eval`` outputs, one per schedule (all at one limit)."""
+    found = {f.stem: json.loads(f.read_text(encoding="utf-8")) for f in sorted(folder.glob("*.json"))}
+    if not found:
+        raise SystemExit(f"no <schedule>.json files from `adaptprune eval --out` in {folder}")
+    limits = {r["task_limit"] for r in found.values()}
+    if len(limits) != 1:
+        raise SystemExit(f"the files in {folder} were evaluated at different --limit values: {sorted(limits)}")
+    (limit,) = limits
+    source = (
+        f"each row's kept model with `adaptprune eval MODEL --tasks piqa,arc_easy --limit {limit} --out "
+        f"{folder}/<schedule>.json`, collected by `python scripts/heavy_cut_report.py --collect-tasks {folder}`"
+    )
+    return {"limit": limit, "source": source, "rows": {name: r["tasks"] for name, r in found.items()}}
 
 
 def task_cells(measured: dict, schedule: str) -> list[str]:
@@ -172,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     rows = rows_at(grid, args.budget, Path(args.runs), earlier_shapes(out.with_suffix(".json")))
     tasks_path = Path(args.tasks_json)
+    if args.collect_tasks:
+        tasks_path.write_text(json.dumps(collect_tasks(Path(args.collect_tasks)), indent=1) + "\n", encoding="utf-8")
     measured = json.loads(tasks_path.read_text(encoding="utf-8")) if tasks_path.exists() else {}
     md = out.with_suffix(".md")
     verdict = earlier_verdict(md) if md.exists() else VERDICT_PLACEHOLDER

@@ -72,3 +72,32 @@ def test_the_report_divides_by_flap_keeps_shapes_and_shows_tasks(tmp_path):
     assert "Dense SmolLM2-135M: PIQA 0.600, ARC-E 0.410" in out.with_suffix(".md").read_text()
     assert json.loads(out.with_suffix(".json").read_text())["tasks"]["limit"] == 250
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def _eval_output(folder: Path, name: str, piqa: float, limit: int = 500) -> None:
+    """What ``adaptprune eval MODEL --tasks piqa,arc_easy --limit N --out F`` writes."""
+    tasks = {"piqa": {"acc": piqa, "acc_norm": piqa}, "arc_easy": {"acc": 0.3, "acc_norm": 0.25}}
+    (folder / f"{name}.json").write_text(json.dumps({"tasks": tasks, "task_limit": limit, "model": name}))
+
+
+def test_collect_tasks_gathers_eval_outputs_and_refuses_mixed_limits(tmp_path):
+    budget = tmp_path / "budget.json"
+    budget.write_text(json.dumps({"grids": [_grid()]}))
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    _eval_output(evals, "dense", 0.65)
+    _eval_output(evals, "incremental-distill-ls", 0.52)
+    tasks, out = tmp_path / "tasks.json", tmp_path / "heavy_cut"
+    args = ["--budget-json", str(budget), "--runs", str(tmp_path), "--out", str(out), "--tasks-json", str(tasks)]
+    script = [sys.executable, str(ROOT / "scripts" / "heavy_cut_report.py"), *args, "--collect-tasks", str(evals)]
+    subprocess.run(script, check=True, capture_output=True)
+
+    collected = json.loads(tasks.read_text())
+    assert collected["limit"] == 500 and sorted(collected["rows"]) == ["dense", "incremental-distill-ls"]
+    assert collected["rows"]["incremental-distill-ls"]["piqa"]["acc_norm"] == 0.52
+    md = out.with_suffix(".md").read_text()
+    assert "first 500 documents" in md and "Dense SmolLM2-135M: PIQA 0.650, ARC-E 0.250" in md
+    _eval_output(evals, "flap+train-distill", 0.5, limit=250)
+    failed = subprocess.run(script, capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert failed.stderr.strip().splitlines()[-1].endswith("different --limit values: [250, 500]")
