@@ -164,6 +164,12 @@ SCHEDULES.update(
             "distill",
             DISTILL + (SHAPE_60_DEEP,) + LEAST_SQUARES + ACCUMULATING,
         ),
+        Schedule(  # every layer on the shape's sizes: a plain llama config and GGUF
+            "incremental-distill-shape30-ls-uniform",
+            "incremental",
+            "distill",
+            DISTILL + (SHAPE_60_DEEP,) + LEAST_SQUARES + ("prune.allocation=uniform",),
+        ),
     )
 )
 

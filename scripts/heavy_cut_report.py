@@ -33,7 +33,9 @@ WHAT = {  # schedule -> what it changes against the default incremental run
     "incremental-distill-ls": "+ least-squares compensation (the default since #23)",
     "incremental-distill-shape-ls": "+ least squares + target shape 22x576x2x768",
     "incremental-distill-shape30-ls": "+ least squares + target shape 30x576x2x480",
-    "incremental-distill-shape30-ls-accumulating": "+ least squares + target shape 30x576x2x480 + accumulating",
+    "incremental-distill-shape30-ls-accumulating": "+ least squares + target shape 30x576x2x480 + accumulating "
+    "(re-scored in the walk's inner steps)",
+    "incremental-distill-shape30-ls-uniform": "+ least squares + target shape 30x576x2x480, uniform (plain llama)",
     "incremental-distill-ls-alldims": "+ least squares + hidden and layers (per-step search)",
     "incremental-distill-ls-accumulating": "+ least squares + accumulating allocation (2% inner re-scoring)",
     "incremental-distill-ls-accumulating-coarse": "+ least squares + accumulating, 5% inner steps",
