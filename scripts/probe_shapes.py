@@ -1,7 +1,8 @@
 """Choose a target shape up front: cut the dense model once to each candidate and compare training-split loss.
 
 Every candidate is reached in one ``shape_step.reach_shape`` (layers by influence, hidden by Minitron
-scores, units uniformly by importance) from one calibration batch, then scored by its mean LM loss on
+scores, units by importance; the adaptive allocation the committed probes used, unless an override names
+another) from one calibration batch, then scored by its mean LM loss on
 ``--probe-tokens`` tokens of the *training* split that were not used to calibrate: more text than one
 calibration batch, and never the held-out text the results are reported on. Prints a table and writes
 JSON; the lowest loss is the shape to hand to ``prune.target_shape``.
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from measured import ADAPTIVE
 
 from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = load_config(args.config, [*args.overrides, "output.dir=unused"])
+    cfg = load_config(args.config, [ADAPTIVE, *args.overrides, "output.dir=unused"])  # an override wins
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     dense = load_model(cfg.model.name, dtype=cfg.model.dtype).eval()
     target = params_after_removing(dense, args.remove)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# Target shapes probed one-shot at −{args.remove:.0%} ({target:,} parameters ±0.5%)",
         "",
         f"{cfg.model.name}; each candidate cut once from the dense model (`prune.compensation={cfg.prune.compensation}`,"
-        f" uniform units) on {calib.numel():,} calibration tokens, scored by mean LM loss on {probe.numel():,} other "
+        f" `prune.allocation={cfg.prune.allocation}`) on {calib.numel():,} calibration tokens, scored by mean LM loss on {probe.numel():,} other "
         f"training-split tokens (not the held-out text). Produced by `python scripts/probe_shapes.py --shapes "
         f"{args.shapes}`.",
         "",
