@@ -406,9 +406,8 @@ def timing(results: dict, restored: int | None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     json_path = Path(args.out) / "budget.json"
-    grids = read_grids(json_path)
     if args.render_only:
-        write_report(grids, Path(args.out))
+        write_report(read_grids(json_path), Path(args.out))
         return
     if args.quick:
         torch.set_num_threads(1)  # a 0.3M-parameter model: threads only add contention on a shared machine
@@ -431,21 +430,32 @@ def main(argv: list[str] | None = None) -> None:
         "base_config": to_dict(base),
         "rows": [],
     }
-    rows = finished_rows(grids, payload["settings"])
     largest = max(args.budgets)
     for run in plan(args):
         folder = args.runs / run.folder_name
-        if run.key not in rows:
-            rows[run.key] = run_one(args, target, run, texts, tokenizer, with_tasks=run.budget == largest)
-            payload["rows"] = list(rows.values())
-            grids = with_grid(grids, payload)
-            write_json(json_path, grids)
+        if run.key not in finished_rows(read_grids(json_path), payload["settings"]):
+            row = run_one(args, target, run, texts, tokenizer, with_tasks=run.budget == largest)
+            record_row(json_path, payload, row)
         if not args.keep_models:
             drop_weights(folder)
+    grids = record_row(json_path, payload, None)
+    write_report(grids, Path(args.out))
+
+
+def record_row(json_path: Path, payload: dict, row: dict | None) -> list[dict]:
+    """Add ``row`` to its grid in ``json_path`` (None: write the grid as it is) and return every grid.
+
+    The file is read again first: another process may have added rows to the same grid since this one
+    started (two schedules of one grid run side by side), and rewriting the rows read at start would drop them.
+    """
+    grids = read_grids(json_path)
+    rows = finished_rows(grids, payload["settings"])
+    if row is not None:
+        rows[row["key"]] = row
     payload["rows"] = list(rows.values())
     grids = with_grid(grids, payload)
     write_json(json_path, grids)
-    write_report(grids, Path(args.out))
+    return grids
 
 
 def default_precision() -> str:

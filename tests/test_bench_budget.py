@@ -88,3 +88,34 @@ def test_quick_run_lands_every_schedule_on_one_size_and_budget(tmp_path):
         assert section in table, section
     assert "<!-- verdict:" in table and (tmp_path / "budget.png").stat().st_size > 0
     assert not any((tmp_path / "runs").glob("*/checkpoints"))  # weights of finished rows are dropped
+
+
+def _bench_budget_module():
+    """scripts/bench_budget.py as a module (its sibling imports resolve from scripts/)."""
+    import importlib.util
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_budget_under_test", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_a_finished_row_keeps_the_rows_another_process_added_meanwhile(tmp_path):
+    bench = _bench_budget_module()
+    path = tmp_path / "budget.json"
+    settings = {"remove_fraction": 0.6, "seeds": [0]}
+    other = {"settings": {"remove_fraction": 0.3}, "rows": [{"key": "x"}]}
+    bench.write_json(path, [other, {"settings": settings, "rows": [{"key": "a"}]}])
+    payload = {"settings": settings, "rows": [{"key": "a"}]}  # what this process read when it started
+    later = bench.read_grids(path)  # another process finishes row b of the same grid
+    bench.write_json(path, bench.with_grid(later, {"settings": settings, "rows": [{"key": "a"}, {"key": "b"}]}))
+
+    grids = bench.record_row(path, payload, {"key": "c"})
+    assert grids == bench.read_grids(path)
+    assert [r["key"] for r in bench.finished_rows(grids, settings).values()] == ["a", "b", "c"]
+    assert bench.finished_rows(grids, {"remove_fraction": 0.3}) == {"x": {"key": "x"}}
