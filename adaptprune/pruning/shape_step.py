@@ -31,7 +31,6 @@ from ..allocation import normalised_influence, solve_layer_targets
 from ..allocation.shape import ShapeCandidate
 from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
 from ..config import PruneConfig
-from ..importance import get_metric
 from .compensation import apply_compensated_plan
 from .profiling import Profile
 from .records import KeptRecord, Plan
@@ -45,6 +44,7 @@ from .step import (
     layer_budgets,
     next_sequences,
     prune_step,
+    score_units,
 )
 from .surgery import ensure_output_biases
 from .target_shape import ModelShape, current_shape
@@ -107,11 +107,7 @@ def cut_units(
     with profile.phase("calibration"):
         calib = calibrate_for(model, sequences, cfg, adapter, progress, desc)
     with profile.phase("scoring"):
-        metric = get_metric(cfg.metric)
-        scores = [
-            {k: metric.unit_scores(model, adapter, i, k, calib) for k in (ATTENTION, MLP)} for i in range(len(budgets))
-        ]
-        influence = torch.tensor([s.influence for s in calib.layers], dtype=torch.float64)
+        scores, influence = score_units(model, range(len(budgets)), calib, cfg, adapter)
         plan = _same_plan_on_every_rank(shape_unit_plan(budgets, scores, influence, totals, cfg))
     with profile.phase("surgery"):
         return apply_compensated_plan(model, plan, calib, cfg.compensation, cfg.ls_ridge, adapter)

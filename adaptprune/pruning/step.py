@@ -376,11 +376,18 @@ def allocate_units(
     """The units ``sizes`` (a model, or its meta copy with a shape applied) loses to reach ``target_params``:
     scored on ``scored``'s ``layers`` (the plan's layer t is ``layers[t]``), allocated by ``allocator``
     (its ``start_stage`` first, unless the caller already started it)."""
-    metric = get_metric(cfg.metric)
-    scores = [{kind: metric.unit_scores(scored, adapter, i, kind, calib) for kind in (ATTENTION, MLP)} for i in layers]
-    influence = torch.tensor([calib.layers[i].influence for i in layers], dtype=torch.float64)
+    scores, influence = score_units(scored, layers, calib, cfg, adapter)
     budgets = layer_budgets(sizes, adapter, *unit_floors(cfg))
     if start_stage:
         allocator.start_stage(budgets)
     remove = count_parameters(sizes) - target_params
     return allocator.plan(budgets, scores, influence, remove, neuron_multiple=cfg.neuron_multiple)
+
+
+def score_units(
+    scored: nn.Module, layers: Sequence[int], calib: CalibrationResult, cfg: PruneConfig, adapter: ArchAdapter
+) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """``prune.metric``'s unit scores per (layer, kind) of ``layers``, and their raw block influence (float64)."""
+    metric = get_metric(cfg.metric)
+    scores = [{kind: metric.unit_scores(scored, adapter, i, kind, calib) for kind in (ATTENTION, MLP)} for i in layers]
+    return scores, torch.tensor([calib.layers[i].influence for i in layers], dtype=torch.float64)
