@@ -50,7 +50,7 @@ Source model: `{config.model.name}`, {results["original_params"]:,} parameters, 
 {results["final_params"]:,} parameters in {results["stages"]} stages
 (metric `{config.prune.metric}`, allocation `{config.prune.allocation}`, compensation
 `{config.prune.compensation}`, trainer `{config.train.trainer}`, {last["train_tokens"]:,} training tokens).
-{_shape_line(config.prune)}
+{_shape_line(config.prune, results.get("shape_choice"))}
 
 Held-out perplexity (context {config.data.eval_context}): dense {_fmt(first["ppl"], ".2f")}, final {_fmt(last["ppl"], ".2f")}.
 
@@ -73,13 +73,21 @@ model = AutoModelForCausalLM.from_pretrained("{model_dir}", trust_remote_code=Tr
     return path
 
 
-def _shape_line(prune) -> str:
-    """What the model card says of a target shape: how the walk set each layer's sizes."""
+def _shape_line(prune, choice: dict | None = None) -> str:
+    """What the model card says of a target shape: which (searched: among how many) and how the walk set sizes."""
     if prune.target_shape is None:
         return ""
     from .pruning.shape_step import walk_allocation  # lazily: writing a card should not load the pruning code
 
-    return f"\nTarget shape `{prune.target_shape}`: {walk_allocation(prune.allocation)}.\n"
+    shape = f"`{prune.target_shape}`"
+    if choice is not None:
+        c = choice["chosen"]
+        shape = (
+            f"searched before stage 1: {c['layers']} layers, hidden {c['hidden']}, {c['groups']} KV groups, "
+            f"{c['neurons']} MLP neurons (the lowest loss of {len(choice['rows'])} shapes on "
+            f"{choice['probe_tokens']:,} training-split tokens)"
+        )
+    return f"\nTarget shape {shape}: {walk_allocation(prune.allocation)}.\n"
 
 
 def plot_layer_sizes(dense: dict, pruned: dict, path: Path) -> Path:

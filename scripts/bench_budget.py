@@ -81,6 +81,8 @@ ALL_DIMS = ('prune.dims=["neurons","groups","hidden","layers"]', "prune.hidden_m
 SHAPE_60 = "prune.target_shape={layers: 22, hidden: 576, kv_groups: 2, neurons: 768}"
 # All 30 layers and the full width kept (the units-only rows' depth and width, made uniform): 30x576x2x480.
 SHAPE_60_DEEP = "prune.target_shape={layers: 30, hidden: 576, kv_groups: 2, neurons: 480}"
+# No shape given: the run probes the default grid at the comparison's size before stage 1 and walks to the best.
+SEARCHED = ("prune.target_shape=search",)
 # Everything a full run and a quick run share: the comparison's protocol, not its size.
 PROTOCOL = ("eval.every_stage=false", "eval.tasks=[]", "output.tensorboard=false", "data.eval_corpora=[kjv]")
 FULL = ("data.eval_tokens=4096", "data.eval_context=1024")
@@ -169,6 +171,12 @@ SCHEDULES.update(
             "incremental",
             "distill",
             DISTILL + (SHAPE_60_DEEP,) + LEAST_SQUARES + ("prune.allocation=uniform",),
+        ),
+        Schedule(  # the default job plus one override: the shape searched before stage 1
+            "incremental-distill-search-ls-accumulating",
+            "incremental",
+            "distill",
+            DISTILL + SEARCHED + LEAST_SQUARES + ACCUMULATING,
         ),
     )
 )

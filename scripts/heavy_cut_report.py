@@ -36,6 +36,8 @@ WHAT = {  # schedule -> what it changes against the default incremental run
     "incremental-distill-shape30-ls-accumulating": "+ least squares + target shape 30x576x2x480 + accumulating "
     "(re-scored in the walk's inner steps)",
     "incremental-distill-shape30-ls-uniform": "+ least squares + target shape 30x576x2x480, uniform (plain llama)",
+    "incremental-distill-search-ls-accumulating": "+ least squares + accumulating + target shape searched "
+    "before stage 1 (prune.target_shape=search)",
     "incremental-distill-ls-alldims": "+ least squares + hidden and layers (per-step search)",
     "incremental-distill-ls-accumulating": "+ least squares + accumulating allocation (2% inner re-scoring)",
     "incremental-distill-ls-accumulating-coarse": "+ least squares + accumulating, 5% inner steps",

@@ -14,19 +14,15 @@ JSON; the lowest loss is the shape to hand to ``prune.target_shape``.
 from __future__ import annotations
 
 import argparse
-import copy
-import time
 from pathlib import Path
 
 import torch
 from measured import ADAPTIVE
 
-from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import load_config
-from adaptprune.importance.residual import calibration_loss
-from adaptprune.pruning.shape_step import reach_shape
-from adaptprune.pruning.surgery import count_parameters, params_after_removing
+from adaptprune.pruning.shape_choice import probe_shape
+from adaptprune.pruning.surgery import params_after_removing
 from adaptprune.pruning.target_shape import ModelShape
 from adaptprune.report import table_head, write_markdown_and_json
 from adaptprune.run.run_data import RunData
@@ -61,15 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     calib, probe = source.next(), torch.cat([source.next() for _ in range(args.probe_tokens // cfg.data.calib_tokens)])
     rows = []
     for text in args.shapes.split(","):
-        shape = parse_shape(text)
-        model = copy.deepcopy(dense)
-        start = time.perf_counter()
-        reach_shape(model, calib, shape, cfg.prune, get_adapter(model), progress=False)
-        loss = calibration_loss(model, probe)
-        rows.append({"shape": shape.as_dict(), "params": count_parameters(model), "loss": loss,
-                     "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
-        print(f"[probe] {text}: {rows[-1]['params']:,} params, loss {loss:.4f}", flush=True)
-        del model
+        rows.append(probe_shape(dense, parse_shape(text), calib, probe, cfg.prune))  # a copy each: dense stays
+        print(f"[probe] {text}: {rows[-1]['params']:,} params, loss {rows[-1]['loss']:.4f}", flush=True)
     lines = [
         f"# Target shapes probed one-shot at −{args.remove:.0%} ({target:,} parameters ±0.5%)",
         "",

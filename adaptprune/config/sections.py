@@ -81,10 +81,19 @@ class PruneConfig:
     )
     target_shape: str | dict | None = _f(
         None,
-        "final shape instead of a count: a model name, folder or config.json (its reachable projection), or a "
-        "mapping {layers, hidden, kv_groups or heads, neurons}; the walk reaches it in step_fraction steps and "
-        "prune.target_params is then derived from it",
+        "final shape instead of a count: a model name, folder or config.json (its reachable projection), a "
+        "mapping {layers, hidden, kv_groups or heads, neurons}, or 'search' (probe prune.shape_candidates at "
+        "prune.target_params before stage 1 and keep the lowest loss); the walk reaches it in step_fraction steps "
+        "and the final size follows from it",
         pattern="shape",
+    )
+    shape_candidates: str = _f(
+        "",
+        "target_shape=search: comma-separated LAYERSxHIDDENxKV_GROUPS to probe, MLP width solved to the target "
+        "(e.g. '30x576x2, 26x576x2'); '' = the source's sizes and one step down in each (8 shapes)",
+    )
+    search_tokens: int = _f(
+        16384, "target_shape=search: training-split tokens each candidate is scored on (besides its calibration)", min=1
     )
     step_fraction: float = _f(
         0.05, "parameters removed per pruning step, as a fraction of the original count", gt=0, le=1

@@ -14,9 +14,10 @@ from torch import nn
 from ..arch import ArchAdapter
 from ..checkpoint import meta_model, read_model_config
 from ..config import ConfigError, RunConfig
+from ..pruning.shape_choice import candidate_shapes, searches
 from ..pruning.shape_trial import trial_bytes
 from ..pruning.surgery import count_parameters
-from ..pruning.target_shape import ShapeWalk, plan_walk
+from ..pruning.target_shape import ShapeWalk, current_shape, plan_walk, shape_params, with_bias_slots
 from ..run.preflight import validated_target
 from ..run.schedule import split_budget, stage_targets
 from . import memory
@@ -58,6 +59,7 @@ class RunPlan:
     dims_shape: dict | None = None
     final_shape: dict = field(default_factory=dict)  # layers, hidden, heads/groups and neurons at the end
     walk: list[dict] | None = None  # prune.target_shape: the shape after every stage
+    shape_search: list[dict] | None = None  # prune.target_shape=search: the candidates probed before stage 1
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -74,7 +76,8 @@ def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
     hf_config, source = read_model_config(cfg.model)
     model, adapter = meta_model(hf_config)
     original = count_parameters(model)
-    walk = plan_walk(model, cfg.prune, adapter)
+    searching = searches(cfg.prune)
+    walk = None if searching else plan_walk(model, cfg.prune, adapter)
     target = walk.final if walk is not None else validated_target(model, adapter, cfg, original)
     targets = stage_targets(original, target, max(1, round(cfg.prune.step_fraction * original)))
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * options.gpus
@@ -95,8 +98,9 @@ def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
         uniform_params=uniform_params,
         memory=memory_table(cfg, options, model, adapter, [row["params"] for row in stages]),
         settings=settings(cfg, options),
-        dims_shape=None if walk is not None else chosen_shape(cfg, model, adapter, target),
-        final_shape=final_shape(model, adapter, walk, layers),
+        dims_shape=None if walk is not None or searching else chosen_shape(cfg, model, adapter, target),
+        final_shape=None if searching else final_shape(model, adapter, walk, layers),
+        shape_search=search_candidates(cfg, model, adapter, target) if searching else None,
         walk=[{"stage": i + 1, "params": t, **walk.at(t).as_dict()} for i, t in enumerate(targets)] if walk else None,
         notes=plan_notes(cfg, adapter),
     )
@@ -122,6 +126,15 @@ def final_shape(model: nn.Module, adapter: ArchAdapter, walk: ShapeWalk | None, 
         "neurons": neurons,
         "source": "prune.target_shape" if walk is not None else "uniform allocation on neutral scores (units only)",
     }
+
+
+def search_candidates(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, target: int) -> list[dict]:
+    """The shapes a search probes, each with its size (a dry run cannot probe: the run picks one)."""
+    source = current_shape(model, adapter)
+    return [
+        {**shape.as_dict(), "params": shape_params(model, shape, with_bias_slots(cfg.prune, source, shape), adapter)}
+        for shape in candidate_shapes(model, cfg.prune, target, adapter)
+    ]
 
 
 def stage_rows(
@@ -164,6 +177,7 @@ def memory_table(
     carries = not lora and cfg.train.optim.after_surgery == "carry"
     teacher = count_parameters(model) if _needs_teacher(cfg) else 0
     gathered = fsdp_gathered_params(model, adapter)
+    dense_bytes = count_parameters(model) * precision.weight_bytes
     stages = []
     for i, params in enumerate(trained):
         before = trained[i - 1] if 0 < i < len(trained) - 1 else 0  # the recovery phase has no surgery
@@ -183,7 +197,10 @@ def memory_table(
             entry["shape_search"] = search_trial_bytes(cfg, model, adapter)
             entry["covariance"] = covariance_bytes(cfg, model, adapter)  # held from calibration to surgery
             entry["transition"] += entry["shape_search"] + entry["covariance"]
-            entry["peak"] = max(entry["peak"], entry["transition"])
+            # prune.target_shape=search cuts one copy of the dense model at a time, before any training state
+            entry["shape_choice"] = dense_bytes if searches(cfg.prune) else 0
+            search_peak = 2 * dense_bytes + entry["covariance"] if entry["shape_choice"] else 0
+            entry["peak"] = max(entry["peak"], entry["transition"], search_peak)
             entry["fits"] = memory.fits(entry["peak"], options.gpu_memory_gib)
             table[mode]["checkpointing" if ckpt else "no_checkpointing"] = entry
     return table

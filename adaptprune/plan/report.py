@@ -19,6 +19,7 @@ MEMORY_ROWS = (
     ("optimizer_step", "AdamW step temporary"),
     ("training", "training peak"),
     ("shape_search", "shape search trial"),
+    ("shape_choice", "shape choice copy"),
     ("covariance", "calibration Σ (float64)"),
     ("transition", "surgery (any stage)"),
     ("peak", "peak"),
@@ -28,8 +29,11 @@ MODE_NAMES = {"single": "1 GPU", "ddp": "DDP", "fsdp": "FSDP"}
 
 def format_plan(plan: RunPlan) -> str:
     """The plan as text: header, stage table, uniform per-layer sizes, memory table."""
-    parts = [_header(plan), _stage_table(plan), _final_shape(plan)]
-    parts += [_walk_block(plan)] if plan.walk else [_uniform_block(plan)]
+    parts = [_header(plan), _stage_table(plan)]
+    if plan.shape_search is not None:
+        parts.append(_search_block(plan))
+    else:
+        parts += [_final_shape(plan), _walk_block(plan) if plan.walk else _uniform_block(plan)]
     parts += [_memory_table(plan)]
     if plan.dims_shape is not None:
         lines = [f"hidden/depth candidates of a one-step cut to the target (prune.dims {plan.dims_shape['dims']}):"]
@@ -94,6 +98,20 @@ def _walk_block(plan: RunPlan) -> str:
         lines.append(
             f"{row['stage']:>8} {row['params']:>15,} {row['layers']:>7} {row['hidden']:>7,} {row['groups']:>7} "
             f"{row['neurons']:>8,}"
+        )
+    return "\n".join(lines)
+
+
+def _search_block(plan: RunPlan) -> str:
+    """prune.target_shape=search: the candidates; the run probes them before stage 1 and walks to the best."""
+    lines = [
+        f"final shape: searched before stage 1 (prune.target_shape=search) among {len(plan.shape_search)} "
+        "candidates, the MLP width solved to the target; the lowest probe loss is walked to:",
+        f"{'layers':>8} {'hidden':>7} {'groups':>7} {'neurons':>8} {'params':>15}",
+    ]
+    for row in plan.shape_search:
+        lines.append(
+            f"{row['layers']:>8} {row['hidden']:>7,} {row['groups']:>7} {row['neurons']:>8,} {row['params']:>15,}"
         )
     return "\n".join(lines)
 

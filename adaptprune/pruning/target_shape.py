@@ -228,19 +228,34 @@ class ShapeWalk:
         return shape_between(self.source, self.target, fraction, self.hidden_multiple, self.neuron_multiple)
 
 
-def plan_walk(model: nn.Module, prune, adapter: ArchAdapter | None = None) -> ShapeWalk | None:
-    """The walk ``prune.target_shape`` asks for (None without one), sized on the meta device."""
+def with_bias_slots(prune, source: ModelShape, target: ModelShape) -> bool:
+    """Whether a cut to ``target`` adds the o/down bias slots mean or layer compensation writes into."""
+    return prune.mean_compensation or (prune.layer_compensation and target.layers < source.layers)
+
+
+def plan_walk(
+    model: nn.Module, prune, adapter: ArchAdapter | None = None, searched: ModelShape | None = None
+) -> ShapeWalk | None:
+    """The walk ``prune.target_shape`` asks for (None without one), sized on the meta device.
+
+    ``searched``: the shape ``prune.target_shape: search`` chose (``shape_choice``); without it such a
+    config is refused, since only a job with training text can search."""
     if prune.target_shape is None:
         return None
     adapter = adapter or get_adapter(model)
     source = current_shape(model, adapter)
-    target = resolve_target_shape(prune.target_shape, model, adapter)
+    if searched is None and prune.target_shape == "search":
+        raise ConfigError(
+            "prune.target_shape=search chooses the shape on a run's training text: use it with a training job "
+            "(train_prune.py, adaptprune run, compare's training rows) or adaptprune prune"
+        )
+    target = searched or resolve_target_shape(prune.target_shape, model, adapter)
     if target.neurons % prune.neuron_multiple and target.neurons != source.neurons:
         raise ConfigError(
             f"prune.target_shape: neurons {target.neurons} is not a multiple of prune.neuron_multiple="
             f"{prune.neuron_multiple}; set one that divides it"
         )
-    biases = prune.mean_compensation or (prune.layer_compensation and target.layers < source.layers)
+    biases = with_bias_slots(prune, source, target)
     from .surgery import count_parameters
 
     return ShapeWalk(

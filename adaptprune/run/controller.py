@@ -30,9 +30,10 @@ from trainers import NonFiniteLossError, get_trainer, load_optimizer_state, save
 
 from ..compat import cpu_has_native_bf16
 from ..config import RunConfig, to_dict
+from ..pruning.shape_choice import SHAPE_CHOICE, ShapeChoice, choose_shape
 from .kept_ids import compose_kept_ids, initial_kept_ids
 from .phase_log import PhaseLog
-from .preflight import Prepared, load_teacher, preflight
+from .preflight import Prepared, load_teacher, preflight, walk_to_searched
 from .run_data import RunData, gather_rank_states
 from .rundir import RunDir, RunState
 from .schedule import lr_schedule, split_budget
@@ -113,7 +114,7 @@ class Controller:
         set_seed(self.cfg.train.seed)
         prep = preflight(self.cfg, self.run_dir, resume, dense=self.dense)
         self.dense = None  # the run owns it now
-        self._setup(prep)
+        prep = self._setup(prep, resume)
         state, model = self._restore_or_start(prep, resume)
         self._start_training(model, state, prep)
         rollbacks = 0
@@ -127,18 +128,40 @@ class Controller:
         finally:
             self.run_dir.close()
 
-    def _setup(self, prep: Prepared) -> None:
+    def _setup(self, prep: Prepared, resume: bool) -> Prepared:
         cfg = self.cfg
+        self.corpus = RunData(cfg, prep.tokenizer, self.acc.process_index, self.acc.num_processes)
+        self.shape_choice = self._search_shape(prep, resume) if prep.candidates is not None else None
+        if self.shape_choice is not None:
+            prep = walk_to_searched(prep, cfg.prune, self.shape_choice.chosen)
         self.tokenizer, self.adapter, self.targets = prep.tokenizer, prep.adapter, prep.targets
         self.original, self.target = prep.original, prep.target
-        self.corpus = RunData(cfg, prep.tokenizer, self.acc.process_index, self.acc.num_processes)
         self.heldout = self.corpus.heldout_texts(cfg.data.eval_tokens) if cfg.eval.every_stage else {}
         self.pruner = self.pruner or default_pruner(cfg.prune, prep.adapter, self.acc.is_main_process, prep.walk)
         s, steps = cfg.schedule, cfg.schedule.train_tokens // self._tokens_per_step()
         self.stage_steps, self.recovery_steps = split_budget(steps, len(self.targets), s.split, s.recovery_fraction)
         self.total_steps = sum(self.stage_steps) + self.recovery_steps
         self.run_dir.open()
+        if self.shape_choice is not None:
+            self.run_dir.write_json(SHAPE_CHOICE, self.shape_choice.as_dict())
         self.acc.wait_for_everyone()
+        return prep
+
+    def _search_shape(self, prep: Prepared, resume: bool) -> ShapeChoice:
+        """prune.target_shape=search: the saved choice on --resume, else probe every candidate now.
+
+        Every rank probes (the same text, so no rank waits on a long collective); rank 0's choice is kept."""
+        saved = self.run_dir.read_json(SHAPE_CHOICE) if resume else None
+        if saved is not None:
+            return ShapeChoice.from_dict(saved)
+        draw = self.corpus.calibration_source(0, {}).next  # training-split chunks, never the held-out text
+        choice = choose_shape(prep.dense, prep.candidates, draw, self.cfg.prune, self.acc.is_main_process)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            choice = broadcast_object_list([choice], from_process=0)[0]
+        self.log(f"target shape search: {choice.describe()}")
+        return choice
 
     def _restore_or_start(self, prep: Prepared, resume: bool) -> tuple[RunState, torch.nn.Module]:
         last = self.run_dir.last_stage() if resume else None
@@ -275,6 +298,8 @@ class Controller:
         seconds = time.perf_counter() - self.started
         final_dir = self.run_dir.path / "final"
         results = final_results(self.original, model, len(self.targets), state.history, final_dir, seconds)
+        if self.shape_choice is not None:
+            results["shape_choice"] = self.shape_choice.as_dict()
         table = self.run_dir.write_final(model, self.tokenizer, self.cfg, results, state.kept_ids)
         if self.acc.is_main_process:
             print(table)

@@ -18,12 +18,13 @@ from ..checkpoint import atomic_dir, load_model, load_tokenizer, save_checkpoint
 from ..config import ConfigError, RunConfig, dump_yaml
 from ..evaluation.inspection import describe
 from ..evaluation.perplexity import perplexity
+from ..pruning.shape_choice import ShapeChoice, candidate_shapes, choose_shape, searches
 from ..pruning.shape_step import prune_once
 from ..pruning.surgery import count_non_embedding_parameters, count_parameters
 from ..pruning.target_shape import plan_walk
 from ..report import plot_layer_sizes
 from .kept_ids import changed_kept_ids, compose_kept_ids, initial_kept_ids
-from .run_data import heldout_texts, shared_calibration
+from .run_data import heldout_texts, shared_calibration, training_chunks
 
 
 def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
@@ -32,11 +33,9 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
     tokenizer = load_tokenizer(m.tokenizer or m.name, trust_remote_code=m.trust_remote_code)
     model = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     before = count_parameters(model)
-    walk = plan_walk(model, cfg.prune)  # prune.target_shape, if given, decides the size
-    try:
-        target = walk.final if walk is not None else parse_target(cfg.prune.target_params, before)
-    except ValueError as err:
-        raise ConfigError(f"prune.{err}") from None
+    choice = _search_shape(model, cfg, tokenizer, before, progress) if searches(cfg.prune) else None
+    walk = plan_walk(model, cfg.prune, searched=choice and choice.chosen)  # a target shape decides the size
+    target = walk.final if walk is not None else _target(cfg, before)
     calibration = shared_calibration(cfg, tokenizer)  # (N, L) from the start of the train split
     texts = heldout_texts(cfg, tokenizer)
     dense_info = describe(model)
@@ -61,6 +60,8 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
         "layers": [dense_info["num_layers"], len(get_adapter(model).decoder_layers(model))],
         "hidden_size": [dense_info["hidden_size"], int(model.config.hidden_size)],
     }
+    if choice is not None:
+        metrics["shape_choice"] = choice.as_dict()  # every candidate's probe loss and the one walked to
     if report.shape is not None:
         metrics["shape"] = report.shape.as_dict()  # the (layers, hidden) candidates tried and the one kept
     plan = changed_kept_ids(dense_ids, compose_kept_ids(dense_ids, report.records))
@@ -71,6 +72,19 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
         dump_yaml(cfg, tmp / "config.yaml")
         plot_layer_sizes(dense_info, _by_original_layer(describe(model), plan, dense_info), tmp / "layer_sizes.png")
     return metrics
+
+
+def _target(cfg: RunConfig, before: int) -> int:
+    try:
+        return parse_target(cfg.prune.target_params, before)
+    except ValueError as err:
+        raise ConfigError(f"prune.{err}") from None
+
+
+def _search_shape(model, cfg: RunConfig, tokenizer, before: int, progress: bool) -> ShapeChoice:
+    """prune.target_shape=search: probe the candidates at prune.target_params on training-split text."""
+    candidates = candidate_shapes(model, cfg.prune, _target(cfg, before))
+    return choose_shape(model, candidates, training_chunks(cfg, tokenizer), cfg.prune, progress)
 
 
 def _by_original_layer(pruned: dict, plan: dict, dense: dict) -> dict:

@@ -7,6 +7,7 @@ its tokenizer and adapter, the stage targets), so the controller loads nothing t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -17,9 +18,10 @@ from ..checkpoint import load_config as load_model_config
 from ..checkpoint import load_model, load_tokenizer, resolve_model_path
 from ..compat import require_safetensors
 from ..config import ConfigError, RunConfig
+from ..pruning.shape_choice import candidate_shapes, searches
 from ..pruning.step import smallest_reachable
 from ..pruning.surgery import count_parameters
-from ..pruning.target_shape import ShapeWalk, plan_walk
+from ..pruning.target_shape import ModelShape, ShapeWalk, plan_walk
 from .rundir import RunDir
 from .schedule import stage_targets
 
@@ -35,6 +37,7 @@ class Prepared:
     target: int  # parameters after the last stage
     targets: list[int]  # parameters after each stage
     walk: ShapeWalk | None = None  # prune.target_shape: the shape of every stage
+    candidates: list[ModelShape] | None = None  # prune.target_shape=search: the shapes to probe before stage 1
 
 
 def preflight(cfg: RunConfig, run_dir: RunDir, resume: bool, dense: nn.Module | None = None) -> Prepared:
@@ -49,11 +52,19 @@ def preflight(cfg: RunConfig, run_dir: RunDir, resume: bool, dense: nn.Module | 
         dense = load_model(model_cfg.name, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
     adapter = get_adapter(dense)
     original = count_parameters(dense)
-    walk = plan_walk(dense, cfg.prune, adapter)
+    walk = None if searches(cfg.prune) else plan_walk(dense, cfg.prune, adapter)
     target = walk.final if walk is not None else validated_target(dense, adapter, cfg, original)
+    candidates = candidate_shapes(dense, cfg.prune, target, adapter) if searches(cfg.prune) else None
     targets = stage_targets(original, target, max(1, round(cfg.prune.step_fraction * original)))
     run_dir.check_disk(checkpoint_bytes(dense))
-    return Prepared(dense, tokenizer, adapter, original, target, targets, walk)
+    return Prepared(dense, tokenizer, adapter, original, target, targets, walk, candidates)
+
+
+def walk_to_searched(prep: Prepared, prune, searched: ModelShape) -> Prepared:
+    """``prep`` with the walk to the shape a search chose; its size decides the stage targets."""
+    walk = plan_walk(prep.dense, prune, prep.adapter, searched=searched)
+    targets = stage_targets(prep.original, walk.final, max(1, round(prune.step_fraction * prep.original)))
+    return dataclasses.replace(prep, walk=walk, target=walk.final, targets=targets)
 
 
 def validated_target(dense: nn.Module, adapter: ArchAdapter, cfg: RunConfig, original: int) -> int:

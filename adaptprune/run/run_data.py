@@ -7,7 +7,7 @@ stream's per rank, the calibration stream's once (it is the same on every rank).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -91,6 +91,11 @@ def shared_calibration(cfg: RunConfig, tokenizer) -> torch.Tensor:
     """(N, L) calibration sequences from the start of the train split: one set every method shares."""
     corpus = open_corpus(cfg.data, tokenizer, seed=cfg.train.seed)
     return corpus.calibration(0, cfg.data.calib_tokens, cfg.data.seq_len)
+
+
+def training_chunks(cfg: RunConfig, tokenizer) -> Callable[[], torch.Tensor]:
+    """Successive (N, L) calibration chunks from the start of the train split, for a run without a RunData."""
+    return CalibrationChunks(open_corpus(cfg.data, tokenizer, seed=cfg.train.seed), cfg, 0, {}).next
 
 
 def gather_rank_states(mine: dict, num_processes: int) -> dict:

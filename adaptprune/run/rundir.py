@@ -206,6 +206,17 @@ class RunDir:
         write_model_card(final, cfg, results)
         return write_summary_table(results["history"], self.path / "summary.md")
 
+    def write_json(self, name: str, data: dict) -> None:
+        """A small JSON file in the run folder, written whole or not at all (main process only)."""
+        if self.is_main:
+            tmp = self.path / f".{name}.tmp"
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path / name)
+
+    def read_json(self, name: str) -> dict | None:
+        path = self.path / name
+        return json.loads(path.read_text()) if path.exists() else None
+
     def append_log(self, line: str) -> None:
         """One line of the persistent training log (``train.log``)."""
         if self.is_main:
