@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from budget_report import write_report
-from measured import ADAPTIVE
+from measured import ADAPTIVE, PROBED_60
 
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import RunConfig, load_config, to_dict
@@ -81,6 +81,14 @@ ALL_DIMS = ('prune.dims=["neurons","groups","hidden","layers"]', "prune.hidden_m
 SHAPE_60 = "prune.target_shape={layers: 22, hidden: 576, kv_groups: 2, neurons: 768}"
 # All 30 layers and the full width kept (the units-only rows' depth and width, made uniform): 30x576x2x480.
 SHAPE_60_DEEP = "prune.target_shape={layers: 30, hidden: 576, kv_groups: 2, neurons: 480}"
+
+
+# PROBED_60, each walked to as SHAPE_60_DEEP is (least squares, adaptive): does the search rank them as training does?
+def shape_override(text: str) -> str:
+    layers, hidden, groups, neurons = text.split("x")
+    return f"prune.target_shape={{layers: {layers}, hidden: {hidden}, kv_groups: {groups}, neurons: {neurons}}}"
+
+
 # No shape given: the run probes the default grid at the comparison's size before stage 1 and walks to the best.
 SEARCHED = ("prune.target_shape=search",)
 # Everything a full run and a quick run share: the comparison's protocol, not its size.
@@ -171,6 +179,15 @@ SCHEDULES.update(
             "incremental",
             "distill",
             DISTILL + (SHAPE_60_DEEP,) + LEAST_SQUARES + ("prune.allocation=uniform",),
+        ),
+        *(
+            Schedule(
+                f"incremental-distill-shape{text}-ls",
+                "incremental",
+                "distill",
+                DISTILL + (shape_override(text),) + LEAST_SQUARES,
+            )
+            for text in PROBED_60
         ),
         Schedule(  # the default job plus one override: the shape searched before stage 1
             "incremental-distill-search-ls-accumulating",

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from budget_report import VERDICT_END, VERDICT_PLACEHOLDER, VERDICT_START, earlier_verdict
+from measured import PROBED_60
 
 from adaptprune.report import table_head, write_markdown_and_json
 
@@ -38,6 +39,7 @@ WHAT = {  # schedule -> what it changes against the default incremental run
     "incremental-distill-shape30-ls-uniform": "+ least squares + target shape 30x576x2x480, uniform (plain llama)",
     "incremental-distill-search-ls-accumulating": "+ least squares + accumulating + target shape searched "
     "before stage 1 (prune.target_shape=search)",
+    **{f"incremental-distill-shape{text}-ls": f"+ least squares + target shape {text}" for text in PROBED_60},
     "incremental-distill-ls-alldims": "+ least squares + hidden and layers (per-step search)",
     "incremental-distill-ls-accumulating": "+ least squares + accumulating allocation (2% inner re-scoring)",
     "incremental-distill-ls-accumulating-coarse": "+ least squares + accumulating, 5% inner steps",
@@ -96,10 +98,8 @@ def rows_at(grid: dict, budget: int, runs: Path, earlier: dict[str, dict]) -> li
     return chosen
 
 
-def earlier_shapes(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    return {r["schedule"]: r.get("shape") for r in json.loads(path.read_text(encoding="utf-8"))["rows"]}
+def earlier_shapes(earlier: dict) -> dict[str, dict]:
+    return {r["schedule"]: r.get("shape") for r in earlier.get("rows", [])}
 
 
 def collect_tasks(folder: Path) -> dict:
@@ -123,7 +123,7 @@ def task_cells(measured: dict, schedule: str) -> list[str]:
     return [f"{metrics[t]['acc_norm']:.3f}" if t in metrics else "-" for t in TASKS]
 
 
-def markdown(grid: dict, rows: list[dict], budget: int, verdict: str, measured: dict) -> str:
+def markdown(grid: dict, rows: list[dict], budget: int, verdict: str, measured: dict, choice: dict | None) -> str:
     texts = grid["texts"]
     base = next((r for r in rows if r["schedule"] == BASELINE), None)
     head = ["schedule", "what it changes", "params", "layers", "hidden", "KV groups", "neurons"]
@@ -154,6 +154,7 @@ def markdown(grid: dict, rows: list[dict], budget: int, verdict: str, measured: 
         cells += task_cells(measured, r["schedule"]) if measured else []
         cells += [f"{r['prune_seconds']:.0f}", f"{r['wall_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += search_section(choice, rows, texts)
     lines += ["", "## Reading", "", VERDICT_START, verdict, VERDICT_END]
     return "\n".join(lines)
 
@@ -167,6 +168,67 @@ def _tasks_note(measured: dict) -> list[str]:
         f"measured; {measured['source']}). Dense SmolLM2-135M: {dense}.",
         "",
     ]
+
+
+SEARCH_ROW = "incremental-distill-search-ls-accumulating"
+
+
+def trained_schedule(shape: dict) -> str:
+    """The walk row (least squares, adaptive) that trained a candidate of the search to 32,768 tokens."""
+    text = f"{shape['layers']}x{shape['hidden']}x{shape['groups']}x{shape['neurons']}"
+    return "incremental-distill-shape30-ls" if text == "30x576x2x480" else f"incremental-distill-shape{text}-ls"
+
+
+def search_choice(runs: Path, budget: int, earlier: dict | None) -> dict | None:
+    """The search row's ``shape_choice`` (its run folder's results.json, else what the last report kept)."""
+    results = runs / f"{SEARCH_ROW}-b{budget}-s0" / "results.json"
+    if results.exists():
+        return json.loads(results.read_text(encoding="utf-8")).get("shape_choice")
+    return earlier
+
+
+def ranks(values: list[float]) -> list[int]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    return [order.index(i) + 1 for i in range(len(values))]
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation (no ties expected among losses and perplexities)."""
+    n, ra, rb = len(a), ranks(a), ranks(b)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
+
+
+def search_section(choice: dict | None, rows: list[dict], texts: list[str]) -> list[str]:
+    """Every candidate's probe loss beside its perplexity after the same training, where trained."""
+    if not choice:
+        return []
+    by_schedule = {r["schedule"]: r for r in rows}
+    pairs = [(c, by_schedule.get(trained_schedule(c["shape"]))) for c in choice["rows"]]
+    lines = [
+        "",
+        "## Does the search rank shapes as training does?",
+        "",
+        f"`{SEARCH_ROW}` probed these candidates before stage 1 (mean LM loss on {choice['probe_tokens']:,} "
+        "training-split tokens after one one-shot cut each); each was also walked to and trained "
+        "(least squares, adaptive allocation, the same 32,768 tokens; `-`: not trained).",
+        "",
+        *table_head(["shape", "params", "probe loss", *[f"ppl {t}" for t in texts]], left=1),
+    ]
+    for c, trained in sorted(pairs, key=lambda pair: pair[0]["loss"]):
+        s = c["shape"]
+        cells = [
+            f"{s['layers']} × {s['hidden']} × {s['groups']} × {s['neurons']}",
+            f"{c['params']:,}",
+            f"{c['loss']:.4f}",
+        ]
+        cells += [f"{trained['ppl'][t]:.2f}" if trained else "-" for t in texts]
+        lines.append("| " + " | ".join(cells) + " |")
+    done = [(c["loss"], trained) for c, trained in pairs if trained]
+    if len(done) >= 3:
+        rho = {t: spearman([loss for loss, _ in done], [r["ppl"][t] for _, r in done]) for t in texts}
+        lines += ["", f"Spearman rank correlation, probe loss vs trained perplexity ({len(done)} shapes): "
+                  + ", ".join(f"{t} {v:+.2f}" for t, v in rho.items()) + "."]  # fmt: skip
+    return lines
 
 
 def plot(rows: list[dict], texts: list[str], path: Path) -> None:
@@ -194,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     saved = json.loads(Path(args.budget_json).read_text(encoding="utf-8"))
     grid = next(g for g in saved["grids"] if g["settings"]["remove_fraction"] == args.remove)
     out = Path(args.out)
-    rows = rows_at(grid, args.budget, Path(args.runs), earlier_shapes(out.with_suffix(".json")))
+    saved_json = out.with_suffix(".json")
+    earlier = json.loads(saved_json.read_text(encoding="utf-8")) if saved_json.exists() else {}  # the last report
+    rows = rows_at(grid, args.budget, Path(args.runs), earlier_shapes(earlier))
     tasks_path = Path(args.tasks_json)
     if args.collect_tasks:
         tasks_path.write_text(json.dumps(collect_tasks(Path(args.collect_tasks)), indent=1) + "\n", encoding="utf-8")
@@ -203,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     verdict = earlier_verdict(md) if md.exists() else VERDICT_PLACEHOLDER
     payload = {"budget": args.budget, "target_params": grid["target_params"], "texts": grid["texts"], "rows": rows}
     payload["tasks"] = measured
-    write_markdown_and_json(out, markdown(grid, rows, args.budget, verdict, measured), payload)
+    payload["search"] = search_choice(Path(args.runs), args.budget, earlier.get("search"))
+    write_markdown_and_json(out, markdown(grid, rows, args.budget, verdict, measured, payload["search"]), payload)
     plot(rows, grid["texts"], out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text(encoding="utf-8"))
 

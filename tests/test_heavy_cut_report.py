@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,48 @@ def test_collect_tasks_gathers_eval_outputs_and_refuses_mixed_limits(tmp_path):
     failed = subprocess.run(script, capture_output=True, text=True)
     assert failed.returncode != 0
     assert failed.stderr.strip().splitlines()[-1].endswith("different --limit values: [250, 500]")
+
+
+def _candidate(text: str, loss: float) -> dict:
+    layers, hidden, groups, neurons = (int(v) for v in text.split("x"))
+    shape = {"layers": layers, "hidden": hidden, "groups": groups, "neurons": neurons}
+    return {"shape": shape, "params": 70_000_000, "loss": loss, "seconds": 40.0}
+
+
+def test_the_search_section_sets_probe_losses_beside_trained_perplexities(tmp_path):
+    grid = _grid()
+    grid["rows"] += [
+        _row("incremental-distill-shape30-ls", 32.0, 88.0),
+        _row("incremental-distill-shape26x576x2x608-ls", 35.0, 90.0),
+    ]
+    grid["rows"] += [_row("incremental-distill-shape30x512x3x480-ls", 34.0, 95.0)]
+    for r in grid["rows"]:
+        r.update(prune_seconds=10.0, wall_seconds=100.0)
+    budget = tmp_path / "budget.json"
+    budget.write_text(json.dumps({"grids": [grid]}))
+    search = tmp_path / "runs" / "incremental-distill-search-ls-accumulating-b32768-s0"
+    search.mkdir(parents=True)
+    losses = [("30x576x2x480", 4.7), ("26x576x2x608", 4.9), ("30x512x3x480", 4.8), ("26x512x2x800", 5.0)]
+    choice = {"chosen": _candidate("30x576x2x480", 4.7)["shape"], "probe_tokens": 16384}
+    choice["rows"] = [_candidate(text, loss) for text, loss in losses]
+    (search / "results.json").write_text(json.dumps({"shape_choice": choice}))
+    out = tmp_path / "heavy_cut"
+    args = ["--budget-json", str(budget), "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    args += ["--tasks-json", str(tmp_path / "none.json")]
+    script = [sys.executable, str(ROOT / "scripts" / "heavy_cut_report.py"), *args]
+    subprocess.run(script, check=True, capture_output=True)
+
+    md = out.with_suffix(".md").read_text()
+    section = md.split("## Does the search rank shapes as training does?")[1].split("## Reading")[0]
+    table = [line for line in section.splitlines() if line.startswith("| ")][1:]
+    assert table == [
+        "| 30 × 576 × 2 × 480 | 70,000,000 | 4.7000 | 32.00 | 88.00 |",
+        "| 30 × 512 × 3 × 480 | 70,000,000 | 4.8000 | 34.00 | 95.00 |",
+        "| 26 × 576 × 2 × 608 | 70,000,000 | 4.9000 | 35.00 | 90.00 |",
+        "| 26 × 512 × 2 × 800 | 70,000,000 | 5.0000 | - | - |",
+    ]
+    # shakespeare ranks 1, 2, 3 as the losses do; kjv 1, 3, 2: 1 - 6 * 2 / 24
+    assert "(3 shapes): shakespeare +1.00, kjv +0.50." in section
+    shutil.rmtree(search)  # run folders are not committed: the last report's JSON keeps the choice
+    subprocess.run(script, check=True, capture_output=True)
+    assert json.loads(out.with_suffix(".json").read_text())["search"] == choice
