@@ -7,10 +7,13 @@ import json
 import pytest
 import torch
 
+from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model
 from adaptprune.config import ConfigError, PruneConfig
+from adaptprune.importance.residual import calibration_loss
 from adaptprune.methods import MethodContext, get_method
 from adaptprune.plan import make_plan
+from adaptprune.pruning.calibration import CHUNK_BYTES
 from adaptprune.pruning.shape_choice import (
     ShapeChoice,
     candidate_shapes,
@@ -19,10 +22,12 @@ from adaptprune.pruning.shape_choice import (
     parse_candidates,
     probe_shape,
 )
+from adaptprune.pruning.shape_trial import trial_bytes
 from adaptprune.pruning.surgery import count_parameters
 from adaptprune.pruning.target_shape import ModelShape, current_shape, shape_params
 from adaptprune.run.controller import Controller
 
+from .test_shape_trial import _peak_bytes
 from .test_target_shape import _tiny_run
 
 SEARCH = (
@@ -116,8 +121,9 @@ def test_plan_lists_the_candidates_and_counts_the_copy():
         for s in candidate_shapes(model, cfg.prune, plan.target_params)
     ]
     entry = plan.memory["single"]["no_checkpointing"]
-    assert entry["shape_choice"] == 4 * count_parameters(model)  # fp32: one copy of the dense model
-    assert entry["peak"] >= 2 * entry["shape_choice"] + entry["covariance"]
+    copy = 4 * count_parameters(model)  # fp32
+    assert entry["shape_choice"] == copy + trial_bytes(model, get_adapter(model), "least_squares") + CHUNK_BYTES
+    assert entry["peak"] >= copy + entry["shape_choice"] + entry["covariance"]
     assert plan.final_shape is None and plan.walk is None
 
 
@@ -126,3 +132,19 @@ def test_a_one_shot_comparison_row_refuses_to_search_in_one_line(tmp_path):
     ctx = MethodContext(run=cfg, target=200_000, calibration=_text(0), out=tmp_path / "m")
     with pytest.raises(ConfigError, match="prune.target_shape=search chooses the shape on a run's training text"):
         get_method("adaptprune_oneshot")(load_model("tiny-random-llama"), ctx)
+
+
+def test_plan_bounds_what_a_real_search_holds_beside_the_model():
+    """The extra peak of probing one candidate (torch's CPU profiler), over a plain forward pass on the same
+    text, stays within plan's "shape choice copy" plus the calibration Σ, and holds at least the copy."""
+    copy = 4 * count_parameters(load_model("tiny-random-llama"))
+    cfg = _tiny_run("unused", *SEARCH, "prune.search_tokens=256")
+    entry = make_plan(cfg).memory["single"]["no_checkpointing"]
+    model = load_model("tiny-random-llama")
+    shapes = candidate_shapes(model, cfg.prune, round(0.6 * count_parameters(model)))
+    probe = torch.cat([_text(1), _text(2)])
+    extras = []
+    for shape in shapes:
+        peak = _peak_bytes(lambda s=shape: probe_shape(model, s, _text(0), probe, cfg.prune))
+        extras.append(peak - _peak_bytes(lambda: calibration_loss(model, probe)))
+    assert copy < max(extras) <= entry["shape_choice"] + entry["covariance"]

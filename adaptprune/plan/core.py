@@ -14,6 +14,7 @@ from torch import nn
 from ..arch import ArchAdapter
 from ..checkpoint import meta_model, read_model_config
 from ..config import ConfigError, RunConfig
+from ..pruning.calibration import CHUNK_BYTES
 from ..pruning.shape_choice import candidate_shapes, searches
 from ..pruning.shape_trial import trial_bytes
 from ..pruning.surgery import count_parameters
@@ -197,9 +198,8 @@ def memory_table(
             entry["shape_search"] = search_trial_bytes(cfg, model, adapter)
             entry["covariance"] = covariance_bytes(cfg, model, adapter)  # held from calibration to surgery
             entry["transition"] += entry["shape_search"] + entry["covariance"]
-            # prune.target_shape=search cuts one copy of the dense model at a time, before any training state
-            entry["shape_choice"] = dense_bytes if searches(cfg.prune) else 0
-            search_peak = 2 * dense_bytes + entry["covariance"] if entry["shape_choice"] else 0
+            entry["shape_choice"] = shape_choice_bytes(cfg, model, adapter, dense_bytes)
+            search_peak = dense_bytes + entry["shape_choice"] + entry["covariance"] if entry["shape_choice"] else 0
             entry["peak"] = max(entry["peak"], entry["transition"], search_peak)
             entry["fits"] = memory.fits(entry["peak"], options.gpu_memory_gib)
             table[mode]["checkpointing" if ckpt else "no_checkpointing"] = entry
@@ -210,6 +210,16 @@ def search_trial_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -
     """Bytes a candidate of the per-step search holds beside the model (0 without the search)."""
     searching = cfg.prune.target_shape is None and any(d in ("hidden", "layers") for d in cfg.prune.dims)
     return trial_bytes(model, adapter, cfg.prune.compensation) if searching else 0
+
+
+def shape_choice_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, dense_bytes: int) -> int:
+    """What ``prune.target_shape=search`` holds beside the dense model while it cuts a candidate (0 otherwise).
+
+    Before any training state exists: one copy of the dense model at a time, the surgery's compensation
+    temporaries for one projection and the calibration's float64 row chunk (its Σ is counted apart)."""
+    if not searches(cfg.prune):
+        return 0
+    return dense_bytes + trial_bytes(model, adapter, cfg.prune.compensation) + CHUNK_BYTES
 
 
 def covariance_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -> int:
