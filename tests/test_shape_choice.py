@@ -148,3 +148,18 @@ def test_plan_bounds_what_a_real_search_holds_beside_the_model():
         peak = _peak_bytes(lambda s=shape: probe_shape(model, s, _text(0), probe, cfg.prune))
         extras.append(peak - _peak_bytes(lambda: calibration_loss(model, probe)))
     assert copy < max(extras) <= entry["shape_choice"] + entry["covariance"]
+
+
+def test_a_one_shot_prune_searches_then_cuts_to_the_chosen_shape(tmp_path):
+    from adaptprune.run.oneshot import run_oneshot
+
+    cfg = _tiny_run(tmp_path / "unused", *SEARCH, "prune.search_tokens=256", "prune.allocation=uniform")
+    metrics = run_oneshot(cfg, tmp_path / "cut", progress=False)
+    chosen = ModelShape(**metrics["shape_choice"]["chosen"])
+    assert len(metrics["shape_choice"]["rows"]) == 3
+    assert current_shape(load_model(str(tmp_path / "cut" / "model"))) == chosen
+    assert (
+        metrics["params_after"]
+        == metrics["target_params"]
+        == shape_params(load_model("tiny-random-llama"), chosen, True)
+    )

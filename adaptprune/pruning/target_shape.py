@@ -30,6 +30,7 @@ from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
 from ..config import ConfigError
 
 MAPPING_KEYS = ("layers", "hidden", "kv_groups", "heads", "neurons")
+SEARCH = "search"  # prune.target_shape's value for a shape chosen before stage 1 (``shape_choice``)
 
 
 @dataclass(frozen=True)
@@ -244,10 +245,10 @@ def plan_walk(
         return None
     adapter = adapter or get_adapter(model)
     source = current_shape(model, adapter)
-    if searched is None and prune.target_shape == "search":
+    if searched is None and prune.target_shape == SEARCH:
         raise ConfigError(
             "prune.target_shape=search chooses the shape on a run's training text: use it with a training job "
-            "(train_prune.py, adaptprune run, compare's training rows) or adaptprune prune"
+            "(train_prune.py, adaptprune train, compare's training rows) or adaptprune prune"
         )
     target = searched or resolve_target_shape(prune.target_shape, model, adapter)
     if target.neurons % prune.neuron_multiple and target.neurons != source.neurons:
