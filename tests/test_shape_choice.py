@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model
@@ -30,6 +36,7 @@ from adaptprune.run.controller import Controller
 from .test_shape_trial import _peak_bytes
 from .test_target_shape import _tiny_run
 
+ROOT = Path(__file__).resolve().parents[1]
 SEARCH = (
     "prune.target_shape=search", "prune.shape_candidates=4x64x1, 3x64x2, 4x48x2", "prune.target_params=0.6x",
     "prune.neuron_multiple=1",
@@ -163,3 +170,24 @@ def test_a_one_shot_prune_searches_then_cuts_to_the_chosen_shape(tmp_path):
         == metrics["target_params"]
         == shape_params(load_model("tiny-random-llama"), chosen, True)
     )
+
+
+def test_two_cpu_processes_walk_to_rank_0s_choice_and_end_identical(tmp_path):
+    """Every rank probes; rank 0's choice is broadcast, so both ranks walk to it and end with the same weights."""
+    corpus = tmp_path / "toy.txt"
+    corpus.write_text(" ".join(["The king is dead, long live the king.", "To be or not to be."] * 400))
+    config = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    config["prune"].update(target_shape="search", shape_candidates="4x64x1, 3x64x2", target_params="0.6x",
+                           neuron_multiple=1, search_tokens=512, step_fraction=0.2)  # fmt: skip
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "tests" / "ddp_controller_script.py"), str(path), str(out), str(corpus)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    chosen = ModelShape(**json.loads((out / "shape_choice.json").read_text())["chosen"])
+    assert current_shape(load_model(str(out / "final"))) == chosen
