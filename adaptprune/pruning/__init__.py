@@ -5,5 +5,6 @@ and ``gradients`` (activation statistics, Σ, Taylor gradients), ``compensation`
 least-squares rebuilds of the readers of removed units), ``surgery`` (physical removal of heads, KV
 groups and neurons), ``reshape`` (hidden channels and whole layers), ``shape_search`` / ``shape_plan``
 (the per-step width/depth search), ``target_shape`` / ``shape_step`` (walking to a given final shape),
-``records`` (what was kept) and ``profiling`` (where a step's time goes).
+``shape_choice`` (searching the final shape before stage 1), ``records`` (what was kept) and
+``profiling`` (where a step's time goes).
 """
