@@ -15,10 +15,10 @@ from ..arch import ArchAdapter
 from ..checkpoint import meta_model, read_model_config
 from ..config import ConfigError, RunConfig
 from ..pruning.calibration import CHUNK_BYTES
-from ..pruning.shape_choice import candidate_shapes, searches
+from ..pruning.shape_choice import searches, sized_candidates
 from ..pruning.shape_trial import trial_bytes
 from ..pruning.surgery import count_parameters
-from ..pruning.target_shape import ShapeWalk, current_shape, plan_walk, shape_params, with_bias_slots
+from ..pruning.target_shape import ShapeWalk, plan_walk
 from ..run.preflight import validated_target
 from ..run.schedule import split_budget, stage_targets
 from . import memory
@@ -131,10 +131,8 @@ def final_shape(model: nn.Module, adapter: ArchAdapter, walk: ShapeWalk | None, 
 
 def search_candidates(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, target: int) -> list[dict]:
     """The shapes a search probes, each with its size (a dry run cannot probe: the run picks one)."""
-    source = current_shape(model, adapter)
     return [
-        {**shape.as_dict(), "params": shape_params(model, shape, with_bias_slots(cfg.prune, source, shape), adapter)}
-        for shape in candidate_shapes(model, cfg.prune, target, adapter)
+        {**shape.as_dict(), "params": params} for shape, params in sized_candidates(model, cfg.prune, target, adapter)
     ]
 
 
