@@ -1,8 +1,8 @@
 """Choose a target shape up front: cut the dense model once to each candidate and compare training-split loss.
 
 Every candidate is reached in one ``shape_step.reach_shape`` (layers by influence, hidden by Minitron
-scores, units by importance; the adaptive allocation the committed probes used, unless an override names
-another) from one calibration batch, then scored by its mean LM loss on
+scores, units by importance; ``shape_choice.probe_shape``, the adaptive allocation whatever an override
+says, as ``prune.target_shape=search`` cuts) from one calibration batch, then scored by its mean LM loss on
 ``--probe-tokens`` tokens of the *training* split that were not used to calibrate: more text than one
 calibration batch, and never the held-out text the results are reported on. Prints a table and writes
 JSON; the lowest loss is the shape to hand to ``prune.target_shape``.
@@ -17,7 +17,6 @@ import argparse
 from pathlib import Path
 
 import torch
-from measured import ADAPTIVE
 
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import load_config
@@ -48,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cfg = load_config(args.config, [ADAPTIVE, *args.overrides, "output.dir=unused"])  # an override wins
+    cfg = load_config(args.config, [*args.overrides, "output.dir=unused"])
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     dense = load_model(cfg.model.name, dtype=cfg.model.dtype).eval()
     target = params_after_removing(dense, args.remove)
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# Target shapes probed one-shot at −{args.remove:.0%} ({target:,} parameters ±0.5%)",
         "",
         f"{cfg.model.name}; each candidate cut once from the dense model (`prune.compensation={cfg.prune.compensation}`,"
-        f" `prune.allocation={cfg.prune.allocation}`) on {calib.numel():,} calibration tokens, scored by mean LM loss on {probe.numel():,} other "
+        f" `prune.allocation=adaptive`, as `prune.target_shape=search` cuts) on {calib.numel():,} calibration tokens, scored by mean LM loss on {probe.numel():,} other "
         f"training-split tokens (not the held-out text). Produced by `python scripts/probe_shapes.py --shapes "
         f"{args.shapes}`.",
         "",
