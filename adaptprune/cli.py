@@ -124,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report import write_run_report
+    from .run.report import write_run_report
 
     print(f"written {write_run_report(args.run_dir)}")
 

@@ -33,8 +33,8 @@ from adaptprune.data import open_corpus
 from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.pruning.step import prune_step
 from adaptprune.pruning.surgery import count_parameters, params_after_removing
-from adaptprune.report import table_head, write_markdown_and_json
 from adaptprune.run.controller import Controller
+from adaptprune.run.report import table_head, write_markdown_and_json
 from adaptprune.run.run_data import heldout_texts
 
 PUBLISHED = [

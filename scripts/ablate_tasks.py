@@ -25,7 +25,7 @@ from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.evaluation.tasks import run_tasks
 from adaptprune.pruning.step import prune_step
 from adaptprune.pruning.surgery import count_parameters, params_after_removing
-from adaptprune.report import table_head, write_markdown_and_json
+from adaptprune.run.report import table_head, write_markdown_and_json
 
 # (label, PruneConfig overrides); the first row is the default path
 VARIANTS: tuple[tuple[str, dict], ...] = (

@@ -33,7 +33,7 @@ from adaptprune.evaluation.perplexity import perplexity
 from adaptprune.pruning.profiling import Profile
 from adaptprune.pruning.step import calibrate_for, prune_with_stats
 from adaptprune.pruning.surgery import count_parameters, params_after_removing
-from adaptprune.report import table_head, write_markdown_and_json
+from adaptprune.run.report import table_head, write_markdown_and_json
 from adaptprune.run.run_data import heldout_texts, shared_calibration
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 One pruning step of ``--remove`` of the dense model's parameters with all four dims, on
 ``--calib-tokens`` of the train split. For every candidate of the default grid, alternately: the hooked
-trial (``pruning.shape_trial``, what the search does now) and a deep copy with the shape, the units
+trial (``pruning.shape.trial``, what the search does now) and a deep copy with the shape, the units
 (scored on the copy) and the compensation applied, as the search did before. Each row: the calibration
 loss of both, seconds of both and their ratio, and the extra peak bytes over a plain forward pass of
 both (torch's CPU profiler, in a second call). The hooked loss equals the copy's where no hidden channel
@@ -30,17 +30,17 @@ from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import load_config
 from adaptprune.importance.residual import calibration_loss
-from adaptprune.pruning.shape_search import (
+from adaptprune.pruning.shape.search import (
     apply_shape,
     candidate_loss,
     channel_keep,
     search_candidates,
     sub_calibration,
 )
-from adaptprune.pruning.shape_trial import trial_bytes
+from adaptprune.pruning.shape.trial import trial_bytes
 from adaptprune.pruning.step import build_allocator, calibrate_for, prune_with_stats, unit_planner
 from adaptprune.pruning.surgery import count_parameters, ensure_output_biases
-from adaptprune.report import table_head
+from adaptprune.run.report import table_head
 from adaptprune.run.run_data import shared_calibration
 
 ALL_DIMS = 'prune.dims=["neurons","groups","hidden","layers"]'

@@ -13,7 +13,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from adaptprune.report import table_head
+from adaptprune.run.report import table_head
 
 TITLE = "# Quality against training tokens: incremental pruning, one-shot + train and FLAP + train"
 VERDICT_START = "<!-- verdict: written by hand after the full run; kept when this file is rewritten -->"

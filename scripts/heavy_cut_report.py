@@ -21,7 +21,7 @@ from pathlib import Path
 from budget_report import VERDICT_END, VERDICT_PLACEHOLDER, VERDICT_START, earlier_verdict
 from measured import PROBED_60
 
-from adaptprune.report import table_head, write_markdown_and_json
+from adaptprune.run.report import table_head, write_markdown_and_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "flap+train-distill"

@@ -1,7 +1,7 @@
 """Choose a target shape up front: cut the dense model once to each candidate and compare training-split loss.
 
-Every candidate is reached in one ``shape_step.reach_shape`` (layers by influence, hidden by Minitron
-scores, units by importance; ``shape_choice.probe_shape``, the adaptive allocation whatever an override
+Every candidate is reached in one ``shape.reach.reach_shape`` (layers by influence, hidden by Minitron
+scores, units by importance; ``shape.choice.probe_shape``, the adaptive allocation whatever an override
 says, as ``prune.target_shape=search`` cuts) from one calibration batch, then scored by its mean LM loss on
 ``--probe-tokens`` tokens of the *training* split that were not used to calibrate: more text than one
 calibration batch, and never the held-out text the results are reported on. Prints a table and writes
@@ -20,10 +20,10 @@ import torch
 
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import load_config
-from adaptprune.pruning.shape_choice import probe_shape
+from adaptprune.pruning.shape.choice import probe_shape
+from adaptprune.pruning.shape.target import ModelShape
 from adaptprune.pruning.surgery import params_after_removing
-from adaptprune.pruning.target_shape import ModelShape
-from adaptprune.report import table_head, write_markdown_and_json
+from adaptprune.run.report import table_head, write_markdown_and_json
 from adaptprune.run.run_data import RunData
 
 ROOT = Path(__file__).resolve().parents[1]

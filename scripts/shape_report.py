@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from adaptprune.report import table_head
+from adaptprune.run.report import table_head
 
 TEXT_LIMIT = 0.02  # perplexity ratios within ±2% read as "no difference"
 SPEED_LIMIT = 0.05  # decode speed ratios within ±5% likewise (CPU timing noise on a shared machine)

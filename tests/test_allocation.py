@@ -338,8 +338,7 @@ def test_property_target_is_hit(case, name, ties):
 def test_plan_applies_with_surgery(name):
     from adaptprune.arch import get_adapter
     from adaptprune.pruning.surgery import apply_plan, count_parameters
-
-    from .conftest import tiny_llama
+    from tests.conftest import tiny_llama
 
     model = tiny_llama(num_heads=6, num_kv_heads=3)
     adapter = get_adapter(model)

@@ -87,7 +87,7 @@ def test_flap_wifv_matches_activations_captured_by_hand():
     x = torch.cat(captured).double()  # (tokens, C)
     var = x.var(dim=0, unbiased=False)
     by_hand = var * down.weight.detach().double().square().sum(0)
-    from adaptprune.pruning.calibration import calibrate
+    from adaptprune.calibration.activations import calibrate
 
     calib = calibrate(model, seqs, progress=False)
     assert torch.allclose(wifv(down.weight, calib.layers[1].mlp.var), by_hand, rtol=1e-9, atol=0)

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter, hf_compat
+from adaptprune.calibration.activations import ChannelStats, calibrate
 from adaptprune.checkpoint import save_checkpoint
-from adaptprune.pruning.calibration import ChannelStats, calibrate
 from adaptprune.pruning.compensation import (
     MODES,
     apply_compensated_plan,

@@ -19,12 +19,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from adaptprune.arch import NORM, WRITE, get_adapter
+from adaptprune.calibration.activations import calibrate
 from adaptprune.checkpoint import load_model, load_tokenizer, save_checkpoint, to_heterogeneous
 from adaptprune.config import load_config
 from adaptprune.evaluation.inspection import describe
-from adaptprune.pruning.calibration import calibrate
 from adaptprune.pruning.compensation import apply_compensated_plan
-from adaptprune.pruning.reshape import (
+from adaptprune.pruning.shape.reshape import (
     compensate_layer_removal,
     compensate_norm_gains,
     remove_hidden_channels,

@@ -11,7 +11,7 @@ import torch
 
 from adaptprune.arch import ATTENTION, MLP, get_adapter
 from adaptprune.checkpoint import save_checkpoint, to_heterogeneous
-from adaptprune.pruning.reshape import remove_hidden_channels, remove_layers
+from adaptprune.pruning.shape.reshape import remove_hidden_channels, remove_layers
 from adaptprune.pruning.surgery import apply_plan, count_non_embedding_parameters, count_parameters
 
 from .family_table import KEEP_HIDDEN, REMOVED, expected_params, hf_model

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from adaptprune.arch import ATTENTION, MLP, UNIT_KINDS, get_adapter
+from adaptprune.calibration.activations import CalibrationResult, ChannelStats, LayerStats, calibrate
 from adaptprune.importance import METRICS, Importance, get_metric, pool_columns
 from adaptprune.importance.taylor import taylor_scores
-from adaptprune.pruning.calibration import CalibrationResult, ChannelStats, LayerStats, calibrate
 
 from .conftest import tiny_llama
 

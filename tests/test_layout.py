@@ -1,9 +1,10 @@
-"""The package reads like the pipeline and its imports point one way (issue #25).
+"""The package reads like the pipeline and its imports point one way (issues #25, #32).
 
 ``adaptprune/`` holds only the entries chosen below, and no module of a lower layer imports a higher
-one: entry point -> run, methods, plan -> pruning, importance, allocation, baselines, trainers,
-evaluation, export -> checkpoint, data -> config, assets -> arch, compat. Imports inside functions
-count too: a lazy import is still a dependency.
+one: entry point -> run, methods, plan -> baselines, trainers, evaluation, export -> pruning ->
+allocation -> importance -> calibration -> checkpoint, data -> config, assets -> arch, compat. The
+pipeline's stages (calibrate -> score -> allocate -> prune) are floors of their own, each below the
+next. Imports inside functions count too: a lazy import is still a dependency.
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "compat", "arch"),
     ("config", "assets"),
     ("checkpoint", "data"),
-    ("pruning", "importance", "allocation", "baselines", "trainers", "evaluation", "export", "report"),
+    ("calibration",),
+    ("importance",),
+    ("allocation",),
+    ("pruning",),
+    ("baselines", "trainers", "evaluation", "export"),
     ("run", "methods", "plan"),
     ("cli",),
 )
 LAYER_OF = {entry: rank for rank, entries in enumerate(LAYERS) for entry in entries}
 # What ``ls adaptprune/`` shows (trainers/ sits beside it, in pruning's layer).
 TOP_LEVEL = {
-    *("__init__.py", "cli.py", "compat.py", "assets.py", "checkpoint.py", "report.py"),
-    *("arch", "config", "data", "pruning", "importance", "allocation", "baselines", "evaluation", "export"),
+    *("__init__.py", "cli.py", "compat.py", "assets.py", "checkpoint.py"),
+    *("arch", "config", "data", "calibration", "importance", "allocation", "pruning"),
+    *("baselines", "evaluation", "export"),
     *("run", "methods", "plan"),
 }
 

@@ -216,7 +216,7 @@ def test_an_unknown_hub_id_is_one_line(capsys):
 
 
 def test_plan_lists_the_depth_and_width_candidates_with_hidden_and_layers(capsys):
-    from adaptprune.pruning.shape_plan import shape_candidates_for
+    from adaptprune.pruning.shape.dry_run import shape_candidates_for
 
     dims, deep = "prune.dims=[neurons,groups,hidden,layers]", "prune.target_params=0.5x"
     plan = _plan_json(capsys, "--config", str(ROOT / "configs" / "smoke.yaml"), dims, deep)
@@ -249,10 +249,9 @@ def test_the_search_row_of_the_plan_bounds_what_a_real_search_holds(capsys, monk
     """``plan``'s "shape search trial" row bounds every candidate's extra peak over a plain forward pass,
     measured (torch's CPU profiler) while a real per-step search runs on the smoke model."""
     from adaptprune.importance.residual import calibration_loss
-    from adaptprune.pruning import shape_search
+    from adaptprune.pruning.shape import search as shape_search
     from adaptprune.pruning.step import prune_step
-
-    from .test_shape_trial import _peak_bytes
+    from tests.test_shape_trial import _peak_bytes
 
     dims = ["prune.dims=[neurons,groups,hidden,layers]", "prune.target_params=0.5x", "prune.min_neurons=4"]
     smoke = str(ROOT / "configs" / "smoke.yaml")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adaptprune.report import summary_table
+from adaptprune.run.report import summary_table
 
 
 def _row(stage: int, params: int, ppl: dict | None, tokens: int = 0, loss=None) -> dict:
@@ -39,7 +39,7 @@ def test_summary_table_without_evaluation_keeps_one_dash_column():
 
 
 def test_table_head_aligns_the_first_columns_left_and_the_rest_right():
-    from adaptprune.report import table_head
+    from adaptprune.run.report import table_head
 
     assert table_head(["method", "params", "ppl"]) == ["| method | params | ppl |", "|---|---:|---:|"]
     assert table_head(["a", "b", "c", "d"], left=3) == ["| a | b | c | d |", "|---|---|---|---:|"]

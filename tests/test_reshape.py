@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from adaptprune.allocation.records import DepthRecord, HiddenRecord
 from adaptprune.arch import get_adapter
+from adaptprune.calibration.activations import calibrate
 from adaptprune.evaluation.inspection import describe, format_table
 from adaptprune.importance.residual import (
     hidden_channel_scores,
@@ -21,9 +23,7 @@ from adaptprune.importance.residual import (
     relative_rms,
     top_indices,
 )
-from adaptprune.pruning.calibration import calibrate
-from adaptprune.pruning.records import DepthRecord, HiddenRecord
-from adaptprune.pruning.reshape import (
+from adaptprune.pruning.shape.reshape import (
     compensate_layer_removal,
     layer_mean_shifts,
     remove_hidden_channels,

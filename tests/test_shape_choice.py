@@ -14,13 +14,13 @@ import yaml
 from safetensors.torch import load_file
 
 from adaptprune.arch import get_adapter
+from adaptprune.calibration.activations import CHUNK_BYTES
 from adaptprune.checkpoint import load_model
 from adaptprune.config import ConfigError, PruneConfig
 from adaptprune.importance.residual import calibration_loss
 from adaptprune.methods import MethodContext, get_method
 from adaptprune.plan import make_plan
-from adaptprune.pruning.calibration import CHUNK_BYTES
-from adaptprune.pruning.shape_choice import (
+from adaptprune.pruning.shape.choice import (
     ShapeChoice,
     candidate_shapes,
     choose_shape,
@@ -28,9 +28,9 @@ from adaptprune.pruning.shape_choice import (
     parse_candidates,
     probe_shape,
 )
-from adaptprune.pruning.shape_trial import trial_bytes
+from adaptprune.pruning.shape.target import ModelShape, current_shape, shape_params
+from adaptprune.pruning.shape.trial import trial_bytes
 from adaptprune.pruning.surgery import count_parameters
-from adaptprune.pruning.target_shape import ModelShape, current_shape, shape_params
 from adaptprune.run.controller import Controller
 
 from .test_shape_trial import _peak_bytes

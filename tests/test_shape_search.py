@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from adaptprune.allocation.records import DepthRecord, HiddenRecord, KeptRecord
 from adaptprune.allocation.shape import (
     ShapeCosts,
     candidate,
@@ -28,10 +29,9 @@ from adaptprune.arch import ATTENTION, MLP, get_adapter
 from adaptprune.checkpoint import to_heterogeneous
 from adaptprune.config import ConfigError, PruneConfig, load_config
 from adaptprune.importance.residual import calibration_loss
-from adaptprune.pruning.records import DepthRecord, HiddenRecord, KeptRecord
-from adaptprune.pruning.reshape import remove_hidden_channels, remove_layers, unit_channel_share
-from adaptprune.pruning.shape_plan import shape_candidates_for, shape_for_target
-from adaptprune.pruning.shape_search import shape_costs
+from adaptprune.pruning.shape.dry_run import shape_candidates_for, shape_for_target
+from adaptprune.pruning.shape.reshape import remove_hidden_channels, remove_layers, unit_channel_share
+from adaptprune.pruning.shape.search import shape_costs
 from adaptprune.pruning.step import prune_step
 from adaptprune.pruning.surgery import count_parameters, ensure_output_biases
 from adaptprune.run.controller import CRASH_ENV, Controller

@@ -1,4 +1,4 @@
-"""The search's hooked candidates (``pruning.shape_trial``) compute what the physically pruned copy computes,
+"""The search's hooked candidates (``pruning.shape.trial``) compute what the physically pruned copy computes,
 on every family, while holding no copy of the weights."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from adaptprune.allocation.shape import ShapeCandidate
 from adaptprune.arch import ATTENTION, MLP, get_adapter
+from adaptprune.calibration.activations import calibrate
 from adaptprune.checkpoint import to_heterogeneous
 from adaptprune.config import PruneConfig
 from adaptprune.importance.residual import calibration_loss
-from adaptprune.pruning.calibration import calibrate
 from adaptprune.pruning.compensation import apply_compensated_plan
-from adaptprune.pruning.shape_search import apply_shape, channel_keep, sub_calibration
-from adaptprune.pruning.shape_trial import hooked_trial, meta_copy, trial_bytes
+from adaptprune.pruning.shape.search import apply_shape, channel_keep, sub_calibration
+from adaptprune.pruning.shape.trial import hooked_trial, meta_copy, trial_bytes
 from adaptprune.pruning.surgery import count_parameters, ensure_output_biases
 
 from .family_table import FAMILIES, HIDDEN_REMOVED, hf_model

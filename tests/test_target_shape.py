@@ -13,9 +13,8 @@ from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, save_checkpoint, to_heterogeneous
 from adaptprune.config import ConfigError, PruneConfig, load_config
 from adaptprune.export import export_gguf
-from adaptprune.pruning.shape_step import kept_counts, reach_shape, unit_inner_steps
-from adaptprune.pruning.surgery import count_parameters
-from adaptprune.pruning.target_shape import (
+from adaptprune.pruning.shape.reach import kept_counts, reach_shape, unit_inner_steps
+from adaptprune.pruning.shape.target import (
     ModelShape,
     current_shape,
     plan_walk,
@@ -24,6 +23,7 @@ from adaptprune.pruning.target_shape import (
     shape_params,
     walk_fraction,
 )
+from adaptprune.pruning.surgery import count_parameters
 from adaptprune.run.controller import Controller
 
 from .conftest import tiny_llama
@@ -205,7 +205,7 @@ def test_a_non_uniform_walk_keeps_the_totals_and_varies_layers(tmp_path, allocat
 
 
 def test_a_uniform_result_exports_as_plain_llama_with_scalar_sizes(tmp_path, bpe_tokenizer):
-    from .test_export_gguf import fields
+    from tests.test_export_gguf import fields
 
     model = tiny_llama(num_heads=6, num_kv_heads=2, vocab_size=300, tie_word_embeddings=True)
     text = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from adaptprune.allocation.records import DepthRecord, HiddenRecord
 from adaptprune.compat import enable_activation_checkpointing
 from adaptprune.config import OptimArgs, TrainConfig
 from adaptprune.config.registry import TRAINERS
-from adaptprune.pruning.records import DepthRecord, HiddenRecord
 
 from .optim_state import (
     CarryReport,

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from adaptprune.allocation.records import KeptRecord
 from adaptprune.arch import ArchAdapter, get_adapter
-from adaptprune.pruning.records import KeptRecord
 
 OPTIMIZER_STATE_MODES = ("carry", "reset")
 

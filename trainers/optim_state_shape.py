@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from adaptprune.allocation.records import DepthRecord, HiddenRecord, KeptRecord
 from adaptprune.arch import ArchAdapter, get_adapter
-from adaptprune.pruning.records import DepthRecord, HiddenRecord, KeptRecord
 
 from .optim_state import CarryReport, StateByName, carry_optimizer_state, slice_state
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..arch import ATTENTION, MLP
-from ..pruning.records import Plan
+from .records import Plan
 
 _KIND_CODE = {ATTENTION: 0, MLP: 1}
 

@@ -1,7 +1,7 @@
 """Shape allocation: how much of one pruning step goes to whole layers and to hidden channels.
 
-Pure integer maths on parameter counts; ``shape_search`` measures the counts on the model and
-picks among the candidates by calibration loss, ``shape_plan`` runs it without weights.
+Pure integer maths on parameter counts; ``shape.search`` measures the counts on the model and
+picks among the candidates by calibration loss, ``shape.dry_run`` runs it without weights.
 
 **Costs.** ``ShapeCosts`` holds the model's parameter count P, its hidden size H, each decoder
 layer's parameters p_l and, per residual channel, the parameters it owns outside the layers (c_out:

@@ -46,10 +46,10 @@ import torch
 from torch import Tensor, nn
 
 from ..allocation import GlobalAllocator, LayerBudget, zscore
+from ..allocation.records import KeptRecord
 from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
-from ..pruning.calibration import CalibrationResult, ChannelStats, calibrate
+from ..calibration.activations import CalibrationResult, ChannelStats, calibrate
 from ..pruning.compensation import apply_compensated_plan, mean_shift
-from ..pruning.records import KeptRecord
 from ..pruning.step import layer_budgets
 from ..pruning.surgery import apply_plan, count_parameters, ensure_output_biases
 

@@ -50,9 +50,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..allocation import LayerBudget, apportion, solve_layer_targets
+from ..allocation.records import KeptRecord
 from ..arch import ATTENTION, MLP, ArchAdapter, Coupling, get_adapter
 from ..config import LoraArgs, TrainConfig
-from ..pruning.records import KeptRecord
 from ..pruning.step import random_windows
 from ..pruning.surgery import apply_plan, count_parameters
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import ArchAdapter
-from ..pruning.calibration import CalibrationResult, ChannelStats
+from ..calibration.activations import CalibrationResult, ChannelStats
 
 
 class Importance(ABC):

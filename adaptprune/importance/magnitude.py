@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import ArchAdapter
-from ..pruning.calibration import CalibrationResult, ChannelStats
+from ..calibration.activations import CalibrationResult, ChannelStats
 from . import register
 from .base import ColumnImportance, pool_columns
 

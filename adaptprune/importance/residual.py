@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import ArchAdapter, get_adapter
-from ..pruning.calibration import CalibrationResult
+from ..calibration.activations import CalibrationResult
 
 
 # ---- pure tensor maths ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..pruning.calibration import ChannelStats
+from ..calibration.activations import ChannelStats
 from . import register
 from .base import ColumnImportance
 

@@ -1,4 +1,4 @@
-"""First-order Taylor importance from LM-loss gradients (terms built in ``adaptprune.pruning.gradients``).
+"""First-order Taylor importance from LM-loss gradients (terms built in ``adaptprune.calibration.gradients``).
 
 Two scores of a unit u with coupled weights W_u (rows of gate/up or q/k/v, columns of down or o)
 and g = ∂L/∂W, L the mean token loss over the Taylor sequences:
@@ -23,7 +23,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..arch import ArchAdapter
-from ..pruning.calibration import CalibrationResult
+from ..calibration.activations import CalibrationResult
 from . import register
 from .base import Importance
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..pruning.records import KeptRecord
+from ..allocation.records import KeptRecord
 from ..run.stage_pruner import CalibrationSource
 from .base import Method, MethodContext, register_method
 from .training import run_controller

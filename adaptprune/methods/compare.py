@@ -22,7 +22,7 @@ from ..checkpoint import load_model, load_tokenizer
 from ..config import ConfigError, RunConfig, load_into, option, to_dict
 from ..evaluation.perplexity import perplexity
 from ..pruning.surgery import count_parameters, params_after_removing
-from ..report import table_head
+from ..run.report import table_head
 from ..run.run_data import heldout_texts, shared_calibration
 from .base import METHODS, MethodContext, get_method
 

@@ -6,8 +6,8 @@ import dataclasses
 
 from torch import nn
 
-from ..pruning.shape_step import prune_once
-from ..pruning.target_shape import plan_walk
+from ..pruning.shape.reach import prune_once
+from ..pruning.shape.target import plan_walk
 from .base import Method, MethodContext, register_method
 from .training import run_controller
 

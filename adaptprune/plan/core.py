@@ -12,13 +12,13 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from ..arch import ArchAdapter
+from ..calibration.activations import CHUNK_BYTES
 from ..checkpoint import meta_model, read_model_config
 from ..config import ConfigError, RunConfig
-from ..pruning.calibration import CHUNK_BYTES
-from ..pruning.shape_choice import searches, sized_candidates
-from ..pruning.shape_trial import trial_bytes
+from ..pruning.shape.choice import searches, sized_candidates
+from ..pruning.shape.target import ShapeWalk, plan_walk
+from ..pruning.shape.trial import trial_bytes
 from ..pruning.surgery import count_parameters
-from ..pruning.target_shape import ShapeWalk, plan_walk
 from ..run.preflight import validated_target
 from ..run.schedule import split_budget, stage_targets
 from . import memory
@@ -255,12 +255,12 @@ def settings(cfg: RunConfig, options: PlanOptions) -> dict:
 
 def chosen_shape(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, target: int) -> dict | None:
     """The depth and width candidates of a one-step cut to ``target`` when ``prune.dims`` holds hidden or
-    layers (None otherwise): what ``shape_plan.shape_candidates_for`` computes on the meta device.
+    layers (None otherwise): what ``shape.dry_run.shape_candidates_for`` computes on the meta device.
 
     A run measures each candidate's calibration loss at every step and keeps the best; a dry run cannot,
     so it lists them all, units-only first (the choice on a tie).
     """
-    from ..pruning.shape_plan import shape_candidates_for
+    from ..pruning.shape.dry_run import shape_candidates_for
 
     reshaping = [d for d in cfg.prune.dims if d in ("hidden", "layers")]
     if not reshaping:

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..allocation.records import KeptRecord, Plan
 from ..arch import UNIT_KINDS, ArchAdapter, get_adapter
-from .calibration import CalibrationResult, ChannelStats
-from .records import KeptRecord, Plan
+from ..calibration.activations import CalibrationResult, ChannelStats
 from .surgery import apply_plan, ensure_output_biases
 
 

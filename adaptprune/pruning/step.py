@@ -27,14 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from ..allocation import Allocator, LayerBudget, get_allocator, removable_params
+from ..allocation.records import DepthRecord, HiddenRecord, KeptRecord, Plan
 from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from ..calibration.activations import CalibrationResult, calibrate
 from ..config import PruneConfig
 from ..importance import get_metric
-from .calibration import CalibrationResult, calibrate
 from .compensation import apply_compensated_plan
 from .profiling import Profile
-from .records import DepthRecord, HiddenRecord, KeptRecord, Plan
-from .shape_search import ShapeStep, UnitPlanner, layer_compensation_applies, search_shape
+from .shape.search import ShapeStep, UnitPlanner, layer_compensation_applies, search_shape
 from .surgery import count_parameters, ensure_output_biases
 
 Calibration = Tensor | Sequence[Tensor] | Callable[[], Tensor]

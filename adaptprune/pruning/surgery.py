@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..allocation.records import KeptRecord, Plan, SliceRecord
 from ..arch import ATTENTION, MLP, UNIT_KINDS, ArchAdapter, get_adapter, hf_compat
-from .records import KeptRecord, Plan, SliceRecord
 
 
 class SurgeryError(RuntimeError):

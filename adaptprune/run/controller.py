@@ -30,7 +30,7 @@ from trainers import NonFiniteLossError, get_trainer, load_optimizer_state, save
 
 from ..compat import cpu_has_native_bf16
 from ..config import RunConfig, to_dict
-from ..pruning.shape_choice import SHAPE_CHOICE, ShapeChoice, choose_shape
+from ..pruning.shape.choice import SHAPE_CHOICE, ShapeChoice, choose_shape
 from .kept_ids import compose_kept_ids, initial_kept_ids
 from .phase_log import PhaseLog
 from .preflight import Prepared, load_teacher, preflight, walk_to_searched

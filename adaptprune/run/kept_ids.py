@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..allocation.records import DepthRecord, HiddenRecord, KeptRecord
 from ..arch import UNIT_KINDS, ArchAdapter
-from ..pruning.records import DepthRecord, HiddenRecord, KeptRecord
 
 LAYERS_KEY = "layers"
 HIDDEN_KEY = "hidden"

@@ -1,6 +1,6 @@
 """One-shot structured pruning to an exact size: ``adaptprune prune``.
 
-Loads the model, measures held-out perplexity, runs one step to the target (``shape_step.prune_once``), measures
+Loads the model, measures held-out perplexity, runs one step to the target (``shape.reach.prune_once``), measures
 again and writes a self-explaining folder: the checkpoint, ``plan.json`` (kept original unit
 ids per layer that lost units, plus the original ``layers`` and ``hidden`` channels kept when the
 step reshaped the model, see ``kept_ids``), ``config.yaml``, ``metrics.json`` (sizes, depth and
@@ -18,12 +18,12 @@ from ..checkpoint import atomic_dir, load_model, load_tokenizer, save_checkpoint
 from ..config import ConfigError, RunConfig, dump_yaml
 from ..evaluation.inspection import describe
 from ..evaluation.perplexity import perplexity
-from ..pruning.shape_choice import ShapeChoice, candidate_shapes, choose_shape, searches
-from ..pruning.shape_step import prune_once
+from ..pruning.shape.choice import ShapeChoice, candidate_shapes, choose_shape, searches
+from ..pruning.shape.reach import prune_once
+from ..pruning.shape.target import plan_walk
 from ..pruning.surgery import count_non_embedding_parameters, count_parameters
-from ..pruning.target_shape import plan_walk
-from ..report import plot_layer_sizes
 from .kept_ids import changed_kept_ids, compose_kept_ids, initial_kept_ids
+from .report import plot_layer_sizes
 from .run_data import heldout_texts, shared_calibration, training_chunks
 
 

@@ -18,10 +18,10 @@ from ..checkpoint import load_config as load_model_config
 from ..checkpoint import load_model, load_tokenizer, resolve_model_path
 from ..compat import require_safetensors
 from ..config import ConfigError, RunConfig
-from ..pruning.shape_choice import candidate_shapes, searches
+from ..pruning.shape.choice import candidate_shapes, searches
+from ..pruning.shape.target import ModelShape, ShapeWalk, plan_walk
 from ..pruning.step import smallest_reachable
 from ..pruning.surgery import count_parameters
-from ..pruning.target_shape import ModelShape, ShapeWalk, plan_walk
 from .rundir import RunDir
 from .schedule import stage_targets
 

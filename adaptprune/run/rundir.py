@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import atomic_dir, load_model, save_checkpoint
 from ..config import ConfigError, RunConfig, dump_yaml
-from ..report import write_model_card, write_summary_table
+from .report import write_model_card, write_summary_table
 
 LOCK_NAME = ".adaptprune.lock"
 PID_NAME = ".adaptprune.pid"

@@ -17,9 +17,9 @@ from torch import nn
 from ..allocation import allocator_from_json
 from ..arch import ArchAdapter
 from ..config import PruneConfig
-from ..pruning.shape_step import reach_shape
+from ..pruning.shape.reach import reach_shape
+from ..pruning.shape.target import ShapeWalk
 from ..pruning.step import Record, build_allocator, prune_step
-from ..pruning.target_shape import ShapeWalk
 
 
 class CalibrationSource(Protocol):
@@ -50,8 +50,8 @@ class AdaptprunePruner:
     One allocator lives for the whole run, so a stateful one (``accumulating`` with
     ``prune.sparsity_scope: run``) carries its per-layer sparsity from stage to stage; every inner
     step of a stage calibrates on fresh text (``calibration.next``). With hidden or layers in
-    ``prune.dims`` every stage first chooses its (layers, hidden) share (``shape_search``). With a
-    target shape (``walk``) every stage instead cuts to its point on the walk (``shape_step``).
+    ``prune.dims`` every stage first chooses its (layers, hidden) share (``shape.search``). With a
+    target shape (``walk``) every stage instead cuts to its point on the walk (``shape.reach``).
     """
 
     def __init__(

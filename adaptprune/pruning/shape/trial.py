@@ -30,13 +30,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ..allocation.shape import LAYERS
-from ..arch import NORM, UNIT_KINDS, ArchAdapter
-from ..config import PruneConfig
-from ..importance.residual import Bypass, norm_gain_factor
-from .calibration import CalibrationResult, ChannelStats
-from .compensation import compensate
-from .records import Plan
+from ...allocation.records import Plan
+from ...allocation.shape import LAYERS
+from ...arch import NORM, UNIT_KINDS, ArchAdapter
+from ...calibration.activations import CalibrationResult, ChannelStats
+from ...config import PruneConfig
+from ...importance.residual import Bypass, norm_gain_factor
+from ..compensation import compensate
 from .reshape import layer_mean_shifts, sliced_holder
 
 

@@ -20,15 +20,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..allocation import UniformAllocator, removed_params
-from ..allocation.shape import ShapeCandidate, candidate, grid_candidates, width_adjusted_cost
-from ..arch import ATTENTION, MLP, ArchAdapter
-from ..checkpoint import meta_model
-from ..config import PruneConfig
+from ...allocation import UniformAllocator, removed_params
+from ...allocation.shape import ShapeCandidate, candidate, grid_candidates, width_adjusted_cost
+from ...arch import ATTENTION, MLP, ArchAdapter
+from ...checkpoint import meta_model
+from ...config import PruneConfig
+from ..step import layer_budgets, unit_floors
+from ..surgery import ensure_output_biases
 from .reshape import unit_channel_share
-from .shape_search import layer_compensation_applies, shape_costs
-from .step import layer_budgets, unit_floors
-from .surgery import ensure_output_biases
+from .search import layer_compensation_applies, shape_costs
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..allocation.shape import HIDDEN, LAYERS, ShapeCandidate, ShapeCosts, grid_candidates
-from ..arch import ArchAdapter
-from ..config import PruneConfig
-from ..importance.residual import (
+from ...allocation.records import DepthRecord, HiddenRecord, Plan
+from ...allocation.shape import HIDDEN, LAYERS, ShapeCandidate, ShapeCosts, grid_candidates
+from ...arch import ArchAdapter
+from ...calibration.activations import CalibrationResult
+from ...config import PruneConfig
+from ...importance.residual import (
     calibration_loss,
     hidden_channel_scores,
     influence_scores,
@@ -49,8 +51,7 @@ from ..importance.residual import (
     stream_gains,
     top_indices,
 )
-from .calibration import CalibrationResult
-from .records import DepthRecord, HiddenRecord, Plan
+from ..surgery import count_parameters
 from .reshape import (
     channel_shares,
     compensate_layer_removal,
@@ -59,8 +60,7 @@ from .reshape import (
     remove_hidden_channels,
     remove_layers,
 )
-from .shape_trial import hooked_trial, layer_compensation_applies, meta_copy
-from .surgery import count_parameters
+from .trial import hooked_trial, layer_compensation_applies, meta_copy
 
 # (model, kept layers, calibration of model, the candidate's sizes on the meta device) -> the units the
 # candidate removes to reach the step's target, as a plan over its layers 0..L'-1 (ValueError: infeasible)

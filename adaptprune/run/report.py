@@ -77,7 +77,7 @@ def _shape_line(prune, choice: dict | None = None) -> str:
     """What the model card says of a target shape: which (searched: among how many) and how the walk set sizes."""
     if prune.target_shape is None:
         return ""
-    from .pruning.shape_step import walk_allocation  # lazily: writing a card should not load the pruning code
+    from ..pruning.shape.reach import walk_allocation  # lazily: writing a card should not load the pruning code
 
     shape = f"`{prune.target_shape}`"
     if choice is not None:
@@ -151,9 +151,9 @@ def write_run_report(run_dir: Path) -> Path:
     """``adaptprune report RUN_DIR``: report.md with per-layer and per-stage plots."""
     import json
 
-    from .checkpoint import load_model
-    from .config import load_config
-    from .evaluation.inspection import describe
+    from ..checkpoint import load_model
+    from ..config import load_config
+    from ..evaluation.inspection import describe
 
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").exists():

@@ -33,12 +33,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchAdapter, get_adapter
-from ..config import ConfigError, PruneConfig
-from ..importance.residual import calibration_loss
-from .shape_step import reach_shape
-from .surgery import count_parameters
-from .target_shape import SEARCH, ModelShape, current_shape, shape_params, with_bias_slots
+from ...arch import ArchAdapter, get_adapter
+from ...config import ConfigError, PruneConfig
+from ...importance.residual import calibration_loss
+from ..surgery import count_parameters
+from .reach import reach_shape
+from .target import SEARCH, ModelShape, current_shape, shape_params, with_bias_slots
 
 SHAPE_CHOICE = "shape_choice.json"  # where a run keeps the choice, so --resume walks to the same shape
 TOLERANCE = 0.005  # a candidate lands within ±0.5% of the run's size: the fairness bound of every comparison

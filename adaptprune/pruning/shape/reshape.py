@@ -44,10 +44,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..arch import NORM, ArchAdapter, HiddenCoupling, get_adapter, hf_compat
-from ..importance.residual import norm_gain_factor
-from .records import DepthRecord, HiddenRecord
-from .surgery import SurgeryError, check_invariants, count_parameters, ensure_output_biases, slice_linear
+from ...allocation.records import DepthRecord, HiddenRecord
+from ...arch import NORM, ArchAdapter, HiddenCoupling, get_adapter, hf_compat
+from ...importance.residual import norm_gain_factor
+from ..surgery import SurgeryError, check_invariants, count_parameters, ensure_output_biases, slice_linear
 
 
 def _validated(keep: Sequence[int], total: int, what: str) -> torch.Tensor:

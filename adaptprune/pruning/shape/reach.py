@@ -27,15 +27,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..allocation import normalised_influence, solve_layer_targets
-from ..allocation.shape import ShapeCandidate
-from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
-from ..config import PruneConfig
-from .compensation import apply_compensated_plan
-from .profiling import Profile
-from .records import KeptRecord, Plan
-from .shape_search import apply_shape, layer_scores
-from .step import (
+from ...allocation import normalised_influence, solve_layer_targets
+from ...allocation.records import KeptRecord, Plan
+from ...allocation.shape import ShapeCandidate
+from ...arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from ...config import PruneConfig
+from ..compensation import apply_compensated_plan
+from ..profiling import Profile
+from ..step import (
     Calibration,
     StepReport,
     _same_plan_on_every_rank,
@@ -46,8 +45,9 @@ from .step import (
     prune_step,
     score_units,
 )
-from .surgery import ensure_output_biases
-from .target_shape import ModelShape, current_shape
+from ..surgery import ensure_output_biases
+from .search import apply_shape, layer_scores
+from .target import ModelShape, current_shape
 
 
 def walk_allocation(allocation: str) -> str:

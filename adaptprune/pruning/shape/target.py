@@ -26,8 +26,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
-from ..config import ConfigError
+from ...arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from ...config import ConfigError
 
 MAPPING_KEYS = ("layers", "hidden", "kv_groups", "heads", "neurons")
 SEARCH = "search"  # prune.target_shape's value for a shape chosen before stage 1 (``shape_choice``)
@@ -112,8 +112,8 @@ def _target_config(name: str):
     """The target model's HF config from a config.json file, a folder, an embedded name or a hub id."""
     from transformers import AutoConfig
 
-    from ..checkpoint import read_model_config
-    from ..config import ModelConfig
+    from ...checkpoint import read_model_config
+    from ...config import ModelConfig
 
     path = Path(name)
     if path.is_file():
@@ -191,9 +191,9 @@ def shape_params(model: nn.Module, shape: ModelShape, with_output_biases: bool, 
 
     ``with_output_biases``: mean compensation's o/down bias slots count, as they do in a run.
     """
-    from ..checkpoint import meta_model
+    from ...checkpoint import meta_model
+    from ..surgery import apply_plan, count_parameters, ensure_output_biases
     from .reshape import remove_hidden_channels, remove_layers
-    from .surgery import apply_plan, count_parameters, ensure_output_biases
 
     meta, adapter = meta_model(copy.deepcopy(model.config))  # the surgery edits its config: never the model's
     if with_output_biases:
@@ -257,7 +257,7 @@ def plan_walk(
             f"{prune.neuron_multiple}; set one that divides it"
         )
     biases = with_bias_slots(prune, source, target)
-    from .surgery import count_parameters
+    from ..surgery import count_parameters
 
     return ShapeWalk(
         source,
