@@ -32,6 +32,7 @@ days at that load and roughly 16-30 hours on an idle machine, 60% of it at the 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -116,8 +117,12 @@ class Schedule:
     """One line of the plot: how the model is pruned and what it recovers with."""
 
     name: str
-    pruning: str  # "incremental", "oneshot" or "flap" (FLAP one-shot, then the same controller training)
-    objective: str  # "lm", "distill" or "mix"
+    # "incremental", "oneshot", or a baseline of methods.baselines.PRUNERS ("flap", "llm_pruner", "slicegpt"):
+    # its one-shot as the controller's single stage, then the same controller training (compare's <name>+full)
+    pruning: str
+    # "lm", "distill", "mix", "lora" (LLM-Pruner's published LoRA recovery on the run's batches, compare's
+    # llm_pruner_lora) or "none" (no training: the one-shot model as published, compare's one-shot rows)
+    objective: str
     overrides: tuple[str, ...]
 
 
@@ -157,6 +162,11 @@ SCHEDULES.update(
             DISTILL + LEAST_SQUARES + ACCUMULATING + COARSE,
         ),
         Schedule("adapt-pruner-distill", "incremental", "distill", DISTILL + ADAPT_PRUNER),
+        # The user's other baselines beside FLAP (issue #32): each as published and + the same distillation.
+        Schedule("llm-pruner+lora", "llm_pruner", "lora", ONESHOT),
+        Schedule("llm-pruner+train-distill", "llm_pruner", "distill", ONESHOT + DISTILL),
+        Schedule("slicegpt", "slicegpt", "none", ONESHOT + LM),
+        Schedule("slicegpt+train-distill", "slicegpt", "distill", ONESHOT + DISTILL),
         Schedule(
             "incremental-distill-ls-accumulating-alldims",
             "incremental",
@@ -279,16 +289,23 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 def run_config(args: argparse.Namespace, target: int, run: Run) -> RunConfig:
     """The configs/default.yaml job with the comparison's size, this run's schedule, budget and seed."""
-    return load_config(args.config, run_overrides(args, target, run))
+    cfg = load_config(args.config, run_overrides(args, target, run))
+    if run.schedule.objective == "lora":  # the published recipe in one place: compare's llm_pruner_lora
+        from adaptprune.methods.baselines import published_lora
+
+        cfg = dataclasses.replace(cfg, train=published_lora(cfg.train))
+    return cfg
 
 
 def run_overrides(args: argparse.Namespace, target: int, run: Run) -> list[str]:
+    untrained = ("schedule.train_tokens=0",) if run.schedule.objective == "none" else ()
     return [
         ADAPTIVE,
         *base_overrides(args),
         f"prune.target_params={target}",
         *run.schedule.overrides,
         f"schedule.train_tokens={run.budget}",
+        *untrained,  # the grid's budget names the row; a method published without training gets none
         f"train.seed={run.seed}",
         f"output.dir={args.runs / run.folder_name}",
     ]
@@ -396,12 +413,10 @@ def run_one(
 
 
 def baseline_pruner(schedule: Schedule):
-    """FLAP's one-shot as the controller's single stage (the comparison's ``flap+full``); None: adaptprune's."""
-    if schedule.pruning != "flap":
-        return None
-    from adaptprune.methods.baselines import BaselinePruner, flap
+    """A baseline's one-shot as the controller's single stage (the comparison's ``<name>+full``); None: adaptprune's."""
+    from adaptprune.methods.baselines import PRUNERS, BaselinePruner
 
-    return BaselinePruner(flap)
+    return BaselinePruner(PRUNERS[schedule.pruning]) if schedule.pruning in PRUNERS else None
 
 
 def timing(results: dict, restored: int | None) -> dict:

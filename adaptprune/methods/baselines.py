@@ -84,7 +84,7 @@ def trained_method(name: str, prune: PruneFn, description: str, train_for=None) 
     return register_method(Trained)
 
 
-def _published_lora(train):
+def published_lora(train):
     """The published LoRA recipe, but with the run's batches: at CPU budgets the published 64-sequence
     batches would leave one or two optimizer steps, and every method must see the same batches."""
     import dataclasses
@@ -95,12 +95,14 @@ def _published_lora(train):
     return dataclasses.replace(recipe, batch_size=train.batch_size, grad_accum_steps=train.grad_accum_steps)
 
 
-for _name, _fn in (("llm_pruner", llm_pruner), ("flap", flap), ("slicegpt", slicegpt)):
+# Each baseline's one-shot by method name: compare's rows below, and scripts/bench_budget.py's schedules.
+PRUNERS: dict[str, PruneFn] = {"llm_pruner": llm_pruner, "flap": flap, "slicegpt": slicegpt}
+for _name, _fn in PRUNERS.items():
     one_shot_method(_name, _fn, f"{_name} one-shot, no training")
     trained_method(f"{_name}+full", _fn, f"{_name}, then the incremental run's training on the same tokens")
 trained_method(
     "llm_pruner_lora",
     llm_pruner,
     "LLM-Pruner with its published LoRA recovery (r=8, alpha 16, lr 1e-4) on the same tokens and batches",
-    train_for=_published_lora,
+    train_for=published_lora,
 )
