@@ -4,7 +4,8 @@ Reads the rows ``scripts/bench_budget.py`` wrote at the cut users make (60% of S
 non-embedding parameters removed), at one training budget (default 32,768 tokens) and seed 0, and
 the final shape of each from its run folder's ``plan.json`` (kept layers, residual channels, KV
 groups and neurons per layer). Writes ``heavy_cut.md``, ``heavy_cut.json`` and ``heavy_cut.png``;
-every ratio is against FLAP + the same distillation.
+ratios are against FLAP + the same distillation and against the best baseline on each text (the lowest
+perplexity among FLAP, LLM-Pruner, SliceGPT and Adapt-Pruner, as published or + the same distillation).
 
     python scripts/heavy_cut_report.py --budget 32768 --runs runs/budget60 --out docs/heavy_cut
 
@@ -45,7 +46,21 @@ WHAT = {  # schedule -> what it changes against the default incremental run
     "incremental-distill-ls-accumulating-coarse": "+ least squares + accumulating, 5% inner steps",
     "incremental-distill-ls-accumulating-alldims": "+ least squares + accumulating + hidden and layers",
     "adapt-pruner-distill": "Adapt-Pruner as published (Taylor 512x64, 2% steps, no compensation)",
+    "llm-pruner+lora": "LLM-Pruner as published: one-shot, its LoRA recovery (LM loss, r 8, lr 1e-4) on the same "
+    "tokens and batches",
+    "llm-pruner+train-distill": "LLM-Pruner one-shot, then the same distillation",
+    "slicegpt": "SliceGPT as published: one-shot slicing (head sliced too), no training",
+    "slicegpt+train-distill": "SliceGPT one-shot, then the same distillation",
 }
+# The methods users compare against, as published or + the same distillation: the rows the best baseline is from.
+BASELINES = (
+    "flap+train-distill",
+    "llm-pruner+lora",
+    "llm-pruner+train-distill",
+    "slicegpt",
+    "slicegpt+train-distill",
+    "adapt-pruner-distill",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,14 +82,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 TASKS = {"piqa": "PIQA", "arc_easy": "ARC-E"}  # acc_norm columns, where measured
 
 
-def final_shape(plan: dict) -> dict:
-    """Layers, hidden, KV groups and neurons per layer ([min, max]) from a run's ``plan.json``."""
+def final_shape(plan: dict, config: dict | None = None) -> dict:
+    """Layers, hidden, KV groups and neurons per layer ([min, max]) from a run's ``plan.json``; a sliced
+    model (SliceGPT) keeps every unit, and its residual widths come from the final model's ``slice_dims``."""
     layers = [v for k, v in plan.items() if k.isdigit()]
     groups = [len(v["attention"]) for v in layers if "attention" in v]
     neurons = [len(v["mlp"]) for v in layers if "mlp" in v]
+    widths = (config or {}).get("slice_dims")
+    hidden = [min(widths), max(widths)] if widths else len(plan["hidden"]) if "hidden" in plan else None
     return {
         "layers": len(plan["layers"]) if "layers" in plan else None,
-        "hidden": len(plan["hidden"]) if "hidden" in plan else None,
+        "hidden": hidden,
         "kv_groups": [min(groups), max(groups)] if groups else None,
         "neurons": [min(neurons), max(neurons)] if neurons else None,
     }
@@ -93,9 +111,23 @@ def rows_at(grid: dict, budget: int, runs: Path, earlier: dict[str, dict]) -> li
     order = list(WHAT)
     chosen.sort(key=lambda r: order.index(r["schedule"]) if r["schedule"] in order else len(order))
     for row in chosen:
-        plan = runs / f"{row['schedule'].replace('+', '_')}-b{budget}-s0" / "plan.json"
-        row["shape"] = final_shape(json.loads(plan.read_text())) if plan.exists() else earlier.get(row["schedule"])
+        folder = runs / f"{row['schedule'].replace('+', '_')}-b{budget}-s0"
+        plan, config = folder / "plan.json", folder / "final" / "config.json"
+        if plan.exists():
+            row["shape"] = final_shape(json.loads(plan.read_text()), _read(config))
+        else:
+            row["shape"] = earlier.get(row["schedule"])
     return chosen
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def best_baselines(rows: list[dict], texts: list[str]) -> dict[str, dict]:
+    """Per text, the baseline row with the lowest perplexity (none measured: no entry)."""
+    measured = [r for r in rows if r["schedule"] in BASELINES]
+    return {t: min(measured, key=lambda r: r["ppl"][t]) for t in texts} if measured else {}
 
 
 def earlier_shapes(earlier: dict) -> dict[str, dict]:
@@ -126,8 +158,9 @@ def task_cells(measured: dict, schedule: str) -> list[str]:
 def markdown(grid: dict, rows: list[dict], budget: int, verdict: str, measured: dict, choice: dict | None) -> str:
     texts = grid["texts"]
     base = next((r for r in rows if r["schedule"] == BASELINE), None)
+    best = best_baselines(rows, texts)
     head = ["schedule", "what it changes", "params", "layers", "hidden", "KV groups", "neurons"]
-    head += [f"ppl {t}" for t in texts] + [f"× FLAP {t}" for t in texts]
+    head += [f"ppl {t}" for t in texts] + [f"× FLAP {t}" for t in texts] + [f"× best baseline {t}" for t in texts]
     head += [f"{name} acc_norm" for name in TASKS.values()] if measured else []
     head += ["prune s", "wall s"]
     lines = [
@@ -137,19 +170,24 @@ def markdown(grid: dict, rows: list[dict], budget: int, verdict: str, measured: 
         f"{grid['model']}: {grid['original_params']:,} → at most {grid['target_params']:,} parameters (±0.5%). Every "
         f"row is one `Controller` run of `{grid['settings']['config']}` with the same data order, learning-rate "
         "curve, seed and tokens, recovering by distillation from the dense model (`train.trainer=distill`, "
-        f"kd_weight 1); held-out perplexity at context {grid['eval_context']} on "
+        "kd_weight 1), except the two baselines as published: LLM-Pruner with its own LoRA recovery (LM loss) on "
+        "the same tokens and batches, and SliceGPT untrained; held-out perplexity at context "
+        f"{grid['eval_context']} on "
         + ", ".join(f"{t} ({grid['text_tokens'][t]:,} tokens)" for t in texts)
-        + ". Shapes from each run's `plan.json` (`all`: none removed). Produced by `python "
-        "scripts/bench_budget.py` (commands in the README) and `python scripts/heavy_cut_report.py`.",
+        + ". Shapes from each run's `plan.json` (`all`: none removed; a sliced model's residual width from its "
+        "`slice_dims`). Produced by `python scripts/bench_budget.py` (commands in the README) and "
+        "`python scripts/heavy_cut_report.py`.",
         "",
+        *_best_note(best),
         *_tasks_note(measured),
         *table_head(head, left=2),
     ]
     for r in rows:
         s = r.get("shape") or {}
         ratio = [f"{r['ppl'][t] / base['ppl'][t]:.3f}" if base else "-" for t in texts]
+        ratio += [f"{r['ppl'][t] / best[t]['ppl'][t]:.3f}" if best else "-" for t in texts]
         cells = [r["schedule"], WHAT.get(r["schedule"], ""), f"{r['params']:,}", str(s.get("layers") or 30)]
-        cells += [str(s.get("hidden") or 576), _span(s.get("kv_groups")), _span(s.get("neurons"))]
+        cells += [_span(_pair(s.get("hidden")), "576"), _span(s.get("kv_groups")), _span(s.get("neurons"))]
         cells += [f"{r['ppl'][t]:.2f}" for t in texts] + ratio
         cells += task_cells(measured, r["schedule"]) if measured else []
         cells += [f"{r['prune_seconds']:.0f}", f"{r['wall_seconds']:.0f}"]
@@ -157,6 +195,18 @@ def markdown(grid: dict, rows: list[dict], budget: int, verdict: str, measured: 
     lines += search_section(choice, rows, texts)
     lines += ["", "## Reading", "", VERDICT_START, verdict, VERDICT_END]
     return "\n".join(lines)
+
+
+def _pair(value) -> list[int] | None:
+    """A width as [min, max]: a count from ``plan.json`` is one width, a sliced model's is a span."""
+    return [value, value] if isinstance(value, int) else value
+
+
+def _best_note(best: dict[str, dict]) -> list[str]:
+    if not best:
+        return []
+    named = ", ".join(f"{t}: `{r['schedule']}` ({r['ppl'][t]:.2f})" for t, r in best.items())
+    return [f"Best baseline (lowest perplexity among {', '.join(f'`{b}`' for b in BASELINES)}): {named}.", ""]
 
 
 def _tasks_note(measured: dict) -> list[str]:

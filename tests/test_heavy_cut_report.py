@@ -19,6 +19,7 @@ def _row(schedule: str, shakespeare: float, kjv: float, budget: int = 32768) -> 
 def _grid() -> dict:
     rows = [_row("incremental-distill-ls", 30.0, 60.0), _row("flap+train-distill", 40.0, 120.0)]
     rows += [_row("incremental-distill-ls-alldims", 20.0, 90.0), _row("flap+train-distill", 1.0, 1.0, budget=2048)]
+    rows += [_row("slicegpt", 50.0, 100.0)]  # a baseline better than FLAP on kjv only
     for r in rows:
         r.update(prune_seconds=10.0, wall_seconds=100.0)
     return {
@@ -41,6 +42,12 @@ def test_the_report_divides_by_flap_keeps_shapes_and_shows_tasks(tmp_path):
     plan = {"layers": list(range(28)), "hidden": list(range(512))}
     plan.update({str(i): {"attention": [0, 1], "mlp": list(range(256 + 32 * i))} for i in range(3)})
     (runs / "plan.json").write_text(json.dumps(plan))
+    sliced = tmp_path / "runs" / "slicegpt-b32768-s0"
+    (sliced / "final").mkdir(parents=True)  # SliceGPT keeps every unit; its width is the final model's
+    (sliced / "plan.json").write_text(
+        json.dumps({str(i): {"attention": [0, 1, 2], "mlp": list(range(64))} for i in range(3)})
+    )
+    (sliced / "final" / "config.json").write_text(json.dumps({"slice_dims": [240, 239, 239]}))
     out = tmp_path / "heavy_cut"
     earlier = {"rows": [{"schedule": "incremental-distill-ls-alldims", "shape": {"layers": 25, "hidden": 576}}]}
     out.with_suffix(".json").write_text(json.dumps(earlier))  # a shape an earlier report kept (no run folder)
@@ -65,11 +72,15 @@ def test_the_report_divides_by_flap_keeps_shapes_and_shows_tasks(tmp_path):
 
     table = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")][1:]
     cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in table}
-    assert list(cells) == ["flap+train-distill", "incremental-distill-ls", "incremental-distill-ls-alldims"]
+    assert list(cells) == ["flap+train-distill", "incremental-distill-ls", "incremental-distill-ls-alldims", "slicegpt"]
     assert cells["incremental-distill-ls"][3:7] == ["28", "512", "2", "256–320"]  # from plan.json
     assert cells["incremental-distill-ls"][9:11] == ["0.750", "0.500"]  # × FLAP, each text
+    assert cells["incremental-distill-ls"][11:13] == ["0.750", "0.600"]  # × FLAP in domain, × SliceGPT on kjv
+    assert cells["slicegpt"][3:7] == ["30", "239–240", "3", "64"] and cells["slicegpt"][11:13] == ["1.250", "1.000"]
     assert cells["incremental-distill-ls-alldims"][3:5] == ["25", "576"]  # the earlier report's shape
-    assert cells["flap+train-distill"][11:13] == ["0.600", "0.410"] and cells["incremental-distill-ls"][11] == "-"
+    assert cells["flap+train-distill"][13:15] == ["0.600", "0.410"] and cells["incremental-distill-ls"][13] == "-"
+    text = out.with_suffix(".md").read_text()
+    assert "shakespeare: `flap+train-distill` (40.00), kjv: `slicegpt` (100.00)." in text
     assert "Dense SmolLM2-135M: PIQA 0.600, ARC-E 0.410" in out.with_suffix(".md").read_text()
     assert json.loads(out.with_suffix(".json").read_text())["tasks"]["limit"] == 250
     assert out.with_suffix(".png").stat().st_size > 0
