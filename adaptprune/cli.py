@@ -1,7 +1,10 @@
-"""The ``adaptprune`` command: inspect, prune, eval, report, compare, train, export, plan.
+"""The adaptprune command: inspect, prune, eval, report, compare, train, export, plan.
 
 Each subcommand is a thin wrapper over a library function; errors a user can fix (bad config,
-missing asset, unsupported model, bad corpus) are printed as one line and exit with status 2.
+missing asset, unsupported model, bad corpus, bad arguments) are printed as one line and exit with
+status 2. Every command that takes a config takes ``section.key=value`` overrides the same way: as
+positional arguments (the documented form) or after ``--set``. Help texts read their defaults from
+the config dataclasses, so they cannot go stale.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 import os
 import sys
 from collections.abc import Callable
+
+from .config.arguments import OneLineParser, add_overrides, at_least, config_choices, config_default, overrides_of
 
 # Errors a user can fix, as (module, class): one line on stderr and exit status 2. Looked up in
 # sys.modules only, so classifying an error never imports anything (an unimported module
@@ -27,6 +32,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("adaptprune.evaluation.tasks", "UnknownTaskError"),
     ("adaptprune.run.rundir", "CheckpointWriteError"),
     ("adaptprune.export.errors", "ExportError"),
+    ("adaptprune.allocation.core", "InfeasibleTargetError"),
 )
 STOPPED = (("adaptprune.run.controller", "TrainingStoppedError"),)  # exit status 3
 
@@ -71,7 +77,7 @@ def prune_config(args: argparse.Namespace):
     """The run config of ``adaptprune prune``: defaults, then --config, then the given flags, then --set."""
     from .config import load_config
 
-    return load_config(args.config, [*flag_overrides(args, PRUNE_FLAGS), *args.set])
+    return load_config(args.config, [*flag_overrides(args, PRUNE_FLAGS), *overrides_of(args)])
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -132,7 +138,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from .methods.compare import load_compare_config, run_compare
 
-    cfg = load_compare_config(args.config, args.overrides)
+    cfg = load_compare_config(args.config, overrides_of(args))
     run_compare(cfg)
     print(f"written {cfg.out}/comparison.md, comparison.json, comparison.png")
 
@@ -144,7 +150,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     report = export_model_dir(args.model, args.out, args.dtype, args.tokenizer, args.tokenizer_gguf, quants)
     for warning in report.warnings:
         print(f"adaptprune: warning: {warning}", file=sys.stderr)
-    sizes = "per-layer sizes" if report.arch == "deci" else "uniform sizes"
+    sizes = "per-layer sizes" if report.per_layer else "uniform sizes"
     mib = report.path.stat().st_size / 2**20
     print(f"written {report.path} ({report.arch} architecture, {sizes}, {report.dtype}, {mib:.1f} MiB)")
 
@@ -153,7 +159,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from .config import load_config
     from .plan import PlanOptions, format_plan, make_plan
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, overrides_of(args))
     plan = make_plan(config, PlanOptions(args.gpus, args.gpu_memory, args.tokens_per_s))
     print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
 
@@ -164,7 +170,7 @@ def run_training(config_path: str | None, overrides: list[str], resume: bool) ->
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    train(args.config, args.overrides, args.resume)
+    train(args.config, overrides_of(args), args.resume)
 
 
 def _names(registry: str) -> list[str]:
@@ -197,21 +203,29 @@ def _add_inspect(sub) -> None:
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="one-shot structured pruning to an exact parameter count")
     p.add_argument("--config", default=None, help="run config YAML; the flags below override its values")
-    p.add_argument("--model", default=None, help="embedded name, model folder or hub id (default smollm2-135m)")
+    p.add_argument("--model", default=None, help=f"embedded name, model folder or hub id ({_default('model.name')})")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder when the model folder has none")
-    p.add_argument("--target-params", default=None, help="e.g. 90M, 1.2B, 0.7x")
-    p.add_argument("--metric", default=None, help=f"importance metric: {', '.join(_names('metrics'))} (default stade)")
-    p.add_argument("--allocation", default=None, help=f"allocation: {', '.join(_names('allocators'))}")
-    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens")
+    p.add_argument("--target-params", default=None, help=f"e.g. 90M, 1.2B, 0.7x ({_default('prune.target_params')})")
+    p.add_argument("--metric", default=None, help=f"{', '.join(_names('metrics'))} ({_default('prune.metric')})")
+    p.add_argument(
+        "--allocation", default=None, help=f"{', '.join(_names('allocators'))} ({_default('prune.allocation')})"
+    )
+    p.add_argument(
+        "--calib-tokens", type=at_least(8), default=None, help=f"calibration tokens ({_default('data.calib_tokens')})"
+    )
     p.add_argument(
         "--compensation",
         default=None,
-        choices=("none", "mean", "energy", "mean+energy", "least_squares"),
-        help="repair of each o/down projection (default mean; least_squares: prune.ls_ridge via --set)",
+        choices=config_choices("prune.compensation"),
+        help=f"repair of each o/down projection ({_default('prune.compensation')}; least_squares' ridge: prune.ls_ridge)",
     )
-    p.add_argument("--set", nargs="*", default=[], help="extra section.key=value overrides (applied last)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
+    add_overrides(p)
     p.set_defaults(func=cmd_prune)
+
+
+def _default(key: str) -> str:
+    return f"default {config_default(key)}"
 
 
 def _add_eval(sub) -> None:
@@ -220,16 +234,28 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--tasks",
         default="ppl",
-        help=f"comma list of ppl and lm-eval tasks: {','.join(_names('tasks'))}",
+        help=f"comma list of ppl and lm-eval tasks: {','.join(_names('tasks'))} (default %(default)s)",
     )
-    p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
-    p.add_argument("--texts", default="shakespeare", help="corpora whose held-out split perplexity uses")
-    p.add_argument("--ppl-tokens", type=int, default=4096, help="held-out tokens per corpus")
-    p.add_argument("--context", type=int, default=1024, help="perplexity context length")
-    p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the context)")
+    p.add_argument("--limit", type=at_least(1), default=None, help="documents per task (default: all)")
+    p.add_argument(
+        "--texts", default="shakespeare", help="corpora whose held-out split perplexity uses (default %(default)s)"
+    )
+    p.add_argument(
+        "--ppl-tokens",
+        type=at_least(16),
+        default=config_default("data.eval_tokens"),
+        help="held-out tokens per corpus (default %(default)s)",
+    )
+    p.add_argument(
+        "--context",
+        type=at_least(8),
+        default=config_default("data.eval_context"),
+        help="perplexity context length (default %(default)s)",
+    )
+    p.add_argument("--stride", type=at_least(1), default=None, help="perplexity stride (default: the context)")
     p.add_argument("--speed", action="store_true", help="measure prefill/decode tokens/s")
     p.add_argument("--baseline", default=None, help="dense model to compare speed against")
-    p.add_argument("--out", default="eval.json", help="JSON output")
+    p.add_argument("--out", default="eval.json", help="JSON output (default %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder when the model folder has none")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -244,11 +270,7 @@ def _add_report(sub) -> None:
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="dense, LLM-Pruner, FLAP, SliceGPT and adaptprune side by side")
     p.add_argument("--config", default=None, help="compare YAML (see configs/compare.yaml)")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        help=f"key=value overrides, e.g. limit=100 methods=[...] ({', '.join(_names('methods'))})",
-    )
+    add_overrides(p, f"limit=100 run.data.seq_len=128 methods=[...] ({', '.join(_names('methods'))})")
     p.set_defaults(func=cmd_compare)
 
 
@@ -256,7 +278,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="incremental prune-and-train run (same as train_prune.py)")
     p.add_argument("--config", default=None, help="run config YAML (defaults: the embedded SmolLM2 job)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete stage")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    add_overrides(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -275,7 +297,7 @@ def _add_export(sub) -> None:
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="dry run on the meta device: stages, tokens, per-layer sizes, GPU memory")
     p.add_argument("--config", default=None, help="run config YAML (defaults: the embedded SmolLM2 job)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    add_overrides(p)
     p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run will use")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB")
     p.add_argument("--tokens-per-s", type=float, default=None, help="training throughput, all GPUs together")
@@ -287,7 +309,7 @@ SUBCOMMANDS = (_add_inspect, _add_prune, _add_eval, _add_report, _add_compare, _
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptprune", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="adaptprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -322,7 +344,10 @@ def _error_line(err: BaseException) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, already printed as one line)
+        return stop.code if isinstance(stop.code, int) else 0
     return run(args.func, args)
 
 

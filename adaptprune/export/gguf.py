@@ -1,18 +1,11 @@
-"""Write a (pruned) Llama-family checkpoint as a GGUF file that llama.cpp runs.
+"""Write a (pruned) checkpoint as a GGUF file that llama.cpp runs, in its family's own architecture.
 
-Which llama.cpp architecture (checked against the sources of build 11434):
-- ``llama`` builds every layer's tensors from layer 0's sizes (``LLAMA_LOAD_LOCALS``), so it
-  serves uniform models only; they get scalar ``feed_forward_length`` and head counts.
-- ``deci`` (DeciLM / Nemotron-NAS) reads ``n_head(i)``, ``n_head_kv(i)`` and ``n_ff(i)`` per layer
-  when it loads tensors and builds the graph, and skips attention in a layer with zero heads.
-  Heterogeneous models get per-layer arrays under ``deci.*``.
-Both apply the optional ``attn_output.bias`` and ``ffn_down.bias`` (our mean compensation) and
-q/k/v biases (Qwen2). Three limits of ``deci`` are handled here rather than hit at load time:
-a zero-head layer ignores ``attn_output.bias`` (a non-zero one is refused, never dropped); the
-head size is read from layer 0, so layer 0 must keep attention; a layer with ``n_ff == 0`` is
-skipped whole (its attention output too), so an empty MLP is written as one all-zero neuron,
-which adds exactly nothing. llama.cpp's RoPE rotates adjacent pairs while HF rotates halves, so
-q/k rows are permuted within each head (an exact reordering; ``interleave_rope_rows``).
+The family's ``Layout`` (``gguf_layout``; registered in ``gguf_llama`` and ``gguf_families``) picks
+llama.cpp's architecture for the checkpoint (build 11434): ``llama``/``deci`` for the Llama,
+Mistral and Qwen2 families, ``qwen3``/``openelm`` for Qwen3, ``gemma3`` for Gemma 3, ``phi3`` (or
+``llama``/``deci``) for Phi-3, and refuses in one line what none can hold. Architectures that read
+per-layer sizes (``deci``, ``openelm``) get ``feed_forward_length`` and both head counts as arrays;
+the others get scalars.
 """
 
 from __future__ import annotations
@@ -21,37 +14,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from gguf import GGML_QUANT_VERSION, MODEL_TENSOR, TENSOR_NAMES, GGUFWriter
 from torch import nn
 
 from ..arch import get_adapter, hf_compat
+from . import gguf_families, gguf_llama  # noqa: F401  (register the layouts)
 from .errors import ExportError
-from .gguf_layout import (
-    LayerSizes,
-    check_exportable,
-    choose_architecture,
-    interleave_rope_rows,
-    layer_sizes,
-    rope_factors,
-    rope_theta,
-)
+from .gguf_layout import LayerSizes, Layout, check_exportable, layer_sizes, layout_for, tensor_name
 from .gguf_tokenizer import copy_gguf_tokenizer, hf_tokenizer_meta
 from .quant import EXPORT_DTYPES, encode, quant_fallbacks, summarize_tensors
-
-# Decoder-layer module (HF Llama family) -> llama.cpp tensor; its .weight / .bias keep the suffix.
-LAYER_TENSORS = {
-    "input_layernorm": MODEL_TENSOR.ATTN_NORM,
-    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
-    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
-    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
-    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
-    "post_attention_layernorm": MODEL_TENSOR.FFN_NORM,
-    "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
-    "mlp.up_proj": MODEL_TENSOR.FFN_UP,
-    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
-}
-ATTENTION_MODULES = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
 
 @dataclass
@@ -65,56 +36,16 @@ class ExportReport:
     tensors: dict[str, tuple[int, ...]]  # name -> numpy shape
     fallbacks: dict[str, dict[str, str]] = field(default_factory=dict)  # quant type -> {tensor: stored as}
     warnings: list[str] = field(default_factory=list)
+    per_layer: bool = False  # sizes written as per-layer arrays
 
 
-def tensor_name(kind: MODEL_TENSOR, suffix: str = "weight", layer: int | None = None) -> str:
-    """llama.cpp's tensor name, e.g. ``blk.3.ffn_down.bias`` (from gguf-py's own table)."""
-    base = TENSOR_NAMES[kind]
-    return f"{base.format(bid=layer) if layer is not None else base}.{suffix}"
-
-
-def _layer_tensors(layer: nn.Module, i: int, size: LayerSizes, warnings: list[str]) -> dict[str, torch.Tensor]:
-    """One decoder layer's tensors under llama.cpp names; every parameter is placed or refused."""
-    out = {}
-    for name, param in layer.named_parameters():
-        module, _, suffix = name.rpartition(".")
-        if module not in LAYER_TENSORS:
-            raise ExportError(f"layer {i}: parameter {name} has no llama.cpp tensor; it would be lost")
-        value = param.detach().float()
-        if size.heads == 0 and module in ATTENTION_MODULES:
-            if module == "self_attn.o_proj" and suffix == "bias" and value.abs().max() > 0:
-                raise ExportError(
-                    f"layer {i} has no attention heads but a non-zero attn_output bias (mean compensation); "
-                    "llama.cpp's deci graph skips such a layer's attention and would drop the bias"
-                )
-            continue  # q/k/v/o are empty and the norm feeds nothing
-        if module in ("self_attn.q_proj", "self_attn.k_proj"):
-            value = interleave_rope_rows(value, size.heads if module == "self_attn.q_proj" else size.kv_heads)
-        out[tensor_name(LAYER_TENSORS[module], suffix, i)] = value
-    if size.neurons == 0:  # deci skips a layer with n_ff == 0 entirely: write one neuron that adds 0
-        hidden = out[tensor_name(MODEL_TENSOR.FFN_NORM, "weight", i)].shape[0]
-        for kind, shape in ((MODEL_TENSOR.FFN_GATE, (1, hidden)), (MODEL_TENSOR.FFN_UP, (1, hidden))):
-            out[tensor_name(kind, "weight", i)] = torch.zeros(shape)
-        out[tensor_name(MODEL_TENSOR.FFN_DOWN, "weight", i)] = torch.zeros(hidden, 1)
-        warnings.append(f"layer {i} has no MLP neurons; written as one all-zero neuron (llama.cpp would skip it)")
-    return out
-
-
-def collect_tensors(model: nn.Module, sizes: list[LayerSizes], warnings: list[str]) -> dict[str, torch.Tensor]:
+def collect_tensors(model: nn.Module, sizes: list[LayerSizes], arch: str, warnings: list[str]) -> dict:
     """Every tensor of the GGUF file, float32, under llama.cpp's names (numpy order: rows first)."""
-    adapter, config = get_adapter(model), model.config
-    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    out = {tensor_name(MODEL_TENSOR.TOKEN_EMBD): embed.detach().float()}
+    adapter, layout = get_adapter(model), layout_for(model)
+    out = layout.global_tensors(model, arch)
     for i, layer in enumerate(adapter.decoder_layers(model)):
-        out.update(_layer_tensors(layer, i, sizes[i], warnings))
-    out[tensor_name(MODEL_TENSOR.OUTPUT_NORM)] = (
-        model.get_submodule(adapter.final_norm_path(model)).weight.detach().float()
-    )
-    if head.data_ptr() != embed.data_ptr():  # untied head; a tied one is llama.cpp's default
-        out[tensor_name(MODEL_TENSOR.OUTPUT)] = head.detach().float()
-    factors = rope_factors(model, adapter.head_dim(config), rope_theta(config))
-    if factors is not None:
-        out[tensor_name(MODEL_TENSOR.ROPE_FREQS)] = factors
+        out.update(layout.layer_tensors(layer, i, sizes[i], arch, warnings))
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     placed = {p.data_ptr() for p in model.parameters()}
     known = {embed.data_ptr(), head.data_ptr(), model.get_submodule(adapter.final_norm_path(model)).weight.data_ptr()}
     known |= {p.data_ptr() for layer in adapter.decoder_layers(model) for p in layer.parameters()}
@@ -123,16 +54,16 @@ def collect_tensors(model: nn.Module, sizes: list[LayerSizes], warnings: list[st
     return out
 
 
-def write_hparams(writer: GGUFWriter, model: nn.Module, sizes: list[LayerSizes], arch: str) -> list[str]:
-    """The architecture's hyper-parameters: scalars for ``llama``, per-layer arrays for ``deci``."""
+def write_hparams(writer: GGUFWriter, model: nn.Module, sizes: list[LayerSizes], layout: Layout, arch: str) -> list:
+    """The architecture's hyper-parameters: per-layer arrays where ``arch`` reads them, else scalars."""
     config, adapter = model.config, get_adapter(model)
     head_dim, warnings = adapter.head_dim(config), []
     context = int(hf_compat.global_value(config, "max_position_embeddings"))
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    if window and window < context:
+    if window and window < context and not layout.native_sliding_window:
         warnings.append(f"sliding window {window}: llama.cpp attends over the whole context; context_length={window}")
         context = int(window)
-    pick = (lambda values: values[0]) if arch == "llama" else list
+    pick = list if arch in layout.per_layer_archs else (lambda values: values[0])
     ff = [max(s.neurons, 1) for s in sizes]  # an empty MLP is written as one zero neuron
     writer.add_context_length(context)
     writer.add_embedding_length(int(hf_compat.global_value(config, "hidden_size")))
@@ -143,10 +74,10 @@ def write_hparams(writer: GGUFWriter, model: nn.Module, sizes: list[LayerSizes],
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_rope_freq_base(layout.rope_base(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(model.get_input_embeddings().weight.shape[0]))
-    return warnings
+    return warnings + layout.write_hparams(writer, model, arch)
 
 
 def export_gguf(
@@ -158,7 +89,7 @@ def export_gguf(
     check_quants: tuple[str, ...] = (),
     name: str | None = None,
 ) -> ExportReport:
-    """Write ``model`` (in memory, Llama family, any per-layer sizes) as a GGUF file, atomically.
+    """Write ``model`` (in memory, any exportable family and sizes) as a GGUF file, atomically.
 
     ``dtype`` types the 2-D weights (norms and biases stay F32; a q8_0 row that 32 does not divide
     stays F16). ``tokenizer_gguf`` copies the ``tokenizer.*`` keys of another GGUF instead of
@@ -171,9 +102,10 @@ def export_gguf(
     sizes = layer_sizes(model)
     if sizes[0].heads == 0:
         raise ExportError("layer 0 has no attention heads; llama.cpp reads the head size from layer 0's head count")
-    arch = choose_architecture(sizes)
-    report = ExportReport(Path(out), arch, dtype, sizes, tensors={})
-    tensors = collect_tensors(model, sizes, report.warnings)
+    layout = layout_for(model)
+    arch = layout.architecture(model, sizes)
+    report = ExportReport(Path(out), arch, dtype, sizes, tensors={}, per_layer=arch in layout.per_layer_archs)
+    tensors = collect_tensors(model, sizes, arch, report.warnings)
     report.tensors = {k: tuple(v.shape) for k, v in tensors.items()}
     for qtype in dict.fromkeys((dtype, *check_quants)):
         fallbacks = quant_fallbacks(report.tensors, qtype) if qtype not in ("f32", "f16", "bf16") else {}
@@ -201,7 +133,7 @@ def _write(report: ExportReport, model, tokenizer, tensors: dict, tokenizer_gguf
     writer = GGUFWriter(str(tmp), report.arch)
     try:
         writer.add_name(name or getattr(model.config, "_name_or_path", "") or "adaptprune model")
-        report.warnings += write_hparams(writer, model, report.sizes, report.arch)
+        report.warnings += write_hparams(writer, model, report.sizes, layout_for(model), report.arch)
         ttype, file_type = EXPORT_DTYPES[report.dtype]
         writer.add_file_type(int(file_type))
         if report.dtype == "q8_0":
