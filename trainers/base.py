@@ -27,10 +27,12 @@ from accelerate import Accelerator
 from torch import nn
 
 from adaptprune.allocation.records import DepthRecord, HiddenRecord
+from adaptprune.arch.lm_head import final_hidden_states, lm_head_of, supports_hidden_forward
 from adaptprune.compat import enable_activation_checkpointing
 from adaptprune.config import OptimArgs, TrainConfig
 from adaptprune.config.registry import TRAINERS
 
+from .head_loss import HeadLoss, fused_head_loss, next_token_targets
 from .optim_state import (
     CarryReport,
     StateByName,
@@ -157,9 +159,21 @@ class Trainer:
         return model
 
     def compute_loss(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """Scalar loss of one micro-batch (B, L); the LM loss by default."""
+        """Scalar loss of one micro-batch (B, L); the LM loss by default (fused with the head: ``head_loss``)."""
+        if self.fuses_head(model):
+            hidden = final_hidden_states(model, input_ids)  # (B, L, h)
+            with self.accelerator.autocast():
+                return fused_head_loss(hidden, lm_head_of(model), next_token_targets(input_ids), self.head_loss())
         logits = model(input_ids=input_ids).logits  # (B, L, V)
         return lm_loss(logits, input_ids)
+
+    def head_loss(self) -> HeadLoss:
+        """What the fused head computes (the LM loss here; distillation mixes in the KL)."""
+        return HeadLoss(chunk_tokens=self.config.loss_chunk_tokens)
+
+    def fuses_head(self, model: nn.Module) -> bool:
+        """Whether the loss runs chunked through the head (``train.loss_chunk_tokens`` > 0 and a family that can)."""
+        return self.config.loss_chunk_tokens > 0 and supports_hidden_forward(model)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _prepare(self, model: nn.Module, records: Sequence[Record]) -> tuple[nn.Module, torch.optim.Optimizer]:

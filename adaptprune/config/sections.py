@@ -325,6 +325,11 @@ class TrainConfig:
     )
     seed: int = _f(0, "seed for data order and initialisation")
     optim: OptimArgs = field(default_factory=OptimArgs)
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto",
+        "dtype of the frozen teacher's weights: auto = bfloat16 where the device computes it natively (CUDA with bf16, "
+        "CPUs with AVX512-BF16/AMX), else model.dtype",
+    )
     lora: LoraArgs = field(default_factory=LoraArgs)
     distill: DistillArgs = field(default_factory=DistillArgs)
 
@@ -338,6 +343,12 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
+    loss_chunk_tokens: int = _f(
+        256,
+        "tokens per chunk of the fused LM head + loss (logits exist one chunk at a time, forward and backward); "
+        "0 = materialise every logit (the unfused reference)",
+        min=0,
+    )
     dir: str = _f("runs/default", "run folder: checkpoints, TensorBoard events, results")
     tensorboard: bool = _f(True, "write TensorBoard scalars")
     log_every: int = _f(10, "optimizer steps between one-line log records (printed and appended to train.log)", min=1)

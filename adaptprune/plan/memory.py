@@ -68,6 +68,7 @@ from dataclasses import asdict, dataclass
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOSS_BYTES_PER_LOGIT = {"lm": 12, "distill": 26}  # Λ above: bytes per (token, vocabulary entry)
+CHUNK_BYTES_PER_LOGIT = {"lm": 8, "distill": 16}  # Λ_chunk: the fused loss's fp32 buffers per chunk token
 HEADROOM = 0.9  # usable share of a GPU's memory: the rest is CUDA context, workspaces, fragmentation
 GIB = 2**30
 MODES = ("single", "ddp", "fsdp")
@@ -118,16 +119,38 @@ def head_activation_bytes(hidden: int, p: Precision) -> int:
     return (4 + r) * hidden + 4 + (p.compute_bytes if p.casts else r) * hidden + 8
 
 
+def loss_bytes(tokens: int, vocab: int, hidden: int, p: Precision, distill: bool, chunk_tokens: int) -> int:
+    """Bytes the loss holds at its peak for one micro-batch (module docstring, "The loss").
+
+    Unfused (``chunk_tokens`` 0): Λ·V per token. Fused (``trainers/head_loss.py``): one chunk's buffers,
+    Λ_chunk·V per chunk token (plus the compute-dtype logits under autocast), the fp32 accumulator of the
+    head's weight gradient, 4·V·h, its compute-dtype copy of the head (autocast), and the stored gradient
+    with respect to the hidden states, T·h·r."""
+    kind = "distill" if distill else "lm"
+    if chunk_tokens <= 0:
+        return tokens * LOSS_BYTES_PER_LOGIT[kind] * vocab
+    cast = p.compute_bytes if p.casts else 0
+    chunk = min(chunk_tokens, tokens) * (CHUNK_BYTES_PER_LOGIT[kind] + cast) * vocab
+    return chunk + (4 + cast) * vocab * hidden + tokens * hidden * p.weight_bytes
+
+
 def activation_bytes(
-    tokens: int, layers: int, g: LayerGeometry, vocab: int, p: Precision, checkpointing: bool, distill: bool
+    tokens: int,
+    layers: int,
+    g: LayerGeometry,
+    vocab: int,
+    p: Precision,
+    checkpointing: bool,
+    distill: bool,
+    chunk_tokens: int = 0,
 ) -> int:
     """Peak activation bytes of one micro-batch of ``tokens`` tokens (module docstring)."""
-    loss = LOSS_BYTES_PER_LOGIT["distill" if distill else "lm"] * vocab
+    loss = loss_bytes(tokens, vocab, g.hidden, p, distill, chunk_tokens)
     layer = layer_activation_bytes(g, p)
     head = head_activation_bytes(g.hidden, p)
     if checkpointing:
-        return tokens * (layers * p.weight_bytes * g.hidden + head + max(loss, layer))
-    return tokens * (layers * layer + head + loss)
+        return tokens * (layers * p.weight_bytes * g.hidden + head) + max(loss, tokens * layer)
+    return tokens * (layers * layer + head) + loss
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,8 @@ def validated_target(dense: nn.Module, adapter: ArchAdapter, cfg: RunConfig, ori
         raise ConfigError(f"prune.{err}") from None
     floor = smallest_reachable(dense, adapter, prune)
     if target < floor:
+    from trainers.distill import resolved_teacher_dtype
+
         raise ConfigError(
             f"prune.target_params={prune.target_params!r} ({target:,} parameters) is below the smallest size "
             f"the floors allow ({floor:,} with prune.min_groups={prune.min_groups}, "
@@ -96,5 +98,6 @@ def load_teacher(cfg: RunConfig, device) -> nn.Module | None:
     if not get_trainer(cfg.train.trainer).needs_teacher:
         return None
     m = cfg.model
-    teacher = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    dtype = resolved_teacher_dtype(cfg.train.distill.teacher_dtype, m.dtype, device)
+    teacher = load_model(m.name, dtype=dtype, trust_remote_code=m.trust_remote_code)
     return teacher.to(device).eval().requires_grad_(False)
