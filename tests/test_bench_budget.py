@@ -119,3 +119,40 @@ def test_a_finished_row_keeps_the_rows_another_process_added_meanwhile(tmp_path)
     assert grids == bench.read_grids(path)
     assert [r["key"] for r in bench.finished_rows(grids, settings).values()] == ["a", "b", "c"]
     assert bench.finished_rows(grids, {"remove_fraction": 0.3}) == {"x": {"key": "x"}}
+
+
+BASELINES = {  # the user's other baselines (issue #32): (pruning, objective)
+    "llm-pruner+lora": ("llm_pruner", "lora"),
+    "llm-pruner+train-distill": ("llm_pruner", "distill"),
+    "slicegpt": ("slicegpt", "none"),
+    "slicegpt+train-distill": ("slicegpt", "distill"),
+}
+
+
+def test_the_users_baselines_run_as_schedules_on_one_size_and_protocol(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    command += ["--remove", "0.6", "--budgets", "1024", "--schedules", ",".join(BASELINES)]
+    command += ["data.calib_tokens=1024"]  # LLM-Pruner draws 10 windows of 64 tokens
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    report = json.loads((tmp_path / "budget.json").read_text())["grids"][0]
+    rows = {r["schedule"]: r for r in report["rows"]}
+    assert {name: (r["pruning"], r["objective"]) for name, r in rows.items()} == BASELINES
+    assert all(abs(r["params"] / report["target_params"] - 1) <= 0.005 for r in rows.values()), rows
+    # one pruning per method whatever its recovery: the same calibration text and target
+    assert rows["llm-pruner+lora"]["params"] == rows["llm-pruner+train-distill"]["params"]
+    assert rows["slicegpt"]["params"] == rows["slicegpt+train-distill"]["params"]
+    assert {name: r["train_tokens"] for name, r in rows.items()} == {
+        "llm-pruner+lora": 1024, "llm-pruner+train-distill": 1024, "slicegpt": 0, "slicegpt+train-distill": 1024
+    }  # fmt: skip
+    configs = {
+        name: (tmp_path / "runs" / f"{name.replace('+', '_')}-b1024-s0" / "config.yaml").read_text() for name in rows
+    }
+    assert "trainer: lora" in configs["llm-pruner+lora"] and "lr: 0.0001" in configs["llm-pruner+lora"]
+    assert (
+        "trainer: distill" in configs["llm-pruner+train-distill"] and "lr: 5.0e-05" in configs["slicegpt+train-distill"]
+    )
+    # LoRA's recipe keeps the run's batches (published: 4 x 16 accumulated)
+    assert all("batch_size: 4\n  grad_accum_steps: 1\n" in text for text in configs.values())
