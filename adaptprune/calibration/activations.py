@@ -51,6 +51,10 @@ class ChannelStats:
     var: Tensor  # (C,) population variance σ²
     sq_mean: Tensor  # (C,) E[x²] = σ² + μ²
     cov: Tensor | None = None  # (C, C) raw second moment E[x xᵀ], only with collect_cov
+    # A sequential pass rebuilding towards the layer as it was before the step (``pruning.sequential``):
+    # E[x_before xᵀ] (C, C), rows the inputs before the step, columns the inputs now, and E[x_before] (C,)
+    cross: Tensor | None = None
+    before_mean: Tensor | None = None
 
     @property
     def std(self) -> Tensor:
@@ -143,6 +147,33 @@ class ChannelAccumulator:
             raise RuntimeError("no activations reached this projection during calibration")
         cov = self.outer / self.count if self.outer is not None else None
         return ChannelStats(self.count, self.mean, self.m2 / self.count, self.sq_sum / self.count, cov)
+
+
+class CrossAccumulator:
+    """Streams E[a bᵀ] and E[a] of paired rows a, b (n, C) — the same tokens through two models (float64)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.outer: Tensor | None = None  # (C, C) Σ a bᵀ
+        self.sum: Tensor | None = None  # (C,) Σ a
+
+    def update(self, a: Tensor, b: Tensor) -> None:
+        a, b = a.detach().reshape(-1, a.shape[-1]), b.detach().reshape(-1, b.shape[-1])  # (n, C)
+        rows = max(1, CHUNK_BYTES // (8 * a.shape[-1]))
+        for ca, cb in zip(a.split(rows), b.split(rows)):
+            # chunk products in the activations' precision, summed in float64 (as ChannelAccumulator's Σ)
+            outer = (ca.T @ cb).double() if ca.dtype == torch.float32 else ca.double().T @ cb.double()
+            total = ca.double().sum(0)
+            self.outer = outer if self.outer is None else self.outer + outer
+            self.sum = total if self.sum is None else self.sum + total
+            self.count += ca.shape[0]
+
+    def into(self, stats: ChannelStats) -> ChannelStats:
+        """``stats`` (of b) with the cross moment and the mean of a added."""
+        if self.count != stats.count:
+            raise RuntimeError(f"paired inputs disagree: {self.count} tokens before the step, {stats.count} now")
+        stats.cross, stats.before_mean = self.outer / self.count, self.sum / self.count
+        return stats
 
 
 class InfluenceAccumulator:

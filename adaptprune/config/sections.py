@@ -147,6 +147,18 @@ class PruneConfig:
         "unchanged (lambda -> inf: mean compensation)",
         ge=0,
     )
+    calibration: Literal["parallel", "sequential"] = _f(
+        "parallel",
+        "how compensation sees each layer's inputs: parallel (every layer's statistics from one pass over the model "
+        "as it was before the step, Σ of every layer held at once) or sequential (layers rebuilt in order, each on "
+        "the inputs the already pruned layers give it; one layer's Σ held; docs/compensation.md)",
+    )
+    rebuild_target: Literal["self", "dense"] = _f(
+        "self",
+        "calibration=sequential with least_squares: fit each pruned projection to its own unpruned output on the "
+        "new inputs (self), or to the output the layer had before the step on the inputs it had then (dense: also "
+        "corrects the earlier layers' error; a second cached stream and one layer copy)",
+    )
     neuron_multiple: int = _f(
         32,
         "round kept MLP neurons per layer to a multiple of this (32: every GGUF 32-block quant type fits the rows; "
@@ -202,8 +214,14 @@ class PruneConfig:
 
     @property
     def needs_cov(self) -> bool:
-        """Compensation that reads Σ = E[x xᵀ] of the o/down inputs (calibrate with collect_cov)."""
-        return self.compensation in ("energy", "mean+energy", "least_squares")
+        """Compensation that reads Σ = E[x xᵀ] of every layer's o/down inputs from the step's calibration pass
+        (collect_cov); a sequential pass collects each layer's Σ itself, one layer at a time."""
+        return self.compensation in ("energy", "mean+energy", "least_squares") and not self.sequential
+
+    @property
+    def sequential(self) -> bool:
+        """Compensation rebuilds the layers in order on the pruned model's own activations."""
+        return self.calibration == "sequential" and self.compensation != "none"
 
     def __post_init__(self) -> None:
         if self.same_ratio and self.allocation != "accumulating":
@@ -307,6 +325,11 @@ class DistillArgs:
 
     temperature: float = _f(1.0, "softmax temperature T of the KD loss (scaled by T^2)", gt=0)
     kd_weight: float = _f(1.0, "loss = kd_weight * KD + (1 - kd_weight) * LM", ge=0, le=1)
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto",
+        "dtype of the frozen teacher's weights: auto = bfloat16 where the device computes it natively (CUDA with bf16, "
+        "CPUs with AVX512-BF16/AMX), else model.dtype",
+    )
 
 
 @dataclass
@@ -320,16 +343,17 @@ class TrainConfig:
         "no", "autocast for training (fp32 master weights; fp16 adds a loss scaler); handed to the Accelerator"
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (re-enabled after every surgery)")
+    loss_chunk_tokens: int = _f(
+        256,
+        "tokens per chunk of the fused LM head + loss (logits exist one chunk at a time, forward and backward); "
+        "0 = materialise every logit (the unfused reference)",
+        min=0,
+    )
     on_nonfinite: Literal["rollback", "stop"] = _f(
         "rollback", "NaN/inf loss: reload the last checkpoint at half the lr, or stop"
     )
     seed: int = _f(0, "seed for data order and initialisation")
     optim: OptimArgs = field(default_factory=OptimArgs)
-    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
-        "auto",
-        "dtype of the frozen teacher's weights: auto = bfloat16 where the device computes it natively (CUDA with bf16, "
-        "CPUs with AVX512-BF16/AMX), else model.dtype",
-    )
     lora: LoraArgs = field(default_factory=LoraArgs)
     distill: DistillArgs = field(default_factory=DistillArgs)
 
@@ -343,12 +367,6 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    loss_chunk_tokens: int = _f(
-        256,
-        "tokens per chunk of the fused LM head + loss (logits exist one chunk at a time, forward and backward); "
-        "0 = materialise every logit (the unfused reference)",
-        min=0,
-    )
     dir: str = _f("runs/default", "run folder: checkpoints, TensorBoard events, results")
     tensorboard: bool = _f(True, "write TensorBoard scalars")
     log_every: int = _f(10, "optimizer steps between one-line log records (printed and appended to train.log)", min=1)

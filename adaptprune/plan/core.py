@@ -1,7 +1,7 @@
 """``make_plan``: what a run will do and need, from its config alone (a dry run: no weights, no GPU).
 
 The numbers come from the code the run itself uses: ``schedule.stage_targets`` and ``split_budget``
-for the stages and their steps, ``preflight.validated_target`` for the target, the ``uniform``
+for the stages and their steps, ``feasibility.validated_target`` for the target, the ``uniform``
 allocator for per-layer sizes, and ``memory`` for the GPU footprint of each stage.
 """
 
@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from ..allocation import InfeasibleTargetError
 from ..arch import ArchAdapter
 from ..calibration.activations import CHUNK_BYTES
 from ..checkpoint import meta_model, read_model_config
@@ -19,7 +20,7 @@ from ..pruning.shape.choice import searches, sized_candidates
 from ..pruning.shape.target import ShapeWalk, plan_walk
 from ..pruning.shape.trial import trial_bytes
 from ..pruning.surgery import count_parameters
-from ..run.preflight import validated_target
+from ..run.feasibility import validated_target
 from ..run.schedule import split_budget, stage_targets
 from . import memory
 from .model import fsdp_gathered_params, layer_geometry, lora_params, uniform_sizes
@@ -86,7 +87,7 @@ def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
         cfg.schedule.train_tokens // tokens_per_step, len(targets), cfg.schedule.split, cfg.schedule.recovery_fraction
     )
     stages = stage_rows(targets, [*stage_steps, recovery_steps], tokens_per_step, original, cfg, options)
-    layers, uniform_params = uniform_sizes(model, adapter, cfg.prune, target)
+    layers, uniform_params = units_only_sizes(model, adapter, cfg.prune, target)
     return RunPlan(
         model=cfg.model.name,
         config_source=source,
@@ -100,11 +101,22 @@ def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
         memory=memory_table(cfg, options, model, adapter, [row["params"] for row in stages]),
         settings=settings(cfg, options),
         dims_shape=None if walk is not None or searching else chosen_shape(cfg, model, adapter, target),
-        final_shape=None if searching else final_shape(model, adapter, walk, layers),
+        final_shape=None if searching or not (walk or layers) else final_shape(model, adapter, walk, layers),
         shape_search=search_candidates(cfg, model, adapter, target) if searching else None,
         walk=[{"stage": i + 1, "params": t, **walk.at(t).as_dict()} for i, t in enumerate(targets)] if walk else None,
         notes=plan_notes(cfg, adapter),
     )
+
+
+def units_only_sizes(model: nn.Module, adapter: ArchAdapter, prune, target: int) -> tuple[list[dict], int]:
+    """``uniform_sizes``, or no rows when units alone cannot reach ``target`` (prune.dims with layers or
+    hidden: the width/depth search at every stage decides the final shape)."""
+    try:
+        return uniform_sizes(model, adapter, prune, target)
+    except InfeasibleTargetError:
+        if not prune.reshapes:
+            raise
+        return [], 0
 
 
 def final_shape(model: nn.Module, adapter: ArchAdapter, walk: ShapeWalk | None, uniform_layers: list[dict]) -> dict:
@@ -195,7 +207,8 @@ def memory_table(
             # it holds one projection's compensation temporaries at a time (the dense model's largest)
             entry["shape_search"] = search_trial_bytes(cfg, model, adapter)
             entry["covariance"] = covariance_bytes(cfg, model, adapter)  # held from calibration to surgery
-            entry["transition"] += entry["shape_search"] + entry["covariance"]
+            entry["sequential"] = sequential_bytes(cfg, model, adapter, precision.weight_bytes)
+            entry["transition"] += entry["shape_search"] + entry["covariance"] + entry["sequential"]
             entry["shape_choice"] = shape_choice_bytes(cfg, model, adapter, dense_bytes)
             search_peak = dense_bytes + entry["shape_choice"] + entry["covariance"] if entry["shape_choice"] else 0
             entry["peak"] = max(entry["peak"], entry["transition"], search_peak)
@@ -221,15 +234,39 @@ def shape_choice_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, d
 
 
 def covariance_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -> int:
-    """Σ = E[x xᵀ] of every o/down input, float64, when the compensation reads it (energy, least squares)."""
-    if not cfg.prune.needs_cov:
+    """Float64 Σ = E[x xᵀ] of o/down inputs held for compensation: every layer's at once from calibration to
+    surgery (parallel), or one projection's at a time (sequential; with the dense target its cross moment too)."""
+    prune = cfg.prune
+    if not (prune.needs_cov or prune.sequential):
         return 0
-    widths = [
+    squares = [w * w for w in _output_widths(model, adapter)]
+    if not prune.sequential:
+        return 8 * sum(squares)
+    return 8 * max(squares) * (2 if _rebuilds_towards_dense(prune) else 1)
+
+
+def sequential_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, weight_bytes: int) -> int:
+    """What a sequential pass holds beside Σ: the cached stream of the calibration tokens (two with the dense
+    target), and with the dense target one decoder layer as it was before the step."""
+    if not cfg.prune.sequential:
+        return 0
+    streams = 2 if _rebuilds_towards_dense(cfg.prune) else 1
+    held = streams * cfg.data.calib_tokens * model.config.hidden_size * weight_bytes
+    if streams == 2:
+        held += max(count_parameters(layer) for layer in adapter.decoder_layers(model)) * weight_bytes
+    return held
+
+
+def _rebuilds_towards_dense(prune) -> bool:
+    return prune.rebuild_target == "dense" and prune.compensation == "least_squares"
+
+
+def _output_widths(model: nn.Module, adapter: ArchAdapter) -> list[int]:
+    return [
         layer.get_submodule(path).in_features
         for layer in adapter.decoder_layers(model)
         for path in (adapter.mlp_output, adapter.attention_output)
     ]
-    return 8 * sum(w * w for w in widths)
 
 
 def settings(cfg: RunConfig, options: PlanOptions) -> dict:

@@ -21,6 +21,7 @@ MEMORY_ROWS = (
     ("shape_search", "shape search trial"),
     ("shape_choice", "shape choice copy"),
     ("covariance", "calibration Σ (float64)"),
+    ("sequential", "sequential pass streams"),
     ("transition", "surgery (any stage)"),
     ("peak", "peak"),
 )
@@ -32,6 +33,10 @@ def format_plan(plan: RunPlan) -> str:
     parts = [_header(plan), _stage_table(plan)]
     if plan.shape_search is not None:
         parts.append(_search_block(plan))
+    elif not plan.final_shape:
+        parts.append(
+            "final shape: chosen by the width/depth search of every stage (units alone cannot reach the target)"
+        )
     else:
         parts += [_final_shape(plan), _walk_block(plan) if plan.walk else _uniform_block(plan)]
     parts += [_memory_table(plan)]

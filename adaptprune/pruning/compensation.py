@@ -35,7 +35,9 @@ projections. Statistics must come from the model as it is now (same units).
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +56,7 @@ class Compensation:
     scale: float  # γ applied to the kept columns (1.0 without EC)
     bias_delta: Tensor | None  # (out,) float64 added to the bias; None without mean compensation
     weight_delta: Tensor | None = None  # (out, |K|) float64 added to the kept columns (least squares)
+    fallback: str | None = None  # why a weaker compensation was applied instead (one line for the log)
 
 
 MODES = ("none", "mean", "energy", "mean+energy", "least_squares")  # prune.compensation
@@ -85,47 +88,73 @@ def energy_scale(weight: Tensor, moment: Tensor, kept: Tensor) -> float:
 
 def least_squares_delta(
     weight: Tensor, moment: Tensor, kept: Tensor, removed: Tensor, ridge: float, mean: Tensor | None = None
-) -> Tensor:
-    """Δ = W_R C_RK (C_KK + λ I)⁻¹, (out, |K|) float64, λ = ``ridge`` × mean(diag C_KK).
+) -> Tensor | None:
+    """Δ = W_R C_RK (C_KK + λ I)⁻¹, (out, |K|) float64, λ = ``ridge`` × mean(diag C_KK); None if not finite.
 
     ``moment`` is Σ = E[x xᵀ]; with ``mean`` the blocks are centred (C = Σ − μμᵀ) one block at a time.
     Memory: the K×K block, factored in place, and the K×R block while it is used: about one layer's Σ.
     """
     w = weight.detach().double()
     kept, removed = kept.to(moment.device), removed.to(moment.device)
-    c_kk = moment[kept[:, None], kept].double()  # (K, K), a copy
-    c_kr = moment[kept[:, None], removed].double()  # (K, R)
-    if mean is not None:
-        mu = mean.double().to(moment.device)
-        c_kk.addr_(mu[kept], mu[kept], alpha=-1.0)
-        c_kr.addr_(mu[kept], mu[removed], alpha=-1.0)
+    c_kr = _centred_block(moment, mean, mean, kept, removed)  # (K, R)
     rhs = c_kr.to(w.device) @ w[:, removed].T  # C_KR W_Rᵀ: (K, out)
     del c_kr
-    c_kk = c_kk.to(w.device)
-    c_kk.diagonal().add_(ridge * float(c_kk.diagonal().mean()))
-    _, info = torch.linalg.cholesky_ex(c_kk, out=(c_kk, torch.empty((), dtype=torch.int32, device=c_kk.device)))
-    if int(info) == 0:
-        x = torch.cholesky_solve(rhs, c_kk)
-    else:  # singular (λ = 0, rank-poor data): the minimum-norm solution of the rebuilt A
-        x = torch.linalg.pinv(_rebuilt_block(moment, mean, kept, ridge, w.device), hermitian=True) @ rhs
-    return x.T if bool(torch.isfinite(x).all()) else torch.zeros_like(w[:, kept])
+    x = _ridge_solve(lambda: _centred_block(moment, mean, mean, kept, kept).to(w.device), rhs, ridge)
+    return x.T if bool(torch.isfinite(x).all()) else None
 
 
-def _rebuilt_block(moment: Tensor, mean: Tensor | None, kept: Tensor, ridge: float, device) -> Tensor:
-    """C_KK + λI again (the in-place factorisation overwrote it); only for the rare singular case."""
-    a = moment[kept[:, None], kept].double()
-    if mean is not None:
-        mu = mean.double().to(moment.device)
-        a.addr_(mu[kept], mu[kept], alpha=-1.0)
-    a = a.to(device)
+def transfer_delta(weight: Tensor, stats: ChannelStats, kept: Tensor, ridge: float) -> Tensor | None:
+    """Δ = (W C_xK − W_K C̃_KK)(C̃_KK + λ I)⁻¹ towards the layer before the step; None if not finite.
+
+    x are the inputs before the step (``stats.cross`` rows, ``stats.before_mean``), x̃ the inputs now
+    (``stats.cov``, ``stats.mean``); C_xK = E[x x̃_Kᵀ] − μ μ̃_Kᵀ (C, K) and C̃_KK the centred K×K block of x̃.
+    """
+    w = weight.detach().double()
+    kept = kept.to(stats.cov.device)
+    all_rows = torch.arange(stats.cross.shape[0], device=stats.cov.device)
+    c_xk = _centred_block(stats.cross, stats.before_mean, stats.mean, all_rows, kept)  # (C, K)
+    rhs = c_xk.to(w.device).T @ w.T  # C_xKᵀ Wᵀ: (K, out)
+    del c_xk
+    c_kk = _centred_block(stats.cov, stats.mean, stats.mean, kept, kept).to(w.device)
+    rhs -= c_kk @ w[:, kept].T  # − C̃_KK W_Kᵀ
+    del c_kk
+    x = _ridge_solve(lambda: _centred_block(stats.cov, stats.mean, stats.mean, kept, kept).to(w.device), rhs, ridge)
+    return x.T if bool(torch.isfinite(x).all()) else None
+
+
+def _centred_block(moment: Tensor, row_mean: Tensor | None, col_mean: Tensor | None, rows: Tensor, cols: Tensor):
+    """M[rows, cols] − μ_rows μ_colsᵀ in float64 (a copy; uncentred without means)."""
+    block = moment[rows[:, None], cols].double()
+    if row_mean is not None:
+        block.addr_(row_mean.double().to(moment.device)[rows], col_mean.double().to(moment.device)[cols], alpha=-1.0)
+    return block
+
+
+def _ridge_solve(block: Callable[[], Tensor], rhs: Tensor, ridge: float) -> Tensor:
+    """(A + λ I)⁻¹ rhs with A = ``block()``, λ = ``ridge`` × mean(diag A).
+
+    A is factored by Cholesky in place (one K×K float64 block held); a singular one (λ = 0, rank-poor
+    data) is built again for the minimum-norm solution by the pseudo-inverse.
+    """
+    a = block()
     a.diagonal().add_(ridge * float(a.diagonal().mean()))
-    return a
+    _, info = torch.linalg.cholesky_ex(a, out=(a, torch.empty((), dtype=torch.int32, device=a.device)))
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, a)
+    a = block()
+    a.diagonal().add_(ridge * float(a.diagonal().mean()))
+    return torch.linalg.pinv(a, hermitian=True) @ rhs
 
 
 def compensate(
     weight: Tensor, stats: ChannelStats, kept_channels: Tensor, mode: str = "mean", ridge: float = 0.0
 ) -> Compensation:
-    """The compensation (``mode`` in ``MODES``) of one (out, C) output-side weight keeping ``kept_channels``."""
+    """The compensation (``mode`` in ``MODES``) of one (out, C) output-side weight keeping ``kept_channels``.
+
+    Least squares fits the layer as it is (``least_squares_delta``) or, when ``stats`` carries the
+    inputs before the step (``stats.cross``), the layer as it was on them (``transfer_delta``). A solve
+    that is not finite falls back to mean compensation and says so in ``Compensation.fallback``.
+    """
     if mode not in MODES:
         raise ValueError(f"compensation must be one of {MODES}, got {mode!r}")
     mean = mode in ("mean", "mean+energy", "least_squares")
@@ -134,10 +163,16 @@ def compensate(
     if mode in ("energy", "mean+energy", "least_squares") and removed.numel() and stats.cov is None:
         raise ValueError(f"{mode} compensation needs Σ = E[x xᵀ]: calibrate with collect_cov=True")
     mu = stats.mean.double()
-    if mode == "least_squares" and removed.numel() and kept.numel():
-        delta = least_squares_delta(weight, stats.cov, kept, removed, ridge, mean=stats.mean)  # centred blocks
-        shift = mean_shift(weight, stats.mean, removed) - delta @ mu.to(delta.device)[kept]
-        return Compensation(scale=1.0, bias_delta=shift, weight_delta=delta)
+    if mode == "least_squares" and kept.numel() and (removed.numel() or stats.cross is not None):
+        if stats.cross is not None:
+            delta = transfer_delta(weight, stats, kept, ridge)
+        else:
+            delta = least_squares_delta(weight, stats.cov, kept, removed, ridge, mean=stats.mean)  # centred blocks
+        if delta is not None:
+            return Compensation(
+                scale=1.0, bias_delta=_rebuilt_bias_shift(weight, stats, kept, delta), weight_delta=delta
+            )
+        return Compensation(1.0, _mean_bias_shift(weight, stats, kept, removed), fallback="least squares not finite")
     scale = 1.0
     if mode in ("energy", "mean+energy") and removed.numel():
         moment = stats.cov - torch.outer(mu, mu) if mean else stats.cov  # centred when the bias carries the mean
@@ -150,9 +185,37 @@ def compensate(
     return Compensation(scale=scale, bias_delta=bias_delta)
 
 
+def _rebuilt_bias_shift(weight: Tensor, stats: ChannelStats, kept: Tensor, delta: Tensor) -> Tensor:
+    """b' − b = W μ_before − (W_K + Δ) μ̃_K: the mean the rebuilt columns miss goes into the bias.
+
+    Without a before-the-step stream μ_before = μ̃, and this is W_R μ_R − Δ μ_K."""
+    w = weight.detach().double()
+    mu_now = stats.mean.double().to(w.device)
+    mu_before = stats.before_mean.double().to(w.device) if stats.before_mean is not None else mu_now
+    return w @ mu_before - (w[:, kept] + delta.to(w.device)) @ mu_now[kept]
+
+
+def _mean_bias_shift(weight: Tensor, stats: ChannelStats, kept: Tensor, removed: Tensor) -> Tensor:
+    """Mean compensation, towards the layer before the step when its inputs are known."""
+    if stats.before_mean is None:
+        return mean_shift(weight, stats.mean, removed)
+    w = weight.detach().double()
+    return w @ stats.before_mean.double().to(w.device) - w[:, kept] @ stats.mean.double().to(w.device)[kept]
+
+
 # ---- model walking --------------------------------------------------------------------------
+Statistics = CalibrationResult | Mapping[tuple[int, str], ChannelStats]  # a whole pass, or (layer, kind) -> stats
+log = logging.getLogger(__name__)
+
+
+def _stats_of(calib: Statistics, layer_idx: int, kind: str) -> ChannelStats:
+    if isinstance(calib, CalibrationResult):
+        return calib.layers[layer_idx].channels(kind)
+    return calib[(layer_idx, kind)]
+
+
 def _plan_compensations(
-    model: nn.Module, plan: Plan, calib: CalibrationResult, mode: str, ridge: float, adapter: ArchAdapter
+    model: nn.Module, plan: Plan, calib: Statistics, mode: str, ridge: float, adapter: ArchAdapter
 ) -> list[tuple[int, str, Compensation]]:
     """(layer, output path, compensation) for every (layer, kind) of the plan, from dense weights.
 
@@ -167,13 +230,13 @@ def _plan_compensations(
             coupling = adapter.output_coupling(model, layer_idx, kind)
             weight = layers[layer_idx].get_submodule(coupling.path).weight
             kept_channels = torch.isin(coupling.unit_ids, torch.as_tensor(list(keep), dtype=torch.long))
-            stats = calib.layers[layer_idx].channels(kind)
+            stats = _stats_of(calib, layer_idx, kind)
             if stats.mean.numel() != kept_channels.numel():
                 raise ValueError(
                     f"layer {layer_idx} {kind}: statistics cover {stats.mean.numel()} channels, the layer has "
                     f"{kept_channels.numel()}; recalibrate after surgery"
                 )
-            comp = compensate(weight, stats, kept_channels, mode, ridge)
+            comp = _finite_compensation(weight, stats, kept_channels, mode, ridge, f"layer {layer_idx} {kind}")
             if comp.weight_delta is not None:  # into the dense kept columns now: no (out, |K|) matrix is held
                 with torch.no_grad():  # for later layers, and the surgery slices the columns out as they are
                     columns = kept_channels.nonzero().flatten().to(weight.device)
@@ -181,6 +244,21 @@ def _plan_compensations(
                 comp = Compensation(scale=comp.scale, bias_delta=comp.bias_delta)
             out.append((layer_idx, coupling.path, comp))
     return out
+
+
+def _finite_compensation(
+    weight: Tensor, stats: ChannelStats, kept_channels: Tensor, mode: str, ridge: float, where: str
+) -> Compensation:
+    """``compensate``, or none at all when the statistics themselves are not finite (bad calibration text);
+    either fallback is said in one line that names the layer."""
+    moments = [t for t in (stats.mean, stats.cov, stats.cross, stats.before_mean) if t is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in moments):
+        log.warning("%s: calibration statistics are not finite; units removed without compensation", where)
+        return Compensation(scale=1.0, bias_delta=None)
+    comp = compensate(weight, stats, kept_channels, mode, ridge)
+    if comp.fallback:
+        log.warning("%s: %s; mean compensation instead", where, comp.fallback)
+    return comp
 
 
 def _apply_to_linear(linear: nn.Linear, comp: Compensation) -> None:
@@ -197,7 +275,7 @@ def _apply_to_linear(linear: nn.Linear, comp: Compensation) -> None:
 def apply_compensated_plan(
     model: nn.Module,
     plan: Plan,
-    calib: CalibrationResult | None,
+    calib: Statistics | None,
     mode: str = "mean",
     ridge: float = 0.0,
     adapter: ArchAdapter | None = None,

@@ -34,6 +34,7 @@ from ..config import PruneConfig
 from ..importance import get_metric
 from .compensation import apply_compensated_plan
 from .profiling import Profile
+from .sequential import sequential_rebuild
 from .shape.search import ShapeStep, UnitPlanner, layer_compensation_applies, search_shape
 from .surgery import count_parameters, ensure_output_biases
 
@@ -221,7 +222,8 @@ def prune_step(
         ensure_output_biases(model, adapter)  # the bias slots count towards the target too
     if target_params > count_parameters(model):
         raise ValueError(f"target {target_params:,} exceeds the model's {count_parameters(model):,} parameters")
-    shape = _shape_step(model, calibration, target_params, cfg, adapter, allocator, profile, progress, label)
+    first = next_sequences(calibration, 0) if cfg.reshapes else None  # the shape search's text
+    shape = _shape_step(model, first, target_params, cfg, adapter, allocator, profile, progress, label)
     reuse = shape.calibration if shape is not None else None  # the text's statistics, if the shape stayed
     records: list[Record] = list(shape.records) if shape is not None else []
     start = count_parameters(model)
@@ -234,11 +236,12 @@ def prune_step(
             continue  # nothing to remove (target met, or met by an earlier inner step's overshoot)
         desc = f"{label} calibrating" + (f" {j + 1}/{steps}" if steps > 1 else "")
         if j == 0 and reuse is not None:
-            calib = reuse
+            calib, sequences = reuse, first
         else:
+            sequences = next_sequences(calibration, j)
             with profile.phase("calibration"):
-                calib = calibrate_for(model, next_sequences(calibration, j), cfg, adapter, progress, desc.strip())
-        report = prune_with_stats(model, calib, goal, cfg, adapter, profile, allocator=allocator)
+                calib = calibrate_for(model, sequences, cfg, adapter, progress, desc.strip())
+        report = prune_with_stats(model, calib, goal, cfg, adapter, profile, allocator, sequences, progress, label)
         records += report.records
         influence = report.influence
     return StepReport(
@@ -254,7 +257,7 @@ def prune_step(
 
 def _shape_step(
     model: nn.Module,
-    calibration: Calibration,
+    sequences: Tensor | None,
     target_params: int,
     cfg: PruneConfig,
     adapter: ArchAdapter,
@@ -265,9 +268,8 @@ def _shape_step(
 ) -> ShapeStep | None:
     """Calibrate once with the residual stream, then let ``search_shape`` choose and remove layers and
     hidden channels; each candidate's units are estimated on its copy with a copy of the allocator."""
-    if not cfg.reshapes:
+    if sequences is None:
         return None
-    sequences = next_sequences(calibration, 0)
     with profile.phase("calibration"):
         desc = f"{label} calibrating".strip()
         calib = calibrate_for(model, sequences, cfg, adapter, progress, desc, collect_residual=True)
@@ -342,9 +344,13 @@ def prune_with_stats(
     adapter: ArchAdapter | None = None,
     profile: Profile | None = None,
     allocator: Allocator | None = None,
+    sequences: Tensor | None = None,
+    progress: bool = True,
+    label: str = "",
 ) -> StepReport:
     """Score, allocate and remove (with compensation) from existing calibration statistics: one
-    step, one ``allocator.plan`` (``build_allocator(cfg)`` unless given)."""
+    step, one ``allocator.plan`` (``build_allocator(cfg)`` unless given). ``prune.calibration:
+    sequential`` rebuilds the layers in order on ``sequences``, the text ``calib`` came from."""
     adapter = adapter or get_adapter(model)
     profile = profile or Profile()
     allocator = allocator or build_allocator(cfg)
@@ -355,10 +361,32 @@ def prune_with_stats(
         plan = allocate_units(model, layers, calib, model, target_params, cfg, adapter, allocator, start_stage=False)
         plan = _same_plan_on_every_rank(plan)
     with profile.phase("surgery"):
-        records = apply_compensated_plan(model, plan, calib, mode=cfg.compensation, ridge=cfg.ls_ridge, adapter=adapter)
+        records = remove_units(model, plan, calib, sequences, cfg, adapter, progress, label)
     influence = [calib.layers[i].influence for i in layers]
     return StepReport(
         plan=plan, records=records, profile=profile, influence=influence, allocator_state=allocator.to_json()
+    )
+
+
+def remove_units(
+    model: nn.Module,
+    plan: Plan,
+    calib: CalibrationResult,
+    sequences: Tensor | None,
+    cfg: PruneConfig,
+    adapter: ArchAdapter,
+    progress: bool = True,
+    label: str = "",
+) -> list[KeptRecord]:
+    """Remove ``plan``'s units with ``prune.compensation``: from ``calib`` (parallel) or, with
+    ``prune.calibration: sequential``, layer by layer on ``sequences`` (``sequential_rebuild``)."""
+    if not cfg.sequential:
+        return apply_compensated_plan(model, plan, calib, mode=cfg.compensation, ridge=cfg.ls_ridge, adapter=adapter)
+    if sequences is None:
+        raise ValueError("prune.calibration=sequential needs the calibration text the step's statistics came from")
+    desc = f"{label} rebuilding".strip()
+    return sequential_rebuild(
+        model, plan, sequences, cfg.compensation, cfg.ls_ridge, adapter, cfg.rebuild_target, progress, desc
     )
 
 

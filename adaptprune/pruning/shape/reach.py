@@ -32,7 +32,6 @@ from ...allocation.records import KeptRecord, Plan
 from ...allocation.shape import ShapeCandidate
 from ...arch import ATTENTION, MLP, ArchAdapter, get_adapter
 from ...config import PruneConfig
-from ..compensation import apply_compensated_plan
 from ..profiling import Profile
 from ..step import (
     Calibration,
@@ -43,6 +42,7 @@ from ..step import (
     layer_budgets,
     next_sequences,
     prune_step,
+    remove_units,
     score_units,
 )
 from ..surgery import ensure_output_biases
@@ -110,7 +110,7 @@ def cut_units(
         scores, influence = score_units(model, range(len(budgets)), calib, cfg, adapter)
         plan = _same_plan_on_every_rank(shape_unit_plan(budgets, scores, influence, totals, cfg))
     with profile.phase("surgery"):
-        return apply_compensated_plan(model, plan, calib, cfg.compensation, cfg.ls_ridge, adapter)
+        return remove_units(model, plan, calib, sequences, cfg, adapter, progress)
 
 
 def reshape_to(
