@@ -1,4 +1,4 @@
-"""Entry point of the main job: ``accelerate launch train_prune.py [--config FILE] [--resume]``.
+"""Entry point of the main job: accelerate launch train_prune.py [--config FILE] [--resume] [KEY=VALUE ...].
 
 With no arguments it runs ``configs/default.yaml``: the embedded SmolLM2-135M pruned to ~90M
 parameters on the embedded Shakespeare corpus, in a CPU-sized budget.
@@ -14,18 +14,24 @@ DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from adaptprune.config.arguments import OneLineParser, add_overrides
+
+    parser = OneLineParser(prog="train_prune.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete stage in output.dir")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. prune.metric=wanda")
+    add_overrides(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     from adaptprune.cli import run_training
+    from adaptprune.config.arguments import overrides_of
 
-    args = parse_args(argv)
-    return run_training(args.config, args.overrides, args.resume)
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, already printed as one line)
+        return stop.code if isinstance(stop.code, int) else 0
+    return run_training(args.config, overrides_of(args), args.resume)
 
 
 if __name__ == "__main__":

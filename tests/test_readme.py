@@ -54,11 +54,11 @@ def _after(words: list[str], marker: str) -> list[str] | None:
 def check_adaptprune(argv: list[str]) -> None:
     args = cli.build_parser().parse_args(argv)  # SystemExit on an unknown subcommand or flag
     if args.func is cli.cmd_plan or args.func is cli.cmd_train:
-        load_config(args.config, args.overrides)
+        load_config(args.config, cli.overrides_of(args))
     elif args.func is cli.cmd_prune:
         cli.prune_config(args)
     elif args.func is cli.cmd_compare:
-        load_compare_config(args.config, args.overrides)
+        load_compare_config(args.config, cli.overrides_of(args))
 
 
 def check_train_prune(argv: list[str]) -> None:
@@ -68,7 +68,7 @@ def check_train_prune(argv: list[str]) -> None:
     finally:
         sys.path.remove(str(ROOT))
     args = train_prune.parse_args(argv)
-    load_config(args.config, args.overrides)
+    load_config(args.config, cli.overrides_of(args))
 
 
 def check_script(path: str, argv: list[str]) -> None:

@@ -39,7 +39,7 @@ max over layers of max(params_per_group, neuron_multiple·params_per_neuron)):
 ``remove_params ≤ removed < remove_params + C`` — the target is never missed, and overshot by
 less than one chunk; removed == 0 when ``remove_params == 0``. Floors are never crossed; a
 target above what the floors (and s_max for ``adaptive``/``accumulating``) allow raises
-``ValueError``. Layers whose neurons are untouched keep their count even if it is not a multiple
+``InfeasibleTargetError`` (a ``ValueError``). Layers whose neurons are untouched keep their count even if it is not a multiple
 of m. For ``uniform``/``adaptive``/``accumulating`` each layer also ends within one chunk of its
 own target (rounding by largest remainder, see ``apportion``); with ``same_ratio`` a layer's
 groups follow ⌊s_l·G0_l⌋ and its neurons absorb the rounding.
@@ -54,6 +54,7 @@ from ..config.registry import ALLOCATORS
 from .accumulating import SCOPES, AccumulatingAllocator, SparsityState
 from .core import (
     Allocator,
+    InfeasibleTargetError,
     LayerBudget,
     apportion,
     neuron_chunk_sizes,
@@ -99,6 +100,7 @@ __all__ = [
     "AdaptiveAllocator",
     "Allocator",
     "GlobalAllocator",
+    "InfeasibleTargetError",
     "LayerBudget",
     "SparsityState",
     "UniformAllocator",

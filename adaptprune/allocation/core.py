@@ -178,8 +178,15 @@ def _check_inputs(
     return remove_params
 
 
-def _infeasible(remove_params: int, available: int, why: str) -> ValueError:
-    return ValueError(f"cannot remove {remove_params:,} parameters: only {available:,} are removable ({why})")
+class InfeasibleTargetError(ValueError):
+    """A removal the floors do not allow; one line, which the CLI shows as a user error (exit 2)."""
+
+
+def _infeasible(remove_params: int, available: int, why: str) -> InfeasibleTargetError:
+    return InfeasibleTargetError(
+        f"cannot remove {remove_params:,} parameters: only {available:,} are removable ({why}); raise "
+        "prune.target_params or lower the floors (prune.min_groups, prune.min_neurons, prune.neuron_multiple)"
+    )
 
 
 def removable_params(layers: Sequence[LayerBudget], *, neuron_multiple: int = 1) -> int:

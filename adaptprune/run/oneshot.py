@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..allocation import parse_target
 from ..arch import get_adapter
 from ..checkpoint import atomic_dir, load_model, load_tokenizer, save_checkpoint
 from ..config import ConfigError, RunConfig, dump_yaml
 from ..evaluation.inspection import describe
 from ..evaluation.perplexity import perplexity
-from ..pruning.shape.choice import ShapeChoice, candidate_shapes, choose_shape, searches
+from ..pruning.shape.choice import ShapeChoice, choose_shape
 from ..pruning.shape.reach import prune_once
 from ..pruning.shape.target import plan_walk
 from ..pruning.surgery import count_non_embedding_parameters, count_parameters
+from .feasibility import Sizing, size_run
 from .kept_ids import changed_kept_ids, compose_kept_ids, initial_kept_ids
 from .report import plot_layer_sizes
 from .run_data import heldout_texts, shared_calibration, training_chunks
@@ -29,13 +29,15 @@ from .run_data import heldout_texts, shared_calibration, training_chunks
 
 def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     m = cfg.model
+    sizing = size_run(cfg)  # the target against the floors, on the meta device: before any weights load
     tokenizer = load_tokenizer(m.tokenizer or m.name, trust_remote_code=m.trust_remote_code)
     model = load_model(m.name, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     before = count_parameters(model)
-    choice = _search_shape(model, cfg, tokenizer, before, progress) if searches(cfg.prune) else None
-    walk = plan_walk(model, cfg.prune, searched=choice and choice.chosen)  # a target shape decides the size
-    target = walk.final if walk is not None else _target(cfg, before)
+    choice = _search_shape(model, cfg, tokenizer, sizing, progress) if sizing.candidates is not None else None
+    walk = plan_walk(model, cfg.prune, searched=choice.chosen) if choice is not None else sizing.walk
+    target = walk.final if walk is not None else sizing.target
     calibration = shared_calibration(cfg, tokenizer)  # (N, L) from the start of the train split
     texts = heldout_texts(cfg, tokenizer)
     dense_info = describe(model)
@@ -74,17 +76,18 @@ def run_oneshot(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> d
     return metrics
 
 
-def _target(cfg: RunConfig, before: int) -> int:
-    try:
-        return parse_target(cfg.prune.target_params, before)
-    except ValueError as err:
-        raise ConfigError(f"prune.{err}") from None
+def check_out_dir(out_dir: Path) -> None:
+    """``--out`` must be a folder to create or replace, under a folder (or a path to one) that is not a file."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; give a folder to write the pruned model into")
+    parent = next((p for p in out_dir.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {out_dir}: {parent} is a file, not a folder")
 
 
-def _search_shape(model, cfg: RunConfig, tokenizer, before: int, progress: bool) -> ShapeChoice:
+def _search_shape(model, cfg: RunConfig, tokenizer, sizing: Sizing, progress: bool) -> ShapeChoice:
     """prune.target_shape=search: probe the candidates at prune.target_params on training-split text."""
-    candidates = candidate_shapes(model, cfg.prune, _target(cfg, before))
-    return choose_shape(model, candidates, training_chunks(cfg, tokenizer), cfg.prune, progress)
+    return choose_shape(model, sizing.candidates, training_chunks(cfg, tokenizer), cfg.prune, progress)
 
 
 def _by_original_layer(pruned: dict, plan: dict, dense: dict) -> dict:

@@ -12,16 +12,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..allocation import parse_target
 from ..arch import ArchAdapter, get_adapter
 from ..checkpoint import load_config as load_model_config
-from ..checkpoint import load_model, load_tokenizer, resolve_model_path
+from ..checkpoint import load_model, load_tokenizer, meta_model, resolve_model_path
 from ..compat import require_safetensors
-from ..config import ConfigError, RunConfig
-from ..pruning.shape.choice import candidate_shapes, searches
+from ..config import RunConfig
 from ..pruning.shape.target import ModelShape, ShapeWalk, plan_walk
-from ..pruning.step import smallest_reachable
 from ..pruning.surgery import count_parameters
+from .feasibility import size_run
 from .rundir import RunDir
 from .schedule import stage_targets
 
@@ -41,23 +39,23 @@ class Prepared:
 
 
 def preflight(cfg: RunConfig, run_dir: RunDir, resume: bool, dense: nn.Module | None = None) -> Prepared:
-    """Check the run's inputs in order of cost; nothing is written. ``dense``: the model, if already loaded."""
+    """Check the run's inputs in order of cost; nothing is written. ``dense``: the model, if already loaded.
+
+    The target is checked on the meta device (``feasibility``) before the tokenizer or any weights load."""
     run_dir.check(resume)
     model_cfg = cfg.model
     require_safetensors(resolve_model_path(model_cfg.name))
     hf_config = load_model_config(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
     get_adapter(hf_config).check_geometry(hf_config)
+    sizing = size_run(cfg, *(meta_model(hf_config) if dense is None else (dense, None)))
     tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
     if dense is None:
         dense = load_model(model_cfg.name, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
     adapter = get_adapter(dense)
     original = count_parameters(dense)
-    walk = None if searches(cfg.prune) else plan_walk(dense, cfg.prune, adapter)
-    target = walk.final if walk is not None else validated_target(dense, adapter, cfg, original)
-    candidates = candidate_shapes(dense, cfg.prune, target, adapter) if searches(cfg.prune) else None
-    targets = stage_targets(original, target, max(1, round(cfg.prune.step_fraction * original)))
+    targets = stage_targets(original, sizing.target, max(1, round(cfg.prune.step_fraction * original)))
     run_dir.check_disk(checkpoint_bytes(dense))
-    return Prepared(dense, tokenizer, adapter, original, target, targets, walk, candidates)
+    return Prepared(dense, tokenizer, adapter, original, sizing.target, targets, sizing.walk, sizing.candidates)
 
 
 def walk_to_searched(prep: Prepared, prune, searched: ModelShape) -> Prepared:
@@ -65,25 +63,6 @@ def walk_to_searched(prep: Prepared, prune, searched: ModelShape) -> Prepared:
     walk = plan_walk(prep.dense, prune, prep.adapter, searched=searched)
     targets = stage_targets(prep.original, walk.final, max(1, round(prune.step_fraction * prep.original)))
     return dataclasses.replace(prep, walk=walk, target=walk.final, targets=targets)
-
-
-def validated_target(dense: nn.Module, adapter: ArchAdapter, cfg: RunConfig, original: int) -> int:
-    """prune.target_params as a count, between the smallest size the floors allow and the model."""
-    prune = cfg.prune
-    try:
-        target = parse_target(prune.target_params, original)
-    except ValueError as err:
-        raise ConfigError(f"prune.{err}") from None
-    floor = smallest_reachable(dense, adapter, prune)
-    if target < floor:
-    from trainers.distill import resolved_teacher_dtype
-
-        raise ConfigError(
-            f"prune.target_params={prune.target_params!r} ({target:,} parameters) is below the smallest size "
-            f"the floors allow ({floor:,} with prune.min_groups={prune.min_groups}, "
-            f"prune.min_neurons={prune.min_neurons}); choose a target >= {floor:,} or lower the floors"
-        )
-    return target
 
 
 def checkpoint_bytes(model: nn.Module) -> int:
@@ -97,6 +76,8 @@ def load_teacher(cfg: RunConfig, device) -> nn.Module | None:
 
     if not get_trainer(cfg.train.trainer).needs_teacher:
         return None
+    from trainers.distill import resolved_teacher_dtype
+
     m = cfg.model
     dtype = resolved_teacher_dtype(cfg.train.distill.teacher_dtype, m.dtype, device)
     teacher = load_model(m.name, dtype=dtype, trust_remote_code=m.trust_remote_code)

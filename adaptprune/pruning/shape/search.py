@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ...allocation import InfeasibleTargetError
 from ...allocation.records import DepthRecord, HiddenRecord, Plan
 from ...allocation.shape import HIDDEN, LAYERS, ShapeCandidate, ShapeCosts, grid_candidates
 from ...arch import ArchAdapter
@@ -254,7 +255,9 @@ def search_shape(
         bar = tqdm(candidates, desc=f"{label} shape candidates".strip(), disable=not progress, unit="shape")
         losses = [candidate_loss(model, c, calib, sequences, cfg, adapter, plan_units) for c in bar]
         if all(math.isinf(loss) for loss in losses):
-            raise ValueError(f"no (layers, hidden) candidate leaves units that can remove the rest of {remove:,}")
+            raise InfeasibleTargetError(
+                f"no (layers, hidden) candidate leaves units that can remove the rest of {remove:,}"
+            )
     best = min(range(len(candidates)), key=lambda i: (losses[i] if losses[i] is not None else 0.0, i))
     chosen = candidates[_same_choice_on_every_rank(best)]
     before = (costs.layers, costs.hidden)
