@@ -234,3 +234,14 @@ def test_bf16_autocast_trains_with_fp32_master_weights(fresh_accelerate_state):
     with trainer.accelerator.autocast():
         logits = trainer.model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits
     assert trainer.accelerator.mixed_precision == "bf16" and logits.dtype == torch.float32  # upcast by the wrapper
+
+
+def test_adamw_has_no_model_sized_step_temporary():
+    """Fused on CUDA (updates in place), the single-tensor loop elsewhere; never foreach's all-at-once sqrt(v̂)."""
+    from trainers.base import adamw_for
+
+    model = tiny_llama()
+    cpu = adamw_for(model, train_cfg().optim, "cpu")
+    assert cpu.defaults["foreach"] is False and not cpu.defaults["fused"]
+    cuda = adamw_for(model, train_cfg().optim, "cuda")
+    assert cuda.defaults["fused"] is True and not cuda.defaults["foreach"]

@@ -82,8 +82,13 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1))
 
 
-def adamw_for(model: nn.Module, config: OptimArgs) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices decay, 1-D tensors (norms, biases) do not."""
+def adamw_for(model: nn.Module, config: OptimArgs, device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, 1-D tensors (norms, biases) do not.
+
+    On CUDA the fused kernel updates each parameter in place: torch's default there, the foreach
+    implementation, allocates sqrt(v̂) for every parameter at once (a model-sized temporary, 11.5 GiB for a
+    3B fp32 model). Elsewhere the single-tensor loop (``foreach=False``): one parameter's temporaries at a time.
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
@@ -95,7 +100,8 @@ def adamw_for(model: nn.Module, config: OptimArgs) -> torch.optim.AdamW:
     ]
     # lr is set before every step from lr_at(global_step); 0 here so nothing steps unscheduled.
     betas = (config.beta1, config.beta2)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=betas, eps=config.eps)
+    kernel = {"fused": True} if device_type == "cuda" else {"foreach": False}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0, betas=betas, eps=config.eps, **kernel)
 
 
 def forget_prepared(accelerator: Accelerator, model: nn.Module) -> nn.Module:
@@ -181,7 +187,7 @@ class Trainer:
             # Surgery builds new modules, so the flag is set again on every (re-)prepare.
             enable_activation_checkpointing(model)
         module = self.wrap_for_training(model)
-        optimizer = adamw_for(module, self.config.optim)
+        optimizer = adamw_for(module, self.config.optim, self.accelerator.device.type)
         if self._held_state is not None:
             # Before prepare: AcceleratedOptimizer re-loads the state onto the device itself. Width or
             # depth surgery renames and slices whole-model names; unit surgery alone slices by layer.
