@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 
 def option(default: Any, help: str, **checks: Any) -> Any:
     """A config field with its help text and checks (``min``/``ge``/``gt``/``le``/``lt``, ``pattern``,
-    ``choices``: a callable returning the allowed names, e.g. a registry's keys)."""
+    ``choices``: a callable returning the allowed names, e.g. a registry's keys; ``listable``: a
+    comma-separated string that may also be written as a YAML list)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **checks})
     return field(default=default, metadata={"help": help, **checks})
@@ -87,6 +88,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; allowed: {', '.join(fields)}"
+            hint = _colon_hint(key) or hint
             raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")  # repr: one line, whatever the key
     values = {}
     for name, f in fields.items():
@@ -137,7 +139,9 @@ def _check_value(name: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
         if not math.isfinite(value):
             raise ConfigError(f"{name}={value!r} must be a finite number")
     elif hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if meta.get("listable") and isinstance(value, list) and all(_scalar(v) for v in value):
+            value = ", ".join(str(v) for v in value)  # [30x576x2, 26x576x3] means "30x576x2, 26x576x3"
+        if not _scalar(value):
             raise ConfigError(f"{name}={value!r} must be a string")
         value = str(value)
         if meta.get("pattern") == "target":
@@ -148,11 +152,26 @@ def _check_value(name: str, value: Any, hint: Any, meta: typing.Mapping) -> Any:
     return value
 
 
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _colon_hint(key: Any) -> str:
+    """For a YAML flow-mapping key like 'layers:40' (no space after the colon: one key, no value)."""
+    if isinstance(key, str) and ":" in key:
+        name, _, value = key.partition(":")
+        return f" (YAML needs a space after the colon: write {{{name.strip()}: {value.strip()}}})"
+    return ""
+
+
 def _check_shape(name: str, value: Any) -> str | dict:
     """A model name / config.json path, or a mapping of dimension -> positive int (checked against the model later)."""
     if isinstance(value, dict):
-        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items()):
-            raise ConfigError(f"{name}={value!r} must map dimension names to integers")
+        bad = [
+            k for k, v in value.items() if not (isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool))
+        ]
+        if bad:
+            raise ConfigError(f"{name}={value!r} must map dimension names to integers{_colon_hint(bad[0])}")
         return value
     if isinstance(value, str) and value.strip():
         return value

@@ -90,7 +90,8 @@ class PruneConfig:
     shape_candidates: str = _f(
         "",
         "target_shape=search: comma-separated LAYERSxHIDDENxKV_GROUPS to probe, MLP width solved to the target "
-        "(e.g. '30x576x2, 26x576x2'); '' = the source's sizes and one step down in each (8 shapes)",
+        "(e.g. '30x576x2, 26x576x2' or a YAML list); '' = the source's sizes and one step down in each (8 shapes)",
+        listable=True,
     )
     search_tokens: int = _f(
         16384, "target_shape=search: training-split tokens each candidate is scored on (besides its calibration)", min=1
@@ -178,11 +179,13 @@ class PruneConfig:
         "dims with layers: comma-separated candidate fractions of a step's removal that may go to whole layers "
         "(the least important ones that fit); every (layer, hidden) pair of the grids is tried on a copy and the "
         "lowest calibration loss wins",
+        listable=True,
     )
     hidden_grid: str = _f(
         "0, 0.25, 0.5",
         "dims with hidden: comma-separated candidate fractions of a step's removal that may go to residual channels "
         "(the lowest Minitron scores), out of what the layers left",
+        listable=True,
     )
     layer_score: Literal["influence", "loss"] = _f(
         "influence",
