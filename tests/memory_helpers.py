@@ -24,6 +24,19 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self._seen: set[int] = set()
 
+    def track(self, tensors) -> None:
+        """Count tensors that exist already as live (their frees then lower ``live``)."""
+        for tensor in tensors:
+            self._add(tensor)
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if id(storage) not in self._seen:
+            self._seen.add(id(storage))
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._freed, id(storage), storage.nbytes())
+            self.peak = max(self.peak, self.live)
+
     def _freed(self, key: int, nbytes: int) -> None:
         self.live -= nbytes
         self._seen.discard(key)
@@ -32,12 +45,7 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
-                storage = tensor.untyped_storage()
-                if id(storage) not in self._seen:
-                    self._seen.add(id(storage))
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._freed, id(storage), storage.nbytes())
-                    self.peak = max(self.peak, self.live)
+                self._add(tensor)
         return out
 
 

@@ -11,6 +11,7 @@ from trainers import FullTrainer, load_optimizer_state, save_optimizer_state
 from trainers.optim_state import surgery_cuts
 
 from .conftest import tiny_llama
+from .memory_helpers import LiveBytes
 from .trainer_utils import constant_lr, cpu_accelerator, half_plan, toy_batches, train_cfg
 
 
@@ -134,3 +135,31 @@ def test_resume_from_saved_state_continues_identically(tmp_path):
         trainer.unwrapped_model().named_parameters(), resumed.unwrapped_model().parameters(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_surgery_in_place_frees_the_old_moments_one_parameter_at_a_time():
+    """Carrying the state through a surgery holds the old moments plus one parameter's slice at most, never the
+    old and the new state side by side (the by-name state is consumed as the new one is placed)."""
+    from trainers.base import adamw_for
+    from trainers.optim_state import carry_optimizer_state
+
+    peaks = {}
+    for consume in (True, False):
+        trainer = _trained(num_heads=6, num_kv_heads=2)
+        plain = trainer.before_surgery()  # keeps the state by name and drops the optimizer
+        held, trainer._held_state = trainer._held_state, None  # ``held``: the only reference left
+        records = apply_plan(plain, half_plan(plain))
+        optimizer = adamw_for(plain, TrainConfig().optim)
+        tensors = [v for entries in held.values() for v in entries.values() if torch.is_tensor(v)]
+        old_bytes = sum(t.untyped_storage().nbytes() for t in tensors)
+        largest = max(sum(t.nbytes for t in entries.values()) for entries in held.values())
+        mode = LiveBytes()
+        mode.track(tensors)
+        del tensors
+        with mode:
+            carry_optimizer_state(held, records, optimizer, plain, consume=consume)
+        new_bytes = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        peaks[consume] = (mode.peak, old_bytes, new_bytes, largest)
+    peak, old_bytes, new_bytes, largest = peaks[True]
+    assert peak <= old_bytes + largest < old_bytes + new_bytes
+    assert peaks[False][0] >= old_bytes + new_bytes - largest  # without consuming: both states at once

@@ -193,7 +193,8 @@ class Trainer:
             # depth surgery renames and slices whole-model names; unit surgery alone slices by layer.
             reshaped = any(isinstance(r, (HiddenRecord, DepthRecord)) for r in records)
             carry = carry_reshaped_optimizer_state if reshaped else carry_optimizer_state
-            self.last_carry = carry(self._held_state, records, optimizer, module)
+            # consume: each old moment is freed as its slice is placed (in place: old state + one parameter)
+            self.last_carry = carry(self._held_state, records, optimizer, module, consume=True)
             self._held_state = None
         if not is_sharded(self.accelerator):
             return self.accelerator.prepare(module, optimizer)

@@ -119,12 +119,15 @@ def carry_optimizer_state(
     new_optimizer: torch.optim.Optimizer,
     model: nn.Module,
     adapter: ArchAdapter | None = None,
+    consume: bool = False,
 ) -> CarryReport:
     """Fill ``new_optimizer``'s state for ``model``'s parameters from the pre-surgery state.
 
     Parameters cut by surgery get their state sliced like their weights; untouched ones get
     it copied; parameters without old state (a bias added for compensation) start fresh.
-    With ``records=()`` this is a plain by-name load (resume from a checkpoint).
+    With ``records=()`` this is a plain by-name load (resume from a checkpoint). ``consume``: pop each entry
+    of ``old_state_by_name`` (a dict) once its slice is placed, so the old moments are freed one parameter at
+    a time (surgery in place: the old state plus one parameter's slice at the peak, never both states).
     """
     cuts = surgery_cuts(records, model, adapter) if records else {}
     groups = {id(p): g for g in new_optimizer.param_groups for p in g["params"]}
@@ -134,7 +137,7 @@ def carry_optimizer_state(
         names.add(name)
         if id(param) not in groups:
             continue  # frozen: the optimizer does not hold it
-        old = old_state_by_name.get(name)
+        old = old_state_by_name.pop(name, None) if consume else old_state_by_name.get(name)
         if not old:
             report.fresh.append(name)
             continue
@@ -142,4 +145,6 @@ def carry_optimizer_state(
         new_optimizer.state[param] = _place(state, param, groups[id(param)], name)
         (report.sliced if name in cuts else report.copied).append(name)
     report.unmatched = sorted(set(old_state_by_name) - names)
+    if consume:
+        old_state_by_name.clear()  # unmatched entries too: nothing of the old state outlives the carry
     return report

@@ -41,13 +41,16 @@ def _kept_cuts(record: KeptRecord, prefix: str) -> dict[str, list[tuple[int, tor
 
 
 def reshape_state(
-    state: Mapping[str, Mapping[str, torch.Tensor]], records: Sequence[Record], prefix: str
+    state: Mapping[str, Mapping[str, torch.Tensor]], records: Sequence[Record], prefix: str, consume: bool = False
 ) -> tuple[StateByName, set[str]]:
     """Apply ``records`` in order to a by-name state; returns (new state, names whose tensors changed).
 
     ``prefix`` is the decoder-layer list's path (``adapter.layers_path``), needed by ``KeptRecord``.
+    ``consume``: empty ``state`` (a dict) first, so each tensor is freed as soon as its slice replaces it.
     """
     out: StateByName = {name: dict(entries) for name, entries in state.items()}
+    if consume:
+        state.clear()
     touched: set[str] = set()
     for record in records:
         if isinstance(record, DepthRecord):
@@ -74,15 +77,17 @@ def carry_reshaped_optimizer_state(
     new_optimizer: torch.optim.Optimizer,
     model: nn.Module,
     adapter: ArchAdapter | None = None,
+    consume: bool = False,
 ) -> CarryReport:
-    """Fill ``new_optimizer``'s state for the reshaped ``model`` from the pre-surgery state.
+    """Fill ``new_optimizer``'s state for the reshaped ``model`` from the pre-surgery state (``consume``: as in
+    ``carry_optimizer_state``, the old state is freed one parameter at a time).
 
     Parameters sliced by a record are reported ``sliced``, the others present ``copied``, those
     without state ``fresh``; state of removed layers is dropped, never ``unmatched``.
     """
     adapter = adapter or get_adapter(model)
-    state, touched = reshape_state(old_state_by_name, records, adapter.layers_path)
-    report = carry_optimizer_state(state, (), new_optimizer, model, adapter)
+    state, touched = reshape_state(old_state_by_name, records, adapter.layers_path, consume)
+    report = carry_optimizer_state(state, (), new_optimizer, model, adapter, consume)
     report.sliced = [n for n in report.copied if n in touched]
     report.copied = [n for n in report.copied if n not in touched]
     return report
