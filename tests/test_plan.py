@@ -275,3 +275,41 @@ def test_the_search_row_of_the_plan_bounds_what_a_real_search_holds(capsys, monk
     assert len(report.shape.candidates) > 1 and len(extras) == len(report.shape.candidates)
     (figure,) = figures
     assert 0 < max(extras) <= figure < 4 * count_parameters(load_model(cfg.model.name))  # not a copy of the model
+
+
+@pytest.mark.parametrize("target, copies", [("self", 1), ("dense", 2)])
+def test_a_sequential_pass_holds_one_projection_s_sigma_at_the_3b_recipe(capsys, target, copies):
+    recipe = str(ROOT / "configs" / "llama-3.2-3b-to-1b.yaml")
+    overrides = ["prune.compensation=least_squares", "prune.calibration=sequential", f"prune.rebuild_target={target}"]
+    plan = _plan_json(capsys, "--config", recipe, *overrides)
+    calib_tokens = load_config(recipe, overrides).data.calib_tokens
+    for mode in plan["memory"].values():
+        for entry in mode.values():
+            assert entry["covariance"] == copies * 8 * 8192**2  # the widest input (down, 8,192) alone
+            assert entry["covariance"] <= 2**30  # the issue's goal: the Σ row within 1 GiB
+            assert entry["sequential"] >= copies * calib_tokens * 3072 * 4  # the cached stream(s), fp32
+
+
+@pytest.mark.parametrize("target", ["self", "dense"])
+def test_the_plan_s_sequential_rows_bound_what_a_real_sequential_pass_holds(target):
+    """Measured with torch's CPU profiler on a model whose weights dwarf its activations: a sequential pass's
+    extra peak over a plain forward holds one projection's Σ (it is more than that) and stays within plan's
+    "calibration Σ" plus "sequential pass streams" rows."""
+    from adaptprune.arch import MLP, get_adapter
+    from adaptprune.checkpoint import to_heterogeneous
+    from adaptprune.importance.residual import calibration_loss
+    from adaptprune.plan.core import covariance_bytes, sequential_bytes
+    from adaptprune.pruning.sequential import sequential_rebuild
+    from tests.family_table import hf_model
+    from tests.test_shape_trial import _peak_bytes
+
+    model = to_heterogeneous(hf_model("llama", intermediate_size=768, hidden_size=256, vocab_size=16384)).eval()
+    adapter = get_adapter(model)
+    sequences = torch.randint(3, 16384, (4, 16), generator=torch.Generator().manual_seed(3))
+    overrides = ["prune.calibration=sequential", f"prune.rebuild_target={target}", "data.calib_tokens=64"]
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["prune.compensation=least_squares", *overrides])
+    figure = covariance_bytes(cfg, model, adapter) + sequential_bytes(cfg, model, adapter, 4)
+    plan = {layer: {MLP: list(range(0, 768, 2))} for layer in range(3)}
+    forward = _peak_bytes(lambda: calibration_loss(model, sequences))
+    held = _peak_bytes(lambda: sequential_rebuild(model, plan, sequences, "least_squares", 0.1, adapter, target, False))
+    assert 8 * 768**2 < held - forward <= figure

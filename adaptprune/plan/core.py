@@ -21,9 +21,9 @@ from ..pruning.shape.target import ShapeWalk, plan_walk
 from ..pruning.shape.trial import trial_bytes
 from ..pruning.surgery import count_parameters
 from ..run.feasibility import validated_target
-from ..run.schedule import split_budget, stage_targets
+from ..run.schedule import split_budget, stage_targets, tokens_per_step
 from . import memory
-from .model import fsdp_gathered_params, layer_geometry, lora_params, uniform_sizes
+from .model import fsdp_gathered_params, largest_layer_params, layer_geometry, lora_params, uniform_sizes
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,11 @@ def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
     walk = None if searching else plan_walk(model, cfg.prune, adapter)
     target = walk.final if walk is not None else validated_target(model, adapter, cfg, original)
     targets = stage_targets(original, target, max(1, round(cfg.prune.step_fraction * original)))
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * options.gpus
+    per_step = tokens_per_step(cfg, options.gpus)
     stage_steps, recovery_steps = split_budget(
-        cfg.schedule.train_tokens // tokens_per_step, len(targets), cfg.schedule.split, cfg.schedule.recovery_fraction
+        cfg.schedule.train_tokens // per_step, len(targets), cfg.schedule.split, cfg.schedule.recovery_fraction
     )
-    stages = stage_rows(targets, [*stage_steps, recovery_steps], tokens_per_step, original, cfg, options)
+    stages = stage_rows(targets, [*stage_steps, recovery_steps], per_step, original, cfg, options)
     layers, uniform_params = units_only_sizes(model, adapter, cfg.prune, target)
     return RunPlan(
         model=cfg.model.name,
@@ -94,7 +94,7 @@ def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
         family=adapter.family,
         original_params=original,
         target_params=target,
-        tokens_per_step=tokens_per_step,
+        tokens_per_step=per_step,
         stages=stages,
         uniform_layers=layers,
         uniform_params=uniform_params,
@@ -187,18 +187,23 @@ def memory_table(
     adapters = lora_params(model, adapter, cfg.train.lora) if lora else 0
     carries = not lora and cfg.train.optim.after_surgery == "carry"
     teacher = count_parameters(model) if _needs_teacher(cfg) else 0
-    gathered = fsdp_gathered_params(model, adapter)
+    teacher_bytes = teacher_weight_bytes(cfg)
+    gathered, layer = fsdp_gathered_params(model, adapter), largest_layer_params(model, adapter)
     dense_bytes = count_parameters(model) * precision.weight_bytes
     stages = []
     for i, params in enumerate(trained):
         before = trained[i - 1] if 0 < i < len(trained) - 1 else 0  # the recovery phase has no surgery
-        stages.append(memory.StageSizes(params, adapters or params, before, carries, teacher, gathered))
+        stages.append(
+            memory.StageSizes(params, adapters or params, before, carries, teacher, gathered, teacher_bytes, layer)
+        )
     table: dict = {}
     for mode in ["single"] if options.gpus == 1 else ["ddp", "fsdp"]:
         table[mode] = {}
         for ckpt in (False, True):
             tokens = cfg.train.batch_size * cfg.data.seq_len
-            act = memory.activation_bytes(tokens, layers, geometry, vocab, precision, ckpt, _needs_teacher(cfg))
+            act = memory.activation_bytes(
+                tokens, layers, geometry, vocab, precision, ckpt, _needs_teacher(cfg), cfg.train.loss_chunk_tokens
+            )
             prints = [memory.footprint(sizes, act, precision, mode, options.gpus) for sizes in stages]
             worst = max(range(len(prints)), key=lambda i: prints[i].peak)
             entry = {"stage": worst + 1, **prints[worst].as_dict()}
@@ -215,6 +220,12 @@ def memory_table(
             entry["fits"] = memory.fits(entry["peak"], options.gpu_memory_gib)
             table[mode]["checkpointing" if ckpt else "no_checkpointing"] = entry
     return table
+
+
+def teacher_weight_bytes(cfg: RunConfig) -> int:
+    """Bytes per teacher weight: ``train.distill.teacher_dtype``, ``auto`` planned as bf16 (GPUs compute it)."""
+    setting = cfg.train.distill.teacher_dtype
+    return memory.DTYPE_BYTES["bfloat16" if setting == "auto" else setting]
 
 
 def search_trial_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -> int:
@@ -247,25 +258,32 @@ def covariance_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -> 
 
 def sequential_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, weight_bytes: int) -> int:
     """What a sequential pass holds beside Σ: the cached stream of the calibration tokens (two with the dense
-    target), and with the dense target one decoder layer as it was before the step."""
+    target, and then one decoder layer as it was before the step) and one projection's solve temporaries
+    (float64: its weight, Δ, the right-hand side and the removed columns, 4 × out × C, and the C×C blocks it
+    copies, one for self and three for dense: C̃_KK, C_xK and the rebuilt C̃_KK)."""
     if not cfg.prune.sequential:
         return 0
-    streams = 2 if _rebuilds_towards_dense(cfg.prune) else 1
-    held = streams * cfg.data.calib_tokens * model.config.hidden_size * weight_bytes
-    if streams == 2:
+    dense = _rebuilds_towards_dense(cfg.prune)
+    held = (2 if dense else 1) * cfg.data.calib_tokens * model.config.hidden_size * weight_bytes
+    if dense:
         held += max(count_parameters(layer) for layer in adapter.decoder_layers(model)) * weight_bytes
-    return held
+    squares = 3 if dense else 1
+    projections = [layer.get_submodule(p) for layer in adapter.decoder_layers(model) for p in _outputs(adapter)]
+    solve = max(8 * (4 * p.out_features * p.in_features + squares * p.in_features**2) for p in projections)
+    return held + solve
 
 
 def _rebuilds_towards_dense(prune) -> bool:
     return prune.rebuild_target == "dense" and prune.compensation == "least_squares"
 
 
+def _outputs(adapter: ArchAdapter) -> tuple[str, str]:
+    return (adapter.mlp_output, adapter.attention_output)
+
+
 def _output_widths(model: nn.Module, adapter: ArchAdapter) -> list[int]:
     return [
-        layer.get_submodule(path).in_features
-        for layer in adapter.decoder_layers(model)
-        for path in (adapter.mlp_output, adapter.attention_output)
+        layer.get_submodule(path).in_features for layer in adapter.decoder_layers(model) for path in _outputs(adapter)
     ]
 
 
