@@ -132,6 +132,20 @@ def embedded_model_dir(name: str) -> Path:
     return target
 
 
+def embedded_gguf_file(name: str, folder: Path) -> Path:
+    """An embedded model's original GGUF file (e.g. its tokenizer for ``adaptprune export
+    --tokenizer-gguf``): the packaged file, or its parts concatenated into ``folder`` once."""
+    asset = EMBEDDED_MODELS[name.lower()]
+    if not asset.parts:
+        return _packaged_file(asset.package, asset.pip_name, asset.filename)
+    target = Path(folder) / asset.filename
+    if not target.exists():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            os.replace(_assemble_parts(asset, Path(tmp)), target)
+    return target
+
+
 def _packaged_file(package: str, pip_name: str, relative: str) -> Path:
     path = package_dir(package, pip_name) / relative
     if not path.exists():

@@ -37,7 +37,7 @@ EXPECTED = {
 
 
 def pruned(model_type: str, removed: dict, **overrides):
-    model = to_heterogeneous(hf_model(model_type, vocab_size=VOCAB, **overrides)).eval()
+    model = to_heterogeneous(hf_model(model_type, **{"vocab_size": VOCAB, **overrides})).eval()
     apply_plan(model, keep_plan(model, removed))
     return model
 
