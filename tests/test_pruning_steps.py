@@ -10,16 +10,9 @@ import torch
 
 from adaptprune.allocation import allocator_from_json
 from adaptprune.arch import ATTENTION, MLP, get_adapter
+from adaptprune.calibration.text import fresh_windows, random_windows, taylor_rows
 from adaptprune.config import ConfigError, PruneConfig
-from adaptprune.pruning.step import (
-    build_allocator,
-    fresh_windows,
-    inner_targets,
-    layer_budgets,
-    prune_step,
-    random_windows,
-    taylor_rows,
-)
+from adaptprune.pruning.step import build_allocator, inner_targets, layer_budgets, prune_step
 from adaptprune.pruning.surgery import count_parameters
 
 from .conftest import tiny_llama

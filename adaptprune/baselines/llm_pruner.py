@@ -52,8 +52,8 @@ from tqdm.auto import tqdm
 from ..allocation import LayerBudget, apportion, solve_layer_targets
 from ..allocation.records import KeptRecord
 from ..arch import ATTENTION, MLP, ArchAdapter, Coupling, get_adapter
+from ..calibration.text import random_windows
 from ..config import LoraArgs, TrainConfig
-from ..pruning.step import random_windows
 from ..pruning.surgery import apply_plan, count_parameters
 
 IMPORTANCE_MODES = ("element_first", "element_second", "vectorwise")
@@ -64,7 +64,7 @@ PAPER_SEED = 42  # hf_prune.py's --seed default (the original draws its samples 
 
 def llm_pruner_calibration(train_stream: Tensor, seed: int = PAPER_SEED) -> Tensor:
     """LLM-Pruner's calibration set from a token stream: ``CALIB_SAMPLES`` × ``CALIB_TOKENS`` windows
-    at seeded random, non-overlapping offsets (``pruning.random_windows``), (10, 64) LongTensor."""
+    at seeded random, non-overlapping offsets (``calibration.text.random_windows``), (10, 64) LongTensor."""
     return random_windows(train_stream, CALIB_SAMPLES, CALIB_TOKENS, seed)
 
 

@@ -5,22 +5,21 @@ math lives in ``importance``, ``allocation`` and ``compensation``; this module o
 model through the adapter and times each phase.
 
 A stage may be split into inner steps when the allocator asks for it (``accumulating``:
-Adapt-Pruner's ~2% steps, each on fresh calibration text, re-scored and re-allocated). The
-calibration text is a tensor (reused by every inner step), a sequence of tensors (one per inner
-step) or a callable returning fresh sequences on every call (e.g. ``fresh_windows``, or a
-controller's calibration source's ``next``).
+Adapt-Pruner's ~2% steps, each on fresh calibration text, re-scored and re-allocated); the text
+each reads comes from ``calibration.text.next_sequences``. With ``prune.calibration: sequential``
+the removal then walks the layers in order (``sequential``), each rebuilt on the inputs the pruned
+layers before it give it.
 
 With ``hidden`` or ``layers`` in ``prune.dims`` a step first removes whole layers and residual
-channels, chosen among a small grid by calibration loss (``shape_search``), and the units then fill
+channels, chosen among a small grid by calibration loss (``shape.search``), and the units then fill
 the exact remainder; unit kinds missing from ``prune.dims`` are never removed (``unit_floors``).
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,7 @@ from ..allocation import Allocator, LayerBudget, get_allocator, removable_params
 from ..allocation.records import DepthRecord, HiddenRecord, KeptRecord, Plan
 from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
 from ..calibration.activations import CalibrationResult, calibrate
+from ..calibration.text import Calibration, next_sequences, taylor_rows
 from ..config import PruneConfig
 from ..importance import get_metric
 from .compensation import apply_compensated_plan
@@ -38,7 +38,6 @@ from .sequential import sequential_rebuild
 from .shape.search import ShapeStep, UnitPlanner, layer_compensation_applies, search_shape
 from .surgery import count_parameters, ensure_output_biases
 
-Calibration = Tensor | Sequence[Tensor] | Callable[[], Tensor]
 Record = KeptRecord | HiddenRecord | DepthRecord  # what surgery returns, in the order it was applied
 KEEP_ALL = 2**62  # a floor no layer reaches: ``layer_budgets`` keeps every unit of a kind not in prune.dims
 
@@ -119,53 +118,6 @@ def smallest_reachable(model: nn.Module, adapter: ArchAdapter, prune: PruneConfi
 
 TAYLOR_MINI_BATCHES = 2  # backward passes of the ``taylor`` metric (|Σ w·g|) on the calibration text
 TAYLOR_BATCH = 16  # sequences per backward of ``taylor_param_first`` (upstream hf_prune.py's --batch_size)
-
-
-# ---- calibration text ---------------------------------------------------------------------
-def random_windows(stream: Tensor, num: int, seq_len: int, seed: int) -> Tensor:
-    """``num`` non-overlapping windows of ``seq_len`` tokens at seeded random offsets of a 1-D stream.
-
-    Upstream samplers (LLM-Pruner's and Adapt-Pruner's ``get_examples``) draw distinct random
-    documents and a random window in each; a packed stream has no documents, so the gaps between
-    windows are random instead: the n − num·seq_len free tokens are cut at ``num`` sorted uniform
-    points. (num, seq_len) in stream order, reproducible from ``seed``.
-    """
-    free = stream.numel() - num * seq_len
-    if num < 1 or seq_len < 1 or free < 0:
-        raise ValueError(f"cannot cut {num} windows of {seq_len} tokens from a stream of {stream.numel():,} tokens")
-    generator = torch.Generator().manual_seed(seed)
-    cuts = torch.sort(torch.randint(0, free + 1, (num,), generator=generator)).values
-    starts = cuts + torch.arange(num) * seq_len  # (num,)
-    return stream[starts[:, None] + torch.arange(seq_len)[None, :]]
-
-
-def fresh_windows(stream: Tensor, num: int, seq_len: int, seed: int) -> Callable[[], Tensor]:
-    """A calibration source for ``prune_step``: call j draws ``random_windows`` with seed ``seed + j``."""
-    calls = itertools.count()
-    return lambda: random_windows(stream, num, seq_len, seed + next(calls))
-
-
-def next_sequences(calibration: Calibration, step: int) -> Tensor:
-    """Inner step ``step``'s text: a tensor is reused, a sequence indexed, a callable called (fresh)."""
-    if isinstance(calibration, Tensor):
-        return calibration
-    if callable(calibration):
-        return calibration()
-    if step >= len(calibration):
-        raise ValueError(f"inner step {step + 1} needs calibration text; only {len(calibration)} batches were given")
-    return calibration[step]
-
-
-def taylor_rows(sequences: Tensor, samples: int, seq_len: int) -> Tensor:
-    """(samples, seq_len) Taylor sequences: each calibration row cut into whole windows, the first kept."""
-    rows = sequences[:, : (sequences.shape[1] // seq_len) * seq_len].reshape(-1, seq_len)
-    if rows.shape[0] < samples:
-        raise ValueError(
-            f"the Taylor pass needs {samples} x {seq_len} = {samples * seq_len:,} calibration tokens per pruning step "
-            f"(prune.taylor_samples x prune.taylor_seq_len); the calibration text holds {rows.shape[0]} windows of "
-            f"{seq_len} in {tuple(sequences.shape)}: raise data.calib_tokens or lower prune.taylor_samples"
-        )
-    return rows[:samples]
 
 
 def inner_targets(start: int, target: int, steps: int) -> list[int]:

@@ -31,16 +31,15 @@ from ...allocation import normalised_influence, solve_layer_targets
 from ...allocation.records import KeptRecord, Plan
 from ...allocation.shape import ShapeCandidate
 from ...arch import ATTENTION, MLP, ArchAdapter, get_adapter
+from ...calibration.text import Calibration, next_sequences
 from ...config import PruneConfig
 from ..profiling import Profile
 from ..step import (
-    Calibration,
     StepReport,
     _same_plan_on_every_rank,
     calibrate_for,
     compose_records,
     layer_budgets,
-    next_sequences,
     prune_step,
     remove_units,
     score_units,
