@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 from budget_report import write_report
-from measured import ADAPTIVE, PROBED_60
+from measured import ADAPTIVE, PARALLEL, PROBED_60
 
 from adaptprune.checkpoint import load_model, load_tokenizer
 from adaptprune.config import RunConfig, load_config, to_dict
@@ -62,6 +62,7 @@ DISTILL = ("train.trainer=distill", "train.distill.kd_weight=1.0")  # KL to the 
 MIX = ("train.trainer=distill", "train.distill.kd_weight=0.5")  # half KL, half LM loss
 LEAST_SQUARES = ("prune.compensation=least_squares", "prune.ls_ridge=0.1")  # docs/compensation.md's best λ
 ACCUMULATING = ("prune.allocation=accumulating",)
+SEQUENTIAL = ("prune.calibration=sequential",)
 # Re-scoring half as often: ~5% of each layer per inner step instead of 2% (about half the calibrations).
 COARSE = ("prune.inner_step_fraction=0.05",)
 # Adapt-Pruner as published (the `adapt_pruner` method of `compare`): Taylor on 512 x 64 tokens per inner step,
@@ -205,6 +206,15 @@ SCHEDULES.update(
             "distill",
             DISTILL + SEARCHED + LEAST_SQUARES + ACCUMULATING,
         ),
+        *(  # the default job with each layer rebuilt on the pruned layers' outputs (issue #32)
+            Schedule(
+                f"incremental-distill-ls-accumulating-sequential-{target}",
+                "incremental",
+                "distill",
+                DISTILL + LEAST_SQUARES + ACCUMULATING + SEQUENTIAL + (f"prune.rebuild_target={target}",),
+            )
+            for target in ("self", "dense")
+        ),
     )
 )
 
@@ -301,6 +311,7 @@ def run_overrides(args: argparse.Namespace, target: int, run: Run) -> list[str]:
     untrained = ("schedule.train_tokens=0",) if run.schedule.objective == "none" else ()
     return [
         ADAPTIVE,
+        PARALLEL,
         *base_overrides(args),
         f"prune.target_params={target}",
         *run.schedule.overrides,

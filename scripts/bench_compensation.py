@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import torch
 from budget_report import VERDICT_END, VERDICT_PLACEHOLDER, VERDICT_START, earlier_verdict
-from measured import ADAPTIVE
+from measured import ADAPTIVE, PARALLEL
 
 from adaptprune.arch import get_adapter
 from adaptprune.checkpoint import load_model, load_tokenizer
@@ -57,7 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace):
     quick = ["model.name=tiny-random-llama", "data.seq_len=64", "data.eval_tokens=512", "data.eval_context=128"]
-    overrides = [ADAPTIVE, f"data.calib_tokens={args.calib_tokens}", *(quick if args.quick else []), *args.overrides]
+    overrides = [
+        ADAPTIVE,
+        PARALLEL,
+        f"data.calib_tokens={args.calib_tokens}",
+        *(quick if args.quick else []),
+        *args.overrides,
+    ]
     return load_config(args.config, [*overrides, "output.dir=unused"])
 
 

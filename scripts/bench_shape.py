@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import shape_report
-from measured import ADAPTIVE
+from measured import ADAPTIVE, PARALLEL
 
 from adaptprune.allocation import parse_target
 from adaptprune.arch import get_adapter
@@ -84,6 +84,7 @@ def run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
         args.config,
         [
             ADAPTIVE,
+            PARALLEL,
             f"model.name={args.model}",
             "data.eval_corpora=[kjv]",
             f"data.eval_tokens={args.eval_tokens}",

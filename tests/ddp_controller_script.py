@@ -1,5 +1,6 @@
 """Run by test_controller under ``torchrun --nproc_per_node 2``: the smoke controller on two
-CPU processes (gloo); each rank writes its final weights so the test can compare them."""
+CPU processes (gloo), with any further arguments as config overrides; each rank writes its final
+weights so the test can compare them."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ from adaptprune.config import load_config
 from adaptprune.run.controller import Controller
 
 
-def main(config_path: str, out: str, corpus: str) -> None:
+def main(config_path: str, out: str, corpus: str, *overrides: str) -> None:
     config = load_config(
         config_path,
-        [f"output.dir={out}", f"data.corpus={corpus}", "eval.every_stage=false", "output.tensorboard=false"],
+        [
+            f"output.dir={out}",
+            f"data.corpus={corpus}",
+            "eval.every_stage=false",
+            "output.tensorboard=false",
+            *overrides,
+        ],
     )
     controller = Controller(config)
     controller.run()

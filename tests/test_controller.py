@@ -140,10 +140,10 @@ def test_sigkill_then_resume_keeps_the_accumulated_sparsity_state(tmp_path, toy_
     assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
 
 
-def _two_processes(script: str, out: Path, corpus: Path) -> subprocess.CompletedProcess:
+def _two_processes(script: str, out: Path, corpus: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(ROOT / "tests" / script), str(SMOKE), str(out), str(corpus)]
+    cmd += [str(ROOT / "tests" / script), str(SMOKE), str(out), str(corpus), *overrides]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -162,6 +162,19 @@ def test_two_cpu_processes_end_with_identical_weights(ddp_run):
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert json.loads((ddp_run / "results.json").read_text())["stages"] >= 3
+
+
+def test_two_cpu_processes_rebuilding_layer_by_layer_end_identical(tmp_path, toy_corpus, ddp_run):
+    """The sequential pass towards the layers as they were (``prune.rebuild_target=dense``: a second stream and
+    layer copies) on two processes: identical weights on both ranks, and not those of the default rebuild."""
+    out = tmp_path / "sequential"
+    overrides = ("prune.compensation=least_squares", "prune.calibration=sequential", "prune.rebuild_target=dense")
+    done = _two_processes("ddp_controller_script.py", out, toy_corpus, *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    other = load_file(str(ddp_run / "rank0.safetensors"))
+    assert any(not torch.equal(rank0[k], other[k]) for k in other if rank0[k].shape == other[k].shape)
 
 
 def test_fsdp2_run_prunes_like_the_ddp_run(tmp_path, toy_corpus, ddp_run):
