@@ -34,7 +34,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("adaptprune.export.errors", "ExportError"),
     ("adaptprune.allocation.core", "InfeasibleTargetError"),
 )
-STOPPED = (("adaptprune.run.controller", "TrainingStoppedError"),)  # exit status 3
+STOPPED = (("adaptprune.run.rollback", "TrainingStoppedError"),)  # exit status 3
 
 
 def _is_instance(err: BaseException, classes: tuple[tuple[str, str], ...]) -> bool:

@@ -4,7 +4,6 @@ bad input ends in one ``adaptprune: error:`` line with nothing half-written."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +13,8 @@ import pytest
 import yaml
 
 from adaptprune import cli
-from adaptprune.assets import random_model_dir
 from adaptprune.config import RunConfig, to_dict
+from tests.bad_inputs import BAD_INPUTS, NEW_BAD_INPUTS, expand, make_folders, run_case
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -87,64 +86,21 @@ def test_prune_command_uses_the_yaml_model_and_methods(tmp_path):
 # ---- bad inputs: one line, exit 2, nothing written -------------------------------------------
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("bad")
-    good = random_model_dir("tiny-random-llama")
-    truncated = base / "truncated"
-    shutil.copytree(good, truncated)
-    weights = truncated / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    no_tokenizer = base / "no-tokenizer"
-    shutil.copytree(good, no_tokenizer)
-    for f in no_tokenizer.iterdir():
-        if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
-            f.unlink()
-    (base / "bad.yaml").write_text("prune: [unclosed\n", encoding="utf-8")
-    (base / "empty.txt").write_text("   \n", encoding="utf-8")
-    return {"base": base, "truncated": truncated, "no_tokenizer": no_tokenizer}
+    return make_folders(tmp_path_factory.mktemp("bad"))
 
 
-TINY = ["--model", "tiny-random-llama", "--target-params", "0.9x", "--set", "data.seq_len=64", "data.eval_tokens=128"]
-BAD_INPUTS = {
-    "unknown metric": (["prune", *TINY, "--metric", "nosuch"], ["prune.metric='nosuch'", "choose one of"]),
-    "unknown allocation": (["prune", *TINY, "--allocation", "adaptiv"], ["did you mean 'adaptive'"]),
-    "ratio above 1": (["prune", "--model", "tiny-random-llama", "--target-params", "2x"], ["between 0x and 1x"]),
-    "not a size": (["prune", "--model", "tiny-random-llama", "--target-params", "lots"], ["is not a size"]),
-    "missing config": (["prune", "--config", "{base}/nope.yaml"], ["does not exist"]),
-    "invalid yaml": (["prune", "--config", "{base}/bad.yaml"], ["is not valid YAML"]),
-    "missing model": (["prune", "--model", "{base}/no-such-model", "--target-params", "0.9x"], ["no-such-model"]),
-    "truncated weights": (["prune", "--model", "{truncated}", "--target-params", "0.9x"], ["truncated or corrupt"]),
-    "no tokenizer": (["prune", "--model", "{no_tokenizer}", "--target-params", "0.9x"], ["no usable tokenizer"]),
-    "missing corpus": (["prune", *TINY, "data.corpus={base}/nope.txt"], ["nope.txt"]),
-    "empty corpus": (["prune", *TINY, "data.corpus={base}/empty.txt"], ["empty"]),
-    "unknown task": (["eval", "tiny-random-llama", "--tasks", "ppl,nosuchtask"], ["unknown evaluation task"]),
-    "warmup+decay": (
-        ["train", "--config", str(SMOKE), "schedule.warmup_fraction=0.6", "schedule.decay_fraction=0.5"],
-        ["must be <= 1"],
-    ),
-    "unknown trainer": (["train", "--config", str(SMOKE), "train.trainer=fulll"], ["did you mean 'full'"]),
-    "bad override": (["train", "--config", str(SMOKE), "prune.metric"], ["section.key=value"]),
-    "unknown method": (["compare", "methods=[dense,nosuch]"], ["nosuch", "not known"]),
-    "missing model for inspect": (["inspect", "{base}/no-such-model"], ["no-such-model"]),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("case", [*BAD_INPUTS, *NEW_BAD_INPUTS])
 def test_bad_input_is_one_line_and_writes_nothing(case, folders, tmp_path, capsys):
-    argv, needles = BAD_INPUTS[case]
-    argv = [a.format(**folders) for a in argv]
+    argv, needles = {**BAD_INPUTS, **NEW_BAD_INPUTS}[case]
     out = tmp_path / "out"
-    if argv[0] == "prune":
-        argv += ["--out", str(out)]
-    elif argv[0] in ("train", "compare"):
-        argv += [f"output.dir={out}" if argv[0] == "train" else f"out={out}"]
-    code = cli.main(argv)
+    code = run_case(expand(argv, folders, out))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("adaptprune: error: ") and "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_resume_refuses_a_run_folder_another_process_is_writing(tmp_path, capsys):
@@ -193,3 +149,52 @@ def test_disk_full_while_saving_is_one_line_naming_folder_and_size(tmp_path, mon
     assert code == 2 and last.startswith("adaptprune: error: could not write"), err[-2000:]
     assert "stage-000" in last and "MiB" in last and "--resume" in last
     assert time.time() > 0 and not list((out / "checkpoints").glob("stage-*"))
+
+
+# ---- one override syntax, help read from the config ------------------------------------------
+@pytest.mark.parametrize(
+    "command", [["plan"], ["train"], ["prune", "--out", "o"], ["compare"], ["train_prune.py"]], ids=lambda c: c[0]
+)
+def test_every_config_command_takes_positional_and_set_overrides_alike(command):
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train_prune
+    finally:
+        sys.path.remove(str(ROOT))
+    parse = train_prune.parse_args if command[0] == "train_prune.py" else cli.build_parser().parse_args
+    head = command[1:] if command[0] == "train_prune.py" else command
+    items = ["run.data.seq_len=32", "limit=3"] if command[0] == "compare" else ["data.seq_len=32", "prune.metric=wanda"]
+    positional = parse([*head, *items])
+    with_set = parse([*head, "--set", *items])
+    mixed = parse([*head, items[0], "--set", items[1]])
+    assert cli.overrides_of(positional) == cli.overrides_of(with_set) == cli.overrides_of(mixed) == items
+
+
+def test_help_shows_one_override_form_and_the_config_defaults(capsys):
+    assert cli.main(["prune", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "KEY=VALUE" in text and "--set" not in text
+    assert "(default least_squares;" in text and "(default mean" not in text
+    defaults = RunConfig()
+    for attr, key in cli.PRUNE_FLAGS.items():
+        section, name = key.split(".")
+        if attr != "tokenizer":
+            assert f"default {getattr(getattr(defaults, section), name)}" in text, key
+
+
+def test_top_level_help_has_no_rst_markup(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and "The adaptprune command" in out
+
+
+def test_readme_uses_one_override_form():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "--set " not in readme
+
+
+def test_shape_candidates_and_grids_take_a_yaml_list():
+    from adaptprune.config import load_config
+
+    cfg = load_config(None, ["prune.shape_candidates=[30x576x2, 26x576x3]", "prune.layer_grid=[0, 0.5]"])
+    assert (cfg.prune.shape_candidates, cfg.prune.layer_grid) == ("30x576x2, 26x576x3", "0, 0.5")

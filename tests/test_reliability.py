@@ -150,7 +150,11 @@ def test_entry_points_fail_with_one_line_and_write_nothing(entry_point_runs, cas
         ("prune.target_params=10B", ["target_params '10B'", "10,000,000,000", "must lie between 1 and"]),
         (
             "prune.target_params=1000",
-            ["prune.target_params='1000'", "below the smallest size the floors allow", "prune.min_neurons=8"],
+            [
+                "prune.target_params='1000'",
+                "below the smallest size the floors allow: 83,008",
+                "prune.min_neurons=0 (now 8)",
+            ],
         ),
     ],
 )

@@ -111,7 +111,7 @@ def test_a_run_walks_to_the_searched_shape_and_resume_does_not_search_again(tmp_
     def no_search(*args, **kwargs):
         raise AssertionError("a resumed run searched again")
 
-    monkeypatch.setattr("adaptprune.run.controller.choose_shape", no_search)
+    monkeypatch.setattr("adaptprune.run.searched_shape.choose_shape", no_search)
     last = sorted((tmp_path / "run" / "checkpoints").glob("stage-*"))[-1]
     (last / "state.json").rename(last / "state.moved")  # the last stage is redone on --resume
     (tmp_path / "run" / "checkpoints" / ".lock").unlink(missing_ok=True)

@@ -17,10 +17,26 @@ from .sections import RunConfig
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line with exit status 2, like every other user error."""
+    """argparse whose usage errors are one line with exit status 2, like every other user error.
+
+    Overrides may sit anywhere among the options (``--out x a=1 --model m b=2``): argparse alone takes
+    only the first run of positionals, so the rest are collected here, in the order given.
+    """
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra and isinstance(getattr(parsed, "overrides", None), list) and not any(e.startswith("-") for e in extra):
+            parsed.overrides += extra
+        elif extra:
+            command = getattr(parsed, "command", None)  # the subcommand whose arguments these were
+            where = f" (see {self.prog} {command} --help)" if command else ""
+            self.error(f"unrecognized arguments: {' '.join(extra)}{where}")
+        return parsed
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"adaptprune: error: {message} (see {self.prog} --help)\n")
+        text = " ".join(message.split())  # one line, whatever the arguments held
+        hint = "" if "--help)" in text else f" (see {self.prog} --help)"
+        self.exit(2, f"adaptprune: error: {text}{hint}\n")
 
 
 def add_overrides(parser: argparse.ArgumentParser, example: str = "prune.metric=wanda") -> None:

@@ -232,52 +232,52 @@ class PruneConfig:
                 f"prune.same_ratio=true needs prune.allocation=accumulating (got {self.allocation!r}): only the "
                 "accumulating allocator keeps the per-layer ratio it applies to groups and neurons"
             )
-        self._check_dims()
+        check_dims(self.dims, self.DIMS)
         for name in ("layer_grid", "hidden_grid"):
-            self._fractions(name)
+            fractions(f"prune.{name}", getattr(self, name))
         if "layers" in self.dims and self.allocation == "accumulating" and self.sparsity_scope == "run":
             raise ConfigError(
                 "prune.dims with layers needs prune.sparsity_scope=stage for prune.allocation=accumulating: "
                 "a run-long per-layer state cannot follow layers that are removed"
             )
 
-    def _check_dims(self) -> None:
-        unknown = [d for d in self.dims if d not in self.DIMS]
-        if unknown or not self.dims or len(set(self.dims)) != len(self.dims):
-            what = f"unknown {unknown[0]!r}" if unknown else "empty" if not self.dims else "repeats a dimension"
-            raise ConfigError(f"prune.dims={self.dims!r}: {what}; choose from: {', '.join(self.DIMS)}")
-        if "neurons" not in self.dims and "groups" not in self.dims:
-            raise ConfigError(
-                f"prune.dims={self.dims!r} needs neurons or groups: those units fill each step's exact remainder"
-            )
-
-    def _fractions(self, name: str) -> tuple[float, ...]:
-        """``"0, 0.5, 1"`` -> (0.0, 0.5, 1.0): at least one, each in [0, 1], no repeats."""
-        text = str(getattr(self, name))
-        try:
-            values = tuple(float(t) for t in text.split(",") if t.strip())
-        except ValueError:
-            values = ()
-        if not values or any(not 0.0 <= v <= 1.0 for v in values) or len(set(values)) != len(values):
-            raise ConfigError(
-                f"prune.{name}={text!r} must be comma-separated fractions in [0, 1] without repeats, e.g. '0, 0.5, 1'"
-            )
-        return values
-
     @property
     def layer_fractions(self) -> tuple[float, ...]:
         """``layer_grid`` as numbers (only 0 when ``layers`` is not in ``dims``)."""
-        return self._fractions("layer_grid") if "layers" in self.dims else (0.0,)
+        return fractions("prune.layer_grid", self.layer_grid) if "layers" in self.dims else (0.0,)
 
     @property
     def hidden_fractions(self) -> tuple[float, ...]:
         """``hidden_grid`` as numbers (only 0 when ``hidden`` is not in ``dims``)."""
-        return self._fractions("hidden_grid") if "hidden" in self.dims else (0.0,)
+        return fractions("prune.hidden_grid", self.hidden_grid) if "hidden" in self.dims else (0.0,)
 
     @property
     def reshapes(self) -> bool:
         """Whether a step may change the hidden size or the depth."""
         return "hidden" in self.dims or "layers" in self.dims
+
+
+def check_dims(dims: list[str], allowed: tuple[str, ...]) -> None:
+    """prune.dims: known, non-empty, no repeats, and neurons or groups among them."""
+    unknown = [d for d in dims if d not in allowed]
+    if unknown or not dims or len(set(dims)) != len(dims):
+        what = f"unknown {unknown[0]!r}" if unknown else "empty" if not dims else "repeats a dimension"
+        raise ConfigError(f"prune.dims={dims!r}: {what}; choose from: {', '.join(allowed)}")
+    if "neurons" not in dims and "groups" not in dims:
+        raise ConfigError(f"prune.dims={dims!r} needs neurons or groups: those units fill each step's exact remainder")
+
+
+def fractions(name: str, text: str) -> tuple[float, ...]:
+    """``"0, 0.5, 1"`` -> (0.0, 0.5, 1.0): at least one, each in [0, 1], no repeats; ``ConfigError`` naming ``name``."""
+    try:
+        values = tuple(float(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not 0.0 <= v <= 1.0 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(
+            f"{name}={text!r} must be comma-separated fractions in [0, 1] without repeats, e.g. '0, 0.5, 1'"
+        )
+    return values
 
 
 @dataclass

@@ -18,6 +18,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gguf_quants
 
+from .errors import ExportError
+
 # --dtype of ``adaptprune export``: (tensor type of 2-D weights, general.file_type)
 EXPORT_DTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
@@ -40,7 +42,7 @@ def quant_type(name: str) -> GGMLQuantizationType:
             break
         key = key.rsplit("_", 1)[0]  # drop a mix suffix: _M, _S, _L, _XL
     known = ", ".join(sorted(t.lower() for t in GGMLQuantizationType.__members__))
-    raise ValueError(f"unknown quantization type '{name}'; known: {known}")
+    raise ExportError(f"unknown quantization type '{name}'; known: {known}")
 
 
 def block_size(name: str) -> int:

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import load_model, load_tokenizer
+from ..checkpoint import load_model, load_tokenizer, meta_model, read_model_config, resolve_model_path
+from ..compat import require_safetensors
 from ..config import ConfigError, RunConfig, load_into, option, to_dict
 from ..evaluation.perplexity import perplexity
 from ..pruning.surgery import count_parameters, params_after_removing
+from ..run.feasibility import check_reachable
 from ..run.report import table_head
 from ..run.run_data import heldout_texts, shared_calibration
 from .base import METHODS, MethodContext, get_method
@@ -67,12 +69,10 @@ def load_compare_config(path: str | None, overrides: list[str] | None = None) ->
 # ---- the harness ---------------------------------------------------------------------------
 def run_compare(cfg: CompareConfig) -> list[dict]:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     model_cfg = cfg.run.model
+    target = compare_target(cfg)  # checked before anything is loaded or written
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.name)
-    dense = load_model(model_cfg.name, dtype=model_cfg.dtype)
-    target = params_after_removing(dense, cfg.remove_non_embedding)
-    del dense
     calibration = shared_calibration(cfg.run, tokenizer)  # (N, L), the same for every method
     texts = heldout_texts(cfg.run, tokenizer)
     finished = finished_rows(cfg, target) if cfg.resume else {}
@@ -92,6 +92,20 @@ def run_compare(cfg: CompareConfig) -> list[dict]:
         gc.collect()
     write_outputs(cfg, rows, target, json_rows=_keeping_finished(rows, finished))
     return rows
+
+
+def compare_target(cfg: CompareConfig) -> int:
+    """The count every row lands on, from config.json on the meta device; ``ConfigError`` when adaptprune's
+    floors (``run.prune``) cannot reach it or ``out`` is a file."""
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"out={cfg.out!r} is a file; give a folder for the comparison")
+    require_safetensors(resolve_model_path(cfg.run.model.name))
+    model, adapter = meta_model(read_model_config(cfg.run.model)[0])
+    target = params_after_removing(model, cfg.remove_non_embedding)
+    if any(name.startswith("adaptprune") for name in cfg.methods):
+        what = f"remove_non_embedding={cfg.remove_non_embedding:g}"
+        check_reachable(model, adapter, cfg.run.prune, target, what)
+    return target
 
 
 def _keeping_finished(rows: list[dict], finished: dict[str, dict]) -> list[dict]:

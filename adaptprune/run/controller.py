@@ -30,17 +30,18 @@ from trainers import NonFiniteLossError, get_trainer, load_optimizer_state, save
 
 from ..compat import cpu_has_native_bf16
 from ..config import RunConfig, to_dict
-from ..pruning.shape.choice import SHAPE_CHOICE, ShapeChoice, choose_shape
+from ..pruning.shape.choice import SHAPE_CHOICE
 from .kept_ids import compose_kept_ids, initial_kept_ids
 from .phase_log import PhaseLog
-from .preflight import Prepared, load_teacher, preflight, walk_to_searched
+from .preflight import Prepared, load_teacher, preflight
+from .rollback import roll_back
 from .run_data import RunData, gather_rank_states
 from .rundir import RunDir, RunState
-from .schedule import lr_schedule, split_budget
+from .schedule import lr_schedule, split_budget, tokens_per_step
+from .searched_shape import search_or_restore, walk_to_searched
 from .stage_pruner import StagePruner, default_pruner
 from .stage_record import final_results, flat_scalars, heldout_perplexity, history_row, pruning_scalars
 
-MAX_ROLLBACKS = 3
 CRASH_ENV = "ADAPTPRUNE_CRASH_AT"  # fault injection for the kill-and-resume tests: "<point>:<stage>"
 
 
@@ -52,10 +53,6 @@ def fault_point(point: str, stage: int) -> None:
     """
     if os.environ.get(CRASH_ENV) == f"{point}:{stage}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TrainingStoppedError(RuntimeError):
-    """Training hit a non-finite loss and was told (or ran out of rollbacks) to stop; one line."""
 
 
 def precision_warning(mixed_precision: str, on_cpu: bool, native_bf16: bool) -> str | None:
@@ -131,14 +128,17 @@ class Controller:
     def _setup(self, prep: Prepared, resume: bool) -> Prepared:
         cfg = self.cfg
         self.corpus = RunData(cfg, prep.tokenizer, self.acc.process_index, self.acc.num_processes)
-        self.shape_choice = self._search_shape(prep, resume) if prep.candidates is not None else None
-        if self.shape_choice is not None:
+        self.shape_choice = None
+        if prep.candidates is not None:  # prune.target_shape=search
+            self.shape_choice = search_or_restore(
+                prep, cfg.prune, self.run_dir, self.corpus, self.acc, resume, self.log
+            )
             prep = walk_to_searched(prep, cfg.prune, self.shape_choice.chosen)
         self.tokenizer, self.adapter, self.targets = prep.tokenizer, prep.adapter, prep.targets
         self.original, self.target = prep.original, prep.target
         self.heldout = self.corpus.heldout_texts(cfg.data.eval_tokens) if cfg.eval.every_stage else {}
         self.pruner = self.pruner or default_pruner(cfg.prune, prep.adapter, self.acc.is_main_process, prep.walk)
-        s, steps = cfg.schedule, cfg.schedule.train_tokens // self._tokens_per_step()
+        s, steps = cfg.schedule, cfg.schedule.train_tokens // tokens_per_step(self.cfg, self.acc.num_processes)
         self.stage_steps, self.recovery_steps = split_budget(steps, len(self.targets), s.split, s.recovery_fraction)
         self.total_steps = sum(self.stage_steps) + self.recovery_steps
         self.run_dir.open()
@@ -146,22 +146,6 @@ class Controller:
             self.run_dir.write_json(SHAPE_CHOICE, self.shape_choice.as_dict())
         self.acc.wait_for_everyone()
         return prep
-
-    def _search_shape(self, prep: Prepared, resume: bool) -> ShapeChoice:
-        """prune.target_shape=search: the saved choice on --resume, else probe every candidate now.
-
-        Every rank probes (the same text, so no rank waits on a long collective); rank 0's choice is kept."""
-        saved = self.run_dir.read_json(SHAPE_CHOICE) if resume else None
-        if saved is not None:
-            return ShapeChoice.from_dict(saved)
-        draw = self.corpus.calibration_source(0, {}).next  # training-split chunks, never the held-out text
-        choice = choose_shape(prep.dense, prep.candidates, draw, self.cfg.prune, self.acc.is_main_process)
-        if self.acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            choice = broadcast_object_list([choice], from_process=0)[0]
-        self.log(f"target shape search: {choice.describe()}")
-        return choice
 
     def _restore_or_start(self, prep: Prepared, resume: bool) -> tuple[RunState, torch.nn.Module]:
         last = self.run_dir.last_stage() if resume else None
@@ -185,7 +169,7 @@ class Controller:
             self._save(state, self.trainer.export_model())  # the prepared model (gathered under FSDP)
         self.log(
             f"{self.original:,} -> {self.target:,} parameters in {len(self.targets)} stages, "
-            f"{self.total_steps * self._tokens_per_step():,} training tokens in {self.total_steps} steps "
+            f"{self.total_steps * tokens_per_step(self.cfg, self.acc.num_processes):,} training tokens in {self.total_steps} steps "
             f"({self.recovery_steps} for recovery)"
         )
 
@@ -247,19 +231,9 @@ class Controller:
         }
 
     def _roll_back(self, err: NonFiniteLossError, state: RunState, rollbacks: int) -> tuple[RunState, int]:
-        """Reload the last complete stage at half the learning rate, or stop cleanly."""
-        last = self.run_dir.last_stage()
-        if self.cfg.train.on_nonfinite == "stop" or rollbacks >= MAX_ROLLBACKS:
-            why = "train.on_nonfinite=stop" if self.cfg.train.on_nonfinite == "stop" else f"{MAX_ROLLBACKS} rollbacks"
-            raise TrainingStoppedError(
-                f"training stopped ({why}): {err}; the last complete checkpoint is {last} "
-                f"(rerun with --resume, e.g. with a lower train.lr)"
-            ) from None
-        self.log(f"{err}; rolling back to {last.name} at half the learning rate")
-        restored, model = self.run_dir.load_stage(last, self.cfg.model.dtype)
-        restored.lr_scale = state.lr_scale * 0.5
+        restored, model = roll_back(err, self.cfg, self.run_dir, state, rollbacks, self.log)
         self.pruner.load_state_dict(restored.allocation)
-        self.trainer = self._new_trainer(model, last)
+        self.trainer = self._new_trainer(model, self.run_dir.last_stage())
         return restored, rollbacks + 1
 
     # ---- pieces -------------------------------------------------------------------------
@@ -280,10 +254,6 @@ class Controller:
             state, model, self.tokenizer, write_optimizer, on_written=lambda: fault_point("saving", state.stage)
         )
         self.acc.wait_for_everyone()
-
-    def _tokens_per_step(self) -> int:
-        t = self.cfg.train
-        return t.batch_size * t.grad_accum_steps * self.cfg.data.seq_len * self.acc.num_processes
 
     def _log_pruning(self, stage: int, model, global_step: int) -> None:
         scalars = pruning_scalars(model, self.adapter, stage)

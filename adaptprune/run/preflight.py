@@ -7,7 +7,6 @@ its tokenizer and adapter, the stage targets), so the controller loads nothing t
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -17,7 +16,7 @@ from ..checkpoint import load_config as load_model_config
 from ..checkpoint import load_model, load_tokenizer, meta_model, resolve_model_path
 from ..compat import require_safetensors
 from ..config import RunConfig
-from ..pruning.shape.target import ModelShape, ShapeWalk, plan_walk
+from ..pruning.shape.target import ModelShape, ShapeWalk
 from ..pruning.surgery import count_parameters
 from .feasibility import size_run
 from .rundir import RunDir
@@ -56,13 +55,6 @@ def preflight(cfg: RunConfig, run_dir: RunDir, resume: bool, dense: nn.Module | 
     targets = stage_targets(original, sizing.target, max(1, round(cfg.prune.step_fraction * original)))
     run_dir.check_disk(checkpoint_bytes(dense))
     return Prepared(dense, tokenizer, adapter, original, sizing.target, targets, sizing.walk, sizing.candidates)
-
-
-def walk_to_searched(prep: Prepared, prune, searched: ModelShape) -> Prepared:
-    """``prep`` with the walk to the shape a search chose; its size decides the stage targets."""
-    walk = plan_walk(prep.dense, prune, prep.adapter, searched=searched)
-    targets = stage_targets(prep.original, walk.final, max(1, round(prune.step_fraction * prep.original)))
-    return dataclasses.replace(prep, walk=walk, target=walk.final, targets=targets)
 
 
 def checkpoint_bytes(model: nn.Module) -> int:

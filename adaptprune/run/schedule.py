@@ -29,6 +29,11 @@ def stage_targets(start_params: int, target_params: int, step_params: int) -> li
     return [start_params - round(gap * (i + 1) / n) for i in range(n)]
 
 
+def tokens_per_step(cfg, processes: int) -> int:
+    """Tokens of one optimizer step over all processes: micro-batch x accumulation x sequence x processes."""
+    return cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * processes
+
+
 def split_budget(
     total_tokens: int, stages: int, split: str = "adapt_accel", recovery_fraction: float = 0.0
 ) -> tuple[list[int], int]:
