@@ -14,17 +14,18 @@ checkpointing backward keeps them). DDP adds its gradient buckets, P·w (acceler
 ``gradient_as_bucket_view=False``). FSDP (FULL_SHARD) divides weights, gradients and moments by N
 and instead holds the gathered units: the root (embeddings, final norm) and two decoder layers
 (one computing, one prefetched), in compute precision, with their gradients, (P_root + 2·P_layer)·(c + w).
-The ``distill`` teacher is a full, frozen copy of the dense model on every GPU, P₀·w (the controller
-loads it in ``model.dtype`` and never wraps it). The optimizer step briefly needs one more P·w/N:
-torch's foreach AdamW allocates sqrt(v̂) for all parameters at once; by then the activations and the
-autocast copies are freed, so the training peak is
+The ``distill`` teacher is a full, frozen copy of the dense model on every GPU, P₀·t with t the bytes of
+``train.distill.teacher_dtype`` (``auto`` is planned as bf16, t = 2: the GPUs planned for compute it
+natively; the controller loads it so and never wraps it). AdamW steps with the fused CUDA kernel, in
+place: no step temporary (torch's default foreach implementation would allocate sqrt(v̂) for every
+parameter at once, one more P·w/N). The training peak is
 
-    weights + gradients + AdamW + buckets + gathered + teacher + max(copies + activations, step temporary).
+    weights + gradients + AdamW + buckets + gathered + teacher + copies + activations.
 
-Under ``train.trainer: lora`` gradients, AdamW state, buckets and the step temporary count only the
-adapter parameters, r·(in + out) per adapted linear. A stage that starts with surgery also holds,
-for a moment, the previous model's AdamW state (kept by name) next to the new, sliced one
-(``transition_bytes``); under FSDP that surgery gathers the full model and state on every rank.
+Under ``train.trainer: lora`` gradients, AdamW state and buckets count only the adapter parameters,
+r·(in + out) per adapted linear. A stage that starts with surgery also holds the previous model's AdamW
+state (kept by name) while it is sliced into the new one, one parameter at a time (``transition_bytes``);
+under FSDP that surgery gathers the full model and state on every rank.
 
 **Activations of one Llama-style decoder layer (bytes per token)**, derived by listing what autograd
 saves in Hugging Face's ``LlamaDecoderLayer`` with SDPA (flash / memory-efficient kernels: no T×T
@@ -44,17 +45,23 @@ byte counts on tiny Llama (fp32, bf16, fp32 + bf16 autocast, checkpointed), Qwen
 Korthikanti et al. 2022 (arXiv 2205.05198, eq. 2) give 34·h + 5·a·T per token for a GPT layer in
 16-bit with dropout and stored attention scores; ours has no dropout, no T² term (SDPA) and SwiGLU.
 The model also saves, once, the final norm and LM-head input: (4 + r)·h + 4 + (c if c < r else r)·h
-+ 8 (the token ids). The loss adds Λ·V bytes per token: fp32 logits, a contiguous copy, the
-log-softmax and its gradient; Λ = 12 for the LM loss, 26 for distillation (student and teacher
-log-softmax and the KL terms). Λ was measured on CPU with ``torch.profiler`` (``profile_memory``)
-through the real trainers' ``compute_loss`` + backward on a tiny model with V = 32,000 (12.3 and
-26.3 bytes, the tied embedding's gradient included).
++ 8 (the token ids).
+
+**The loss** (``loss_bytes``). Unfused (``train.loss_chunk_tokens: 0``) it adds Λ·V bytes per token: fp32
+logits, a contiguous copy, the log-softmax and its gradient; Λ = 12 for the LM loss, 26 for distillation
+(student and teacher log-softmax and the KL terms), measured on CPU with ``torch.profiler`` through the
+real trainers' ``compute_loss`` + backward (12.3 and 26.3 bytes at V = 32,000). Fused and chunked
+(``trainers/head_loss.py``, the default) it holds one chunk of C tokens, Λ_chunk·V bytes per chunk token
+(Λ_chunk = 8 for the LM loss, 16 for distillation: at most two and four fp32 (C, V) buffers, plus the
+c-byte logits under autocast), the fp32 accumulator of the head's weight gradient, 4·V·h, the head's
+autocast copy, c·V·h, and the gradient with respect to the hidden states, T·h·r. ``tests/test_head_loss.py``
+checks the drop from one to the other against a step's peak counted at every op on CPU.
 
 **Gradient checkpointing** (``train.gradient_checkpointing``, non-reentrant) keeps only each layer's
 input, r·h per token (measured likewise), and recomputes one layer at a time in backward, so
 
-    no checkpointing:  T·(L·A + head + Λ·V)
-    checkpointing:     T·(L·r·h + head + max(Λ·V, A))
+    no checkpointing:  T·(L·A + head) + loss
+    checkpointing:     T·(L·r·h + head) + max(loss, T·A)
 
 (the loss's buffers are freed before the first layer is recomputed). Activations are computed for
 the dense geometry, an upper bound for every pruned stage. Not counted: the CUDA context, cuBLAS
@@ -165,7 +172,7 @@ class Footprint:
     fsdp_gathered: int
     teacher: int
     activations: int
-    optimizer_step: int  # foreach AdamW's temporary, when activations are already freed
+    optimizer_step: int  # AdamW's step temporary: 0 with the fused kernel (kept as a row of the table)
     transition: int  # surgery: new weights + the old (held) and new (sliced) AdamW state + teacher
 
     @property
@@ -192,6 +199,8 @@ class StageSizes:
     carried: bool  # whether AdamW state is carried through the surgery (train.optim.after_surgery: carry)
     teacher: int  # dense parameters of the distillation teacher (0: no teacher)
     gathered: int  # parameters FSDP holds unsharded at once (root + two decoder layers)
+    teacher_bytes: int = 0  # bytes per teacher weight (train.distill.teacher_dtype); 0: the model's w
+    layer: int = 0  # parameters of the largest decoder layer (the surgery's transient slice)
 
 
 def footprint(sizes: StageSizes, activations: int, p: Precision, mode: str, gpus: int) -> Footprint:
@@ -208,9 +217,9 @@ def footprint(sizes: StageSizes, activations: int, p: Precision, mode: str, gpus
         autocast_copies=sizes.trained * p.compute_bytes if p.casts and mode != "fsdp" else 0,
         ddp_buckets=sizes.trainable * w if mode == "ddp" and gpus > 1 else 0,
         fsdp_gathered=sizes.gathered * (p.compute_bytes + w) if mode == "fsdp" else 0,
-        teacher=sizes.teacher * w,
+        teacher=sizes.teacher * (sizes.teacher_bytes or w),
         activations=activations,
-        optimizer_step=gradients,
+        optimizer_step=0,  # fused AdamW on CUDA updates in place (trainers/base.adamw_for)
         transition=transition_bytes(sizes, w, mode, gpus),
     )
 
@@ -219,17 +228,17 @@ def transition_bytes(sizes: StageSizes, w: int, mode: str, gpus: int) -> int:
     """Bytes during the surgery that starts a stage (0 when it has none).
 
     The model before surgery, P_before·w, the teacher, and with carried state the old AdamW moments
-    (kept by name) next to the new, sliced ones: 2·(P_before + P_new)·w for the trainable parameters.
-    Under FSDP (``trainers/sharding.py``) the full model and the old moments are gathered on every
-    rank, while the sharded copies, 3·P_before·w/N, still exist; the new moments are full-size until
-    they are scattered.
+    (kept by name), 2·P_before·w, plus one parameter's sliced moments at a time: the carry frees each old
+    moment as its slice is placed (``optim_state.carry_optimizer_state(consume=True)``), bounded here by
+    one decoder layer, 2·P_layer·w. Under FSDP (``trainers/sharding.py``) the full model and the old
+    moments are gathered on every rank, while the sharded copies, 3·P_before·w/N, still exist.
     """
     if not sizes.before:
         return 0
     trainable_before = sizes.before if sizes.trainable == sizes.trained else 0
-    state = 2 * (trainable_before + sizes.trainable) * w if sizes.carried else 0
+    state = 2 * (trainable_before + sizes.layer) * w if sizes.carried else 0
     shards = math.ceil(3 * sizes.before * w / gpus) if mode == "fsdp" else 0
-    return sizes.before * w + state + shards + sizes.teacher * w
+    return sizes.before * w + state + shards + sizes.teacher * (sizes.teacher_bytes or w)
 
 
 def fits(peak_bytes: int, gpu_gib: float) -> bool:

@@ -29,13 +29,18 @@ def layer_geometry(model: nn.Module, adapter: ArchAdapter) -> LayerGeometry:
     )
 
 
+def largest_layer_params(model: nn.Module, adapter: ArchAdapter) -> int:
+    """Parameters of the largest decoder layer."""
+    return max(sum(p.numel() for p in layer.parameters()) for layer in adapter.decoder_layers(model))
+
+
 def fsdp_gathered_params(model: nn.Module, adapter: ArchAdapter) -> int:
     """Parameters FSDP holds unsharded at once: the root unit (outside the layers) and two layers."""
     layers = adapter.decoder_layers(model)
     unique = {id(p): p.numel() for p in model.parameters()}
     inside = {id(p) for layer in layers for p in layer.parameters()}
     root = sum(n for key, n in unique.items() if key not in inside)
-    return root + 2 * max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    return root + 2 * largest_layer_params(model, adapter)
 
 
 def bias_slots(model: nn.Module, adapter: ArchAdapter) -> int:
