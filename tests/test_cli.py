@@ -198,3 +198,10 @@ def test_shape_candidates_and_grids_take_a_yaml_list():
 
     cfg = load_config(None, ["prune.shape_candidates=[30x576x2, 26x576x3]", "prune.layer_grid=[0, 0.5]"])
     assert (cfg.prune.shape_candidates, cfg.prune.layer_grid) == ("30x576x2, 26x576x3", "0, 0.5")
+
+
+def test_documents_speak_of_the_project_not_of_sessions():
+    """README and docs/ date things by commits, dates and versions, never by how the work was organised."""
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            assert "session" not in line.lower(), f"{path.name}:{number}: {line.strip()}"
