@@ -122,10 +122,16 @@ def run_tool(
 
 
 def llamacpp_perplexity(gguf: Path, text_file: Path, ctx: int, chunks: int, threads: int = 2) -> float:
-    """llama-perplexity's final estimate on a text file."""
+    """llama-perplexity's final estimate on a text file.
+
+    The running value printed after the last chunk (``[chunks]PPL,``) is the same number to the
+    same 4 decimals (both ``exp(nll / count)``); it stands in when the logger lost the final line.
+    """
     args = ["-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
-    proc = run_tool("llama-perplexity", [*args, "-b", str(ctx)], require=r"Final estimate: PPL = [\d.]+")
-    return float(re.search(r"Final estimate: PPL = ([\d.]+)", proc.stderr + proc.stdout).group(1))
+    final, last = r"Final estimate: PPL = ([\d.]+)", rf"\[{chunks}\]([\d.]+),"
+    proc = run_tool("llama-perplexity", [*args, "-b", str(ctx)], require=f"{final}|{last}", tries=6)
+    out = proc.stderr + proc.stdout
+    return float((re.search(final, out) or re.search(last, out)).group(1))
 
 
 def llamacpp_tokens(gguf: Path, text_file: Path) -> list[int]:
@@ -157,7 +163,7 @@ def bench(
 def complete(gguf: Path, prompt: str, n_tokens: int = 48, threads: int = 2) -> str:
     """Greedy text from llama-completion: the prompt echoed, then the continuation (stdout only)."""
     args = ["-m", str(gguf), "-p", prompt, "-n", str(n_tokens), "-no-cnv", "--temp", "0", "-s", "1", "-t", str(threads)]
-    return run_tool("llama-completion", args, require="total time").stdout
+    return run_tool("llama-completion", args, require="total time", tries=6).stdout
 
 
 @torch.no_grad()
