@@ -180,3 +180,28 @@ def test_statistics_that_are_not_finite_fall_back_in_one_line_naming_the_layer(c
     ]
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=seqs).logits).all()
+
+
+@pytest.mark.parametrize("target", ["self", "dense"])
+def test_an_accumulating_walk_rebuilds_in_order_at_every_inner_step(target):
+    """A target shape's walk (``reach_shape``) with accumulating inner steps reaches the shape exactly with either
+    rebuild; later inner steps score the rebuilt weights, so their units may differ from the parallel walk's."""
+    from adaptprune.pruning.shape.reach import reach_shape
+    from adaptprune.pruning.shape.target import ModelShape
+
+    from .conftest import tiny_llama
+
+    shape = ModelShape(layers=3, hidden=64, groups=1, neurons=32)
+    base = dict(allocation="accumulating", inner_step_fraction=0.2, amplitude=0.3, neuron_multiple=8)
+    texts = [torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    parallel, sequential = tiny_llama(), tiny_llama()
+    expected = reach_shape(parallel, list(texts), shape, PruneConfig(**base), get_adapter(parallel), False)
+    cfg = PruneConfig(**base, calibration="sequential", rebuild_target=target)
+    report = reach_shape(sequential, list(texts), shape, cfg, get_adapter(sequential), False)
+    assert report.inner_steps == expected.inner_steps == 3
+    adapter = get_adapter(sequential)
+    sizes = [adapter.layer_shape(sequential, i) for i in range(3)]
+    assert sum(s.groups for s in sizes) == 3 and sum(s.neurons for s in sizes) == 96
+    assert count_parameters(sequential) == count_parameters(parallel)
+    down = "model.layers.2.mlp.down_proj.weight"
+    assert not torch.equal(sequential.state_dict()[down], parallel.state_dict()[down])
