@@ -102,12 +102,16 @@ def folders(tmp_path_factory) -> dict[str, str]:
     return {**{k: str(v) for k, v in built.items()}, "a-file": str(built["base"] / "a-file")}
 
 
+RUNS: list[Path] = []  # where each case gets its working and output folders (pytest's tmp, cleaned by pytest)
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _quiet_and_report():
+def _quiet_and_report(tmp_path_factory):
     import torch
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    RUNS.append(tmp_path_factory.mktemp("fuzz-runs"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-wide model gains nothing from threads, and they contend with each other
     yield
@@ -123,7 +127,7 @@ def fill(items: list[str | None], folders: dict[str, str]) -> list[str]:
 
 def check(argv: list[str], out: Path, complete: str) -> None:
     """Run ``argv`` in a fresh working folder; assert the exit contract and that nothing is half-written."""
-    work = Path(tempfile.mkdtemp(prefix="fuzz-cwd-"))
+    work = Path(tempfile.mkdtemp(prefix="cwd-", dir=RUNS[-1]))
     err, here, start = io.StringIO(), os.getcwd(), time.perf_counter()
     os.chdir(work)
     try:
@@ -151,7 +155,7 @@ def check(argv: list[str], out: Path, complete: str) -> None:
 
 
 def fresh_out() -> Path:
-    return Path(tempfile.mkdtemp(prefix="fuzz-out-")) / "out"
+    return Path(tempfile.mkdtemp(prefix="out-", dir=RUNS[-1])) / "out"
 
 
 @fuzz(40)
