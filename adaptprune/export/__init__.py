@@ -1,4 +1,4 @@
-"""Serving formats for pruned checkpoints: GGUF for llama.cpp (per-layer sizes through ``deci``)."""
+"""Serving formats for pruned checkpoints: GGUF for llama.cpp, each family in its own architecture (gguf_families)."""
 
 from .errors import ExportError
 from .gguf import ExportReport, export_gguf, export_model_dir
