@@ -279,6 +279,7 @@ def apply_compensated_plan(
     mode: str = "mean",
     ridge: float = 0.0,
     adapter: ArchAdapter | None = None,
+    check: bool = True,
 ) -> list[KeptRecord]:
     """Compute every (layer, kind)'s compensation from the dense weights, remove the units with
     ``surgery.apply_plan``, then write the compensation into the rebuilt output projections.
@@ -286,17 +287,17 @@ def apply_compensated_plan(
     ``mode`` is one of ``MODES``; ``ridge`` is least squares' λ relative to mean(diag C_KK). A mode
     with a bias (mean, mean+energy, least_squares) gives every layer's o/down projection one
     (``surgery.ensure_output_biases``; the config flag makes saved checkpoints rebuild it). With
-    ``none`` this is exactly ``surgery.apply_plan``.
+    ``none`` this is exactly ``surgery.apply_plan`` (``check``: its invariants, see there).
     """
     adapter = adapter or get_adapter(model)
     if mode == "none":
-        return apply_plan(model, plan, adapter)
+        return apply_plan(model, plan, adapter, check=check)
     if calib is None:
         raise ValueError("compensation needs calibration statistics (calib=None)")
     compensations = _plan_compensations(model, plan, calib, mode, ridge, adapter)
     if mode != "energy" and compensations:
         ensure_output_biases(model, adapter)
-    records = apply_plan(model, plan, adapter)
+    records = apply_plan(model, plan, adapter, check=check)
     layers = adapter.decoder_layers(model)
     for layer_idx, path, comp in compensations:
         _apply_to_linear(layers[layer_idx].get_submodule(path), comp)

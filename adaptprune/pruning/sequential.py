@@ -45,6 +45,7 @@ from ..arch import ATTENTION, MLP, ArchAdapter
 from ..calibration.activations import ChannelAccumulator, ChannelStats, CrossAccumulator
 from ..calibration.layerwise import LayerCalls
 from .compensation import apply_compensated_plan
+from .surgery import check_invariants, count_parameters, ensure_output_biases
 
 BATCH = 4  # calibration sequences per forward, as ``calibrate``
 
@@ -62,7 +63,34 @@ def sequential_rebuild(
 ) -> list[KeptRecord]:
     """Remove ``plan``'s units layer by layer, each (layer, kind) compensated (``mode``, ``ridge``) from the
     statistics of the inputs the already pruned layers give it; ``target`` "self" or "dense" (module docstring)."""
+    was_training = model.training
+    model.eval()  # the deterministic forward (no dropout, no checkpointing), as calibration runs it
+    try:
+        return _rebuild_in_order(model, plan, sequences, mode, ridge, adapter, target, progress, desc)
+    finally:
+        model.train(was_training)
+
+
+def _rebuild_in_order(
+    model: nn.Module,
+    plan: Plan,
+    sequences: Tensor,
+    mode: str,
+    ridge: float,
+    adapter: ArchAdapter,
+    target: str,
+    progress: bool,
+    desc: str,
+) -> list[KeptRecord]:
+    """The walk: per layer, attention then MLP, each collected on the stream as it now is, removed and rebuilt."""
+    if mode != "energy":
+        ensure_output_biases(model, adapter)  # the slots the compensation writes, before the count below
     calls = LayerCalls.capture(model, sequences, adapter, BATCH)
+    expected = count_parameters(model) - sum(  # the plan's count, checked once at the end
+        (adapter.count_units(model, idx, kind) - len(keep)) * adapter.params_per_unit(model, idx, kind)
+        for idx, kinds in plan.items()
+        for kind, keep in kinds.items()
+    )
     now = calls.first
     before = list(now) if target == "dense" and mode == "least_squares" else None  # only least squares reads x
     records: list[KeptRecord] = []
@@ -78,12 +106,13 @@ def sequential_rebuild(
                 reference = as_was if before is not None else None
                 stats = _input_stats(calls, idx, layer, reference, path, now, before, mode != "mean")
                 plan_now = {idx: {kind: units.pop(kind)}}
-                records += apply_compensated_plan(model, plan_now, {(idx, kind): stats}, mode, ridge, adapter)
+                records += apply_compensated_plan(model, plan_now, {(idx, kind): stats}, mode, ridge, adapter, False)
         if units:  # a kind no family has: apply_plan says which
             records += apply_compensated_plan(model, {idx: units}, {}, mode, ridge, adapter)
         if before is not None:
             before = calls.run(idx, as_was, before)
         now = calls.run(idx, adapter.decoder_layers(model)[idx], now)
+    check_invariants(model, adapter, expected)
     return records
 
 

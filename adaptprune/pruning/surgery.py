@@ -107,9 +107,16 @@ def params_after_removing(model: nn.Module, non_embedding_fraction: float) -> in
 
 
 def apply_plan(
-    model: nn.Module, plan: Plan, adapter: ArchAdapter | None = None, allow_empty_attention: bool = False
+    model: nn.Module,
+    plan: Plan,
+    adapter: ArchAdapter | None = None,
+    allow_empty_attention: bool = False,
+    check: bool = True,
 ) -> list[KeptRecord]:
-    """Apply a whole plan, sync the per-layer config and check the invariants (see ``remove_units``)."""
+    """Apply a whole plan, sync the per-layer config and check the invariants (see ``remove_units``).
+
+    ``check=False`` leaves the invariants (and their forward pass) to a caller that applies a plan in
+    parts, e.g. one (layer, kind) at a time, and checks once at the end."""
     adapter = adapter or get_adapter(model)
     expected = count_parameters(model)
     records = []
@@ -120,7 +127,8 @@ def apply_plan(
             expected -= record.removed * per_unit
             records.append(record)
     adapter.sync_config(model)
-    check_invariants(model, adapter, expected)
+    if check:
+        check_invariants(model, adapter, expected)
     return records
 
 
