@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adaptprune.arch import ATTENTION, MLP, UNIT_KINDS, Coupling, get_adapter
-from adaptprune.calibration.activations import ChannelAccumulator, calibrate, first_order_terms
 from adaptprune.calibration import activations as calibration
+from adaptprune.calibration.activations import ChannelAccumulator, calibrate, first_order_terms
 
 from .conftest import tiny_llama
 
