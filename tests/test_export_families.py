@@ -133,7 +133,7 @@ def test_qwen3_uniform_keeps_hf_rows_and_refuses_compensation_biases(tmp_path, b
     assert "blk.0.ffn_down.bias" not in fields(export_gguf(model, bpe_tokenizer, tmp_path / "z.gguf").path)[1]
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.bias.fill_(0.25)
-    with pytest.raises(ExportError, match=r"layer 1: mlp.down_proj has a bias .* prune.compensation=none"):
+    with pytest.raises(ExportError, match=r"layer 1: mlp.down_proj has a bias .*compensation=least_squares_no_bias"):
         export_gguf(model, bpe_tokenizer, tmp_path / "b.gguf")
 
 
@@ -186,3 +186,18 @@ def test_cli_refuses_opt_in_one_line(tmp_path, bpe_tokenizer, capsys):
     assert main(["export", str(tmp_path / "opt"), "--out", str(tmp_path / "x.gguf")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("adaptprune: error: llama.cpp has no OPT architecture") and "\n" not in err
+
+
+def test_a_qwen3_pruned_with_least_squares_without_bias_exports_as_qwen3(tmp_path, bpe_tokenizer):
+    """The compensation these architectures can hold: least squares on raw moments writes no o/down bias."""
+    from adaptprune.config import PruneConfig
+    from adaptprune.pruning.step import prune_step
+    from adaptprune.pruning.surgery import count_parameters
+
+    model = to_heterogeneous(hf_model("qwen3", vocab_size=VOCAB)).eval()
+    text = torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    cfg = PruneConfig(compensation="least_squares_no_bias", allocation="uniform", neuron_multiple=8, min_groups=2)
+    prune_step(model, text, count_parameters(model) - 3 * 8 * 3 * 64, cfg, progress=False)
+    assert model.model.layers[0].mlp.down_proj.bias is None and model.model.layers[0].mlp.down_proj.in_features == 88
+    meta, _ = check_file(export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf").path, model, "qwen3")
+    assert meta["qwen3.feed_forward_length"] == 88

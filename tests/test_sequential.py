@@ -205,3 +205,34 @@ def test_an_accumulating_walk_rebuilds_in_order_at_every_inner_step(target):
     assert count_parameters(sequential) == count_parameters(parallel)
     down = "model.layers.2.mlp.down_proj.weight"
     assert not torch.equal(sequential.state_dict()[down], parallel.state_dict()[down])
+
+
+@pytest.mark.parametrize("target", ["self", "dense"])
+def test_least_squares_without_bias_fits_raw_moments_and_writes_no_bias(target):
+    """With nowhere to put a constant the best rebuild solves on raw moments: λ = 0 reproduces a projection
+    whose old inputs are a linear function (no constant) of the kept new ones, and no bias is created."""
+    torch.manual_seed(2)
+    n, out = 300, 4
+    now = torch.randn(n, 5, dtype=torch.float64) + 0.7  # a mean: centring would matter
+    kept_channels = torch.tensor([True, True, False, True, False])
+    g = torch.randn(5, 3, dtype=torch.float64)
+    before = now[:, kept_channels] @ g.T if target == "dense" else now
+    if target == "self":  # removed channels linear in the kept ones: exact on the new inputs too
+        now[:, ~kept_channels] = now[:, kept_channels] @ torch.randn(3, 2, dtype=torch.float64)
+        before = now
+    weight = torch.randn(out, 5, dtype=torch.float64)
+    own = ChannelAccumulator(collect_cov=True)
+    own.update(now)
+    stats = own.result()
+    if target == "dense":
+        cross = CrossAccumulator()
+        cross.update(before, now)
+        stats = cross.into(stats)
+    comp = compensate(weight, stats, kept_channels, "least_squares_no_bias", ridge=0.0)
+    assert comp.bias_delta is None
+    rebuilt = (weight[:, kept_channels] + comp.weight_delta) @ now[:, kept_channels].T
+    torch.testing.assert_close(rebuilt.T, before @ weight.T, rtol=1e-8, atol=1e-8)
+    model = _model("llama")
+    plan = _keep_plan(model, {0: {MLP: [1, 2]}, 1: {MLP: [3]}})
+    sequential_rebuild(model, plan, _sequences(), "least_squares_no_bias", RIDGE, get_adapter(model), target, False)
+    assert all(layer.mlp.down_proj.bias is None for layer in model.model.layers)

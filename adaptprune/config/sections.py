@@ -135,12 +135,13 @@ class PruneConfig:
         512, "taylor_param_first: calibration windows with a backward pass per pruning step (upstream: 512)", min=1
     )
     taylor_seq_len: int = _f(64, "taylor_param_first: tokens per calibration window (upstream: 64)", min=2)
-    compensation: Literal["none", "mean", "energy", "mean+energy", "least_squares"] = _f(
+    compensation: Literal["none", "mean", "energy", "mean+energy", "least_squares", "least_squares_no_bias"] = _f(
         "least_squares",  # won on both texts one-shot at -30% and -60%, and incremental at -60% (README)
         "closed-form repair of each o/down projection when units go: mean (removed units' mean into an output "
         "bias), energy (rescale kept columns to the dense output energy), mean+energy, least_squares (kept columns "
         "rebuilt from the input covariance, W_K + W_R C_RK (C_KK + lambda I)^-1, mean into the bias; "
-        "docs/compensation.md)",
+        "docs/compensation.md), least_squares_no_bias (the same on raw moments, no bias: for GGUF architectures "
+        "without o/down biases, Qwen3 and Gemma 3)",
     )
     ls_ridge: float = _f(
         0.1,  # best of 0.01 / 0.1 / 1 on both texts at -30% and -60% (docs/compensation.md)
@@ -219,7 +220,8 @@ class PruneConfig:
     def needs_cov(self) -> bool:
         """Compensation that reads Σ = E[x xᵀ] of every layer's o/down inputs from the step's calibration pass
         (collect_cov); a sequential pass collects each layer's Σ itself, one layer at a time."""
-        return self.compensation in ("energy", "mean+energy", "least_squares") and not self.sequential
+        needs = ("energy", "mean+energy", "least_squares", "least_squares_no_bias")
+        return self.compensation in needs and not self.sequential
 
     @property
     def sequential(self) -> bool:

@@ -49,7 +49,7 @@ from .gguf_layout import (
 from .gguf_llama import llama_layer_tensors, zero_neuron
 
 UNIFORM_WAY_OUT = "prune to a uniform shape (prune.target_shape, or prune.allocation=uniform)"
-BIAS_WAY_OUT = "prune with prune.compensation=none or energy, which add no bias"
+BIAS_WAY_OUT = "prune with prune.compensation=least_squares_no_bias (or none, energy), which add no bias"
 
 
 def _named(layer: nn.Module, mapping: dict[str, MODEL_TENSOR], i: int) -> dict[str, torch.Tensor]:

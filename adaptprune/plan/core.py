@@ -274,7 +274,7 @@ def sequential_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, wei
 
 
 def _rebuilds_towards_dense(prune) -> bool:
-    return prune.rebuild_target == "dense" and prune.compensation == "least_squares"
+    return prune.rebuild_target == "dense" and prune.compensation.startswith("least_squares")
 
 
 def _outputs(adapter: ArchAdapter) -> tuple[str, str]:

@@ -59,7 +59,9 @@ class Compensation:
     fallback: str | None = None  # why a weaker compensation was applied instead (one line for the log)
 
 
-MODES = ("none", "mean", "energy", "mean+energy", "least_squares")  # prune.compensation
+MODES = ("none", "mean", "energy", "mean+energy", "least_squares", "least_squares_no_bias")  # prune.compensation
+LEAST_SQUARES = ("least_squares", "least_squares_no_bias")
+BIAS_MODES = ("mean", "mean+energy", "least_squares")  # the modes that write an o/down bias
 
 
 # ---- pure tensor math ----------------------------------------------------------------------
@@ -103,7 +105,9 @@ def least_squares_delta(
     return x.T if bool(torch.isfinite(x).all()) else None
 
 
-def transfer_delta(weight: Tensor, stats: ChannelStats, kept: Tensor, ridge: float) -> Tensor | None:
+def transfer_delta(
+    weight: Tensor, stats: ChannelStats, kept: Tensor, ridge: float, centred: bool = True
+) -> Tensor | None:
     """Δ = (W C_xK − W_K C̃_KK)(C̃_KK + λ I)⁻¹ towards the layer before the step; None if not finite.
 
     x are the inputs before the step (``stats.cross`` rows, ``stats.before_mean``), x̃ the inputs now
@@ -112,13 +116,14 @@ def transfer_delta(weight: Tensor, stats: ChannelStats, kept: Tensor, ridge: flo
     w = weight.detach().double()
     kept = kept.to(stats.cov.device)
     all_rows = torch.arange(stats.cross.shape[0], device=stats.cov.device)
-    c_xk = _centred_block(stats.cross, stats.before_mean, stats.mean, all_rows, kept)  # (C, K)
+    before, now = (stats.before_mean, stats.mean) if centred else (None, None)  # raw moments without a bias
+    c_xk = _centred_block(stats.cross, before, now, all_rows, kept)  # (C, K)
     rhs = c_xk.to(w.device).T @ w.T  # C_xKᵀ Wᵀ: (K, out)
     del c_xk
-    c_kk = _centred_block(stats.cov, stats.mean, stats.mean, kept, kept).to(w.device)
+    c_kk = _centred_block(stats.cov, now, now, kept, kept).to(w.device)
     rhs -= c_kk @ w[:, kept].T  # − C̃_KK W_Kᵀ
     del c_kk
-    x = _ridge_solve(lambda: _centred_block(stats.cov, stats.mean, stats.mean, kept, kept).to(w.device), rhs, ridge)
+    x = _ridge_solve(lambda: _centred_block(stats.cov, now, now, kept, kept).to(w.device), rhs, ridge)
     return x.T if bool(torch.isfinite(x).all()) else None
 
 
@@ -157,22 +162,14 @@ def compensate(
     """
     if mode not in MODES:
         raise ValueError(f"compensation must be one of {MODES}, got {mode!r}")
-    mean = mode in ("mean", "mean+energy", "least_squares")
+    mean = mode in BIAS_MODES
     kept = kept_channels.nonzero().flatten()
     removed = (~kept_channels).nonzero().flatten()
-    if mode in ("energy", "mean+energy", "least_squares") and removed.numel() and stats.cov is None:
+    if mode in ("energy", "mean+energy", *LEAST_SQUARES) and removed.numel() and stats.cov is None:
         raise ValueError(f"{mode} compensation needs Σ = E[x xᵀ]: calibrate with collect_cov=True")
     mu = stats.mean.double()
-    if mode == "least_squares" and kept.numel() and (removed.numel() or stats.cross is not None):
-        if stats.cross is not None:
-            delta = transfer_delta(weight, stats, kept, ridge)
-        else:
-            delta = least_squares_delta(weight, stats.cov, kept, removed, ridge, mean=stats.mean)  # centred blocks
-        if delta is not None:
-            return Compensation(
-                scale=1.0, bias_delta=_rebuilt_bias_shift(weight, stats, kept, delta), weight_delta=delta
-            )
-        return Compensation(1.0, _mean_bias_shift(weight, stats, kept, removed), fallback="least squares not finite")
+    if mode in LEAST_SQUARES and kept.numel() and (removed.numel() or stats.cross is not None):
+        return _least_squares(weight, stats, kept, removed, ridge, centred=mean)
     scale = 1.0
     if mode in ("energy", "mean+energy") and removed.numel():
         moment = stats.cov - torch.outer(mu, mu) if mean else stats.cov  # centred when the bias carries the mean
@@ -183,6 +180,22 @@ def compensate(
         if scale != 1.0:  # the rescaled kept columns shift the mean by (γ − 1) W_K μ_K; undo that
             bias_delta = bias_delta - (scale - 1.0) * mean_shift(weight, stats.mean, kept)
     return Compensation(scale=scale, bias_delta=bias_delta)
+
+
+def _least_squares(
+    weight: Tensor, stats: ChannelStats, kept: Tensor, removed: Tensor, ridge: float, centred: bool
+) -> Compensation:
+    """Least squares with the mean in the bias (``centred``) or without a bias: the same solve on raw moments,
+    Δ = W_R Σ_RK (Σ_KK + λI)⁻¹, the best rebuild when the projection has nowhere to put a constant."""
+    if stats.cross is not None:
+        delta = transfer_delta(weight, stats, kept, ridge, centred)
+    else:
+        delta = least_squares_delta(weight, stats.cov, kept, removed, ridge, mean=stats.mean if centred else None)
+    if delta is None:
+        shift = _mean_bias_shift(weight, stats, kept, removed) if centred else None
+        return Compensation(1.0, shift, fallback="least squares not finite")
+    shift = _rebuilt_bias_shift(weight, stats, kept, delta) if centred else None
+    return Compensation(scale=1.0, bias_delta=shift, weight_delta=delta)
 
 
 def _rebuilt_bias_shift(weight: Tensor, stats: ChannelStats, kept: Tensor, delta: Tensor) -> Tensor:
@@ -295,7 +308,7 @@ def apply_compensated_plan(
     if calib is None:
         raise ValueError("compensation needs calibration statistics (calib=None)")
     compensations = _plan_compensations(model, plan, calib, mode, ridge, adapter)
-    if mode != "energy" and compensations:
+    if mode in BIAS_MODES and compensations:
         ensure_output_biases(model, adapter)
     records = apply_plan(model, plan, adapter, check=check)
     layers = adapter.decoder_layers(model)

@@ -44,7 +44,7 @@ from ..allocation.records import KeptRecord, Plan
 from ..arch import ATTENTION, MLP, ArchAdapter
 from ..calibration.activations import ChannelAccumulator, ChannelStats, CrossAccumulator
 from ..calibration.layerwise import LayerCalls
-from .compensation import apply_compensated_plan
+from .compensation import BIAS_MODES, LEAST_SQUARES, apply_compensated_plan
 from .surgery import check_invariants, count_parameters, ensure_output_biases
 
 BATCH = 4  # calibration sequences per forward, as ``calibrate``
@@ -83,7 +83,7 @@ def _rebuild_in_order(
     desc: str,
 ) -> list[KeptRecord]:
     """The walk: per layer, attention then MLP, each collected on the stream as it now is, removed and rebuilt."""
-    if mode != "energy":
+    if mode in BIAS_MODES:
         ensure_output_biases(model, adapter)  # the slots the compensation writes, before the count below
     calls = LayerCalls.capture(model, sequences, adapter, BATCH)
     expected = count_parameters(model) - sum(  # the plan's count, checked once at the end
@@ -92,7 +92,7 @@ def _rebuild_in_order(
         for kind, keep in kinds.items()
     )
     now = calls.first
-    before = list(now) if target == "dense" and mode == "least_squares" else None  # only least squares reads x
+    before = list(now) if target == "dense" and mode in LEAST_SQUARES else None  # only least squares reads x
     records: list[KeptRecord] = []
     for idx in tqdm(range(len(calls.calls)), desc=desc, disable=not progress, unit="layer"):
         units = dict(plan.get(idx, {}))

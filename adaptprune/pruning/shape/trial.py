@@ -217,6 +217,6 @@ def trial_bytes(model: nn.Module, adapter: ArchAdapter, compensation: str) -> in
     if compensation == "none":
         return vectors + norms
     copies = 2 if compensation == "mean" else 4
-    square = compensation == "least_squares"
+    square = compensation.startswith("least_squares")
     solve = max(8 * (copies * p.in_features * p.out_features + square * p.in_features**2) for p in projections)
     return vectors + norms + solve
