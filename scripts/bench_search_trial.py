@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from measured import PARALLEL
 from torch.profiler import ProfilerActivity, profile
 
 from adaptprune.arch import get_adapter
@@ -95,10 +96,10 @@ def timed(fn) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(None, [f"model.name={args.model}", ALL_DIMS, "prune.hidden_multiple=32"]).prune
+    cfg = load_config(None, [f"model.name={args.model}", ALL_DIMS, "prune.hidden_multiple=32", PARALLEL]).prune
     run_cfg = load_config(None, [f"model.name={args.model}", f"data.calib_tokens={args.calib_tokens}"])
     if args.quick:
-        cfg = load_config(None, [ALL_DIMS, "prune.hidden_multiple=8", "prune.neuron_multiple=1"]).prune
+        cfg = load_config(None, [ALL_DIMS, "prune.hidden_multiple=8", "prune.neuron_multiple=1", PARALLEL]).prune
         run_cfg = load_config(None, [f"model.name={args.model}", "data.seq_len=64", "data.calib_tokens=256"])
     torch.manual_seed(0)
     model = load_model(args.model).eval()

@@ -75,7 +75,7 @@ def test_the_table_prints_the_counts_and_stage_tokens(capsys):
     text = capsys.readouterr().out
     # Llama-3.2-1B's count (1,235,814,400) plus mean compensation's o/down biases (16 x 2 x 2,048)
     assert "3,212,749,824 -> 1,235,879,936 parameters in 16 stages" in text
-    assert "1 batch x 8 accum x 2048 seq x 8 GPUs = 131,072" in text
+    assert "8 batch x 1 accum x 2048 seq x 8 GPUs = 131,072" in text
     assert "configs/models/meta-llama--Llama-3.2-3B/config.json, shipped copy" in text
     final = "16 layers, hidden 2,048, 5 KV groups (15 heads x 128), 8,192 MLP neurons per layer"
     assert f"final shape (prune.target_shape): {final}" in text

@@ -152,7 +152,7 @@ def test_a_sequential_step_keeps_the_parallel_plan_and_lands_on_the_target(model
     goal = count_parameters(parallel) - 6_000
     base = dict(compensation="least_squares", allocation="adaptive", neuron_multiple=1)
     cfg = PruneConfig(**base, calibration="sequential", rebuild_target=target)
-    expected = prune_step(parallel, seqs, goal, PruneConfig(**base), progress=False)
+    expected = prune_step(parallel, seqs, goal, PruneConfig(**base, calibration="parallel"), progress=False)
     report = prune_step(sequential, seqs, goal, cfg, progress=False)
     assert report.plan == expected.plan
     assert count_parameters(sequential) == count_parameters(parallel) <= goal
@@ -195,7 +195,9 @@ def test_an_accumulating_walk_rebuilds_in_order_at_every_inner_step(target):
     base = dict(allocation="accumulating", inner_step_fraction=0.2, amplitude=0.3, neuron_multiple=8)
     texts = [torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
     parallel, sequential = tiny_llama(), tiny_llama()
-    expected = reach_shape(parallel, list(texts), shape, PruneConfig(**base), get_adapter(parallel), False)
+    expected = reach_shape(
+        parallel, list(texts), shape, PruneConfig(**base, calibration="parallel"), get_adapter(parallel), False
+    )
     cfg = PruneConfig(**base, calibration="sequential", rebuild_target=target)
     report = reach_shape(sequential, list(texts), shape, cfg, get_adapter(sequential), False)
     assert report.inner_steps == expected.inner_steps == 3

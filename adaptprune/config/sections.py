@@ -220,8 +220,12 @@ class PruneConfig:
     def needs_cov(self) -> bool:
         """Compensation that reads Σ = E[x xᵀ] of every layer's o/down inputs from the step's calibration pass
         (collect_cov); a sequential pass collects each layer's Σ itself, one layer at a time."""
-        needs = ("energy", "mean+energy", "least_squares", "least_squares_no_bias")
-        return self.compensation in needs and not self.sequential
+        return self.compensation_reads_cov and not self.sequential
+
+    @property
+    def compensation_reads_cov(self) -> bool:
+        """The compensation reads Σ of the o/down inputs, from whichever pass collects it."""
+        return self.compensation in ("energy", "mean+energy", "least_squares", "least_squares_no_bias")
 
     @property
     def sequential(self) -> bool:

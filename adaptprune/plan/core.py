@@ -248,11 +248,11 @@ def covariance_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -> 
     """Float64 Σ = E[x xᵀ] of o/down inputs held for compensation: every layer's at once from calibration to
     surgery (parallel), or one projection's at a time (sequential; with the dense target its cross moment too)."""
     prune = cfg.prune
-    if not (prune.needs_cov or prune.sequential):
+    if not prune.compensation_reads_cov and not prune.sequential:
         return 0
     squares = [w * w for w in _output_widths(model, adapter)]
-    if not prune.sequential:
-        return 8 * sum(squares)
+    if not prune.sequential or (search_trial_bytes(cfg, model, adapter) and prune.compensation_reads_cov):
+        return 8 * sum(squares)  # every layer's; the per-step search compensates its candidates from them
     return 8 * max(squares) * (2 if _rebuilds_towards_dense(prune) else 1)
 
 

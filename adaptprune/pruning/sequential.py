@@ -36,6 +36,8 @@ plus the cached streams (tokens × hidden each). ``adaptprune plan`` counts thes
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -63,57 +65,50 @@ def sequential_rebuild(
 ) -> list[KeptRecord]:
     """Remove ``plan``'s units layer by layer, each (layer, kind) compensated (``mode``, ``ridge``) from the
     statistics of the inputs the already pruned layers give it; ``target`` "self" or "dense" (module docstring)."""
+    with _in_eval(model):  # the deterministic forward (no dropout, no checkpointing), as calibration runs it
+        if mode in BIAS_MODES:
+            ensure_output_biases(model, adapter)  # the slots the compensation writes, before the count below
+        calls = LayerCalls.capture(model, sequences, adapter, BATCH)
+        expected = count_parameters(model) - sum(  # the plan's count, checked once at the end
+            (adapter.count_units(model, idx, kind) - len(keep)) * adapter.params_per_unit(model, idx, kind)
+            for idx, kinds in plan.items()
+            for kind, keep in kinds.items()
+        )
+        now = calls.first
+        before = list(now) if target == "dense" and mode in LEAST_SQUARES else None  # only least squares reads x
+        records: list[KeptRecord] = []
+        for idx in tqdm(range(len(calls.calls)), desc=desc, disable=not progress, unit="layer"):
+            units = dict(plan.get(idx, {}))
+            as_was = adapter.decoder_layers(model)[idx]
+            if before is not None and units:
+                as_was = copy.deepcopy(as_was)  # the layer before the step, for the dense target's inputs and stream
+            for kind in (ATTENTION, MLP):
+                if kind in units:
+                    layer = adapter.decoder_layers(model)[idx]
+                    path = adapter.output_coupling(model, idx, kind).path
+                    reference = as_was if before is not None else None
+                    stats = _input_stats(calls, idx, layer, reference, path, now, before, mode != "mean")
+                    plan_now = {idx: {kind: units.pop(kind)}}
+                    records += apply_compensated_plan(
+                        model, plan_now, {(idx, kind): stats}, mode, ridge, adapter, False
+                    )
+            if units:  # a kind no family has: apply_plan says which
+                records += apply_compensated_plan(model, {idx: units}, {}, mode, ridge, adapter)
+            if before is not None:
+                before = calls.run(idx, as_was, before)
+            now = calls.run(idx, adapter.decoder_layers(model)[idx], now)
+        check_invariants(model, adapter, expected)
+        return records
+
+
+@contextmanager
+def _in_eval(model: nn.Module) -> Iterator[None]:
     was_training = model.training
-    model.eval()  # the deterministic forward (no dropout, no checkpointing), as calibration runs it
+    model.eval()
     try:
-        return _rebuild_in_order(model, plan, sequences, mode, ridge, adapter, target, progress, desc)
+        yield
     finally:
         model.train(was_training)
-
-
-def _rebuild_in_order(
-    model: nn.Module,
-    plan: Plan,
-    sequences: Tensor,
-    mode: str,
-    ridge: float,
-    adapter: ArchAdapter,
-    target: str,
-    progress: bool,
-    desc: str,
-) -> list[KeptRecord]:
-    """The walk: per layer, attention then MLP, each collected on the stream as it now is, removed and rebuilt."""
-    if mode in BIAS_MODES:
-        ensure_output_biases(model, adapter)  # the slots the compensation writes, before the count below
-    calls = LayerCalls.capture(model, sequences, adapter, BATCH)
-    expected = count_parameters(model) - sum(  # the plan's count, checked once at the end
-        (adapter.count_units(model, idx, kind) - len(keep)) * adapter.params_per_unit(model, idx, kind)
-        for idx, kinds in plan.items()
-        for kind, keep in kinds.items()
-    )
-    now = calls.first
-    before = list(now) if target == "dense" and mode in LEAST_SQUARES else None  # only least squares reads x
-    records: list[KeptRecord] = []
-    for idx in tqdm(range(len(calls.calls)), desc=desc, disable=not progress, unit="layer"):
-        units = dict(plan.get(idx, {}))
-        as_was = adapter.decoder_layers(model)[idx]
-        if before is not None and units:
-            as_was = copy.deepcopy(as_was)  # the layer before the step, for the dense target's inputs and stream
-        for kind in (ATTENTION, MLP):
-            if kind in units:
-                layer = adapter.decoder_layers(model)[idx]
-                path = adapter.output_coupling(model, idx, kind).path
-                reference = as_was if before is not None else None
-                stats = _input_stats(calls, idx, layer, reference, path, now, before, mode != "mean")
-                plan_now = {idx: {kind: units.pop(kind)}}
-                records += apply_compensated_plan(model, plan_now, {(idx, kind): stats}, mode, ridge, adapter, False)
-        if units:  # a kind no family has: apply_plan says which
-            records += apply_compensated_plan(model, {idx: units}, {}, mode, ridge, adapter)
-        if before is not None:
-            before = calls.run(idx, as_was, before)
-        now = calls.run(idx, adapter.decoder_layers(model)[idx], now)
-    check_invariants(model, adapter, expected)
-    return records
 
 
 def _input_stats(

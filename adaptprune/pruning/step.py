@@ -261,7 +261,8 @@ def calibrate_for(
     as upstream's layer importance does. Other metrics use all of ``sequences``.
     """
     metric = get_metric(cfg.metric)
-    collect_cov = cfg.needs_cov or metric.needs_cov
+    # the width/depth search (collect_residual) compensates its candidates from this pass, sequential or not
+    collect_cov = cfg.needs_cov or metric.needs_cov or (collect_residual and cfg.compensation_reads_cov)
     if metric.needs_elementwise_grads:
         rows = taylor_rows(sequences, cfg.taylor_samples, cfg.taylor_seq_len)
         return calibrate(
