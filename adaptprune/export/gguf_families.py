@@ -77,7 +77,8 @@ def _refuse_output_biases(model: nn.Module, arch: str) -> None:
             )
 
 
-QWEN3_TENSORS = {
+# the attention both qwen3 and gemma3 write: q/k/v/o and a norm per head dimension of q and k
+ATTENTION_WITH_QK_NORMS = {
     "input_layernorm": MODEL_TENSOR.ATTN_NORM,
     "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
     "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
@@ -85,6 +86,10 @@ QWEN3_TENSORS = {
     "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
     "self_attn.q_norm": MODEL_TENSOR.ATTN_Q_NORM,
     "self_attn.k_norm": MODEL_TENSOR.ATTN_K_NORM,
+}
+
+QWEN3_TENSORS = {
+    **ATTENTION_WITH_QK_NORMS,
     "post_attention_layernorm": MODEL_TENSOR.FFN_NORM,
     "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
     "mlp.up_proj": MODEL_TENSOR.FFN_UP,
@@ -144,13 +149,7 @@ def rope_factors_needed(config) -> bool:
 
 
 GEMMA3_TENSORS = {
-    "input_layernorm": MODEL_TENSOR.ATTN_NORM,
-    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
-    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
-    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
-    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
-    "self_attn.q_norm": MODEL_TENSOR.ATTN_Q_NORM,
-    "self_attn.k_norm": MODEL_TENSOR.ATTN_K_NORM,
+    **ATTENTION_WITH_QK_NORMS,
     "post_attention_layernorm": MODEL_TENSOR.ATTN_POST_NORM,
     "pre_feedforward_layernorm": MODEL_TENSOR.FFN_NORM,
     "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
