@@ -150,7 +150,7 @@ class PruneConfig:
         ge=0,
     )
     calibration: Literal["parallel", "sequential"] = _f(
-        "sequential",  # -60% one-shot: better on both texts, 1.4x the seconds, one layer's Σ (compensation.md)
+        "sequential",  # one-shot -30% and -60%: better on both texts, 1.4x the seconds, one layer's Σ (compensation.md)
         "how compensation sees each layer's inputs: parallel (every layer's statistics from one pass over the model "
         "as it was before the step, Σ of every layer held at once) or sequential (layers rebuilt in order, each on "
         "the inputs the already pruned layers give it; one layer's Σ held; docs/compensation.md)",
