@@ -313,34 +313,39 @@ class Trainer:
             # Gradients are all-reduced only on the last micro-batch of the step.
             with acc.no_sync(model) if micro < accum - 1 else nullcontext():
                 loss = self.compute_loss(model, input_ids)
-                step_loss += self._checked_mean(loss, global_step, "loss") / accum
+                step_loss += checked_mean(acc, optimizer, loss, global_step, "loss") / accum
                 acc.backward(loss / accum)
             step_tokens += input_ids.numel() * acc.num_processes
         max_norm = self.config.optim.grad_clip or math.inf  # inf: measure the norm, never scale
         grad_norm = acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
         # fp16's loss scaler overflows now and then by design: its optimizer step is skipped, not an error.
-        grad_norm = self._checked_mean(grad_norm, global_step, "grad norm", overflow_ok=self._scaled())
+        scaled = getattr(acc, "scaler", None) is not None  # accelerate scales the loss (fp16 on a GPU)
+        grad_norm = checked_mean(acc, optimizer, grad_norm, global_step, "grad norm", overflow_ok=scaled)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return step_loss, step_tokens, grad_norm
 
-    def _scaled(self) -> bool:
-        """Whether accelerate scales the loss (fp16 on a GPU)."""
-        return getattr(self.accelerator, "scaler", None) is not None
 
-    def _checked_mean(self, value: torch.Tensor, global_step: int, what: str, overflow_ok: bool = False) -> float:
-        """Mean of a scalar over ranks; raise on every rank if any rank's value is NaN/inf (unless ``overflow_ok``)."""
-        value = value.detach()
-        if hasattr(value, "full_tensor"):  # FSDP2's clip_grad_norm_ returns a (replicated) DTensor
-            value = value.full_tensor()
-        value = value.float().reshape(())
-        bad = (~torch.isfinite(value)).float()
-        total, bad = self.accelerator.reduce(torch.stack([value, bad]), reduction="sum").tolist()
-        if bad > 0 and not overflow_ok:
-            # Drop partial gradients so the caller can recover (lower lr, reload) from a clean state.
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(global_step, what, total)
-        return total / self.accelerator.num_processes
+def checked_mean(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    value: torch.Tensor,
+    global_step: int,
+    what: str,
+    overflow_ok: bool = False,
+) -> float:
+    """Mean of a scalar over ranks; raise on every rank if any rank's value is NaN/inf (unless ``overflow_ok``)."""
+    value = value.detach()
+    if hasattr(value, "full_tensor"):  # FSDP2's clip_grad_norm_ returns a (replicated) DTensor
+        value = value.full_tensor()
+    value = value.float().reshape(())
+    bad = (~torch.isfinite(value)).float()
+    total, bad = accelerator.reduce(torch.stack([value, bad]), reduction="sum").tolist()
+    if bad > 0 and not overflow_ok:
+        # Drop partial gradients so the caller can recover (lower lr, reload) from a clean state.
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(global_step, what, total)
+    return total / accelerator.num_processes
 
 
 def _next_batch(batch_iter: Iterator[torch.Tensor], step: int, steps: int) -> torch.Tensor:
