@@ -174,22 +174,40 @@ def test_lora_merge_before_surgery_is_exact_and_pruned_model_takes_a_new_adapter
     assert trainer.unwrapped_model().base_model.model.model.layers[0].mlp.up_proj.base_layer.out_features == 48
 
 
+def _torchrun(script: str, out: Path) -> None:
+    """Run ``tests/script`` on two gloo CPU ranks (it writes its results under ``out``)."""
+    env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(REPO / "tests" / script), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_fsdp2_surgery_keeps_moments_sharded_and_the_teacher_sharded(tmp_path):
+    """accelerate's FSDP2 on 2 gloo ranks (``fsdp_surgery_script.py``): the moments re-sharded one parameter
+    at a time equal the full state sliced the DDP way; the surgery's extra peak per rank stays under the
+    plan's figure and under what gathering the full moments beside the weights would take; the distillation
+    teacher holds half its parameters per rank and gives the unsharded models' loss."""
+    from adaptprune.plan.memory import StageSizes, transition_bytes
+
+    _torchrun("fsdp_surgery_script.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["moments_equal"] and rank["sliced"] == 13 and rank["copied"] == 17
+        assert rank["teacher_local"] == rank["teacher_params"] // 2
+        p, w = rank["params_before"], 4
+        sizes = StageSizes(rank["params_after"], rank["params_after"], p, True, 0, 0, layer=rank["largest_layer"])
+        assert rank["surgery_peak_bytes"] + rank["moment_shard_bytes"] <= transition_bytes(sizes, w, "fsdp", 2)
+        assert rank["surgery_peak_bytes"] < p * w + 2 * p * w  # the full weights and full moments at once
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    expected_first = (ranks[0]["first_loss_unsharded"] + ranks[1]["first_loss_unsharded"]) / 2
+    assert ranks[0]["losses"][0] == pytest.approx(expected_first, rel=1e-5)
+
+
 def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     """torchrun, 2 gloo ranks, different data per rank: DDP keeps the replicas equal,
     through a surgery and a re-prepare."""
-    env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(REPO / "tests" / "ddp_train_script.py"),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _torchrun("ddp_train_script.py", tmp_path)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["distributed_type"] == "MULTI_CPU" and r["num_processes"] == 2 for r in reports)
     assert reports[0]["losses"] == reports[1]["losses"]  # logged losses are rank means

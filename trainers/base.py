@@ -40,7 +40,14 @@ from .optim_state import (
     state_by_name,
 )
 from .optim_state_shape import Record, carry_reshaped_optimizer_state
-from .sharding import gather_model, gather_optimizer_state, is_sharded, load_optimizer_state
+from .sharding import (
+    carry_sharded_state,
+    gather_model,
+    gather_optimizer_state,
+    is_sharded,
+    load_optimizer_state,
+    sharded_state_by_name,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -188,6 +195,12 @@ class Trainer:
             enable_activation_checkpointing(model)
         module = self.wrap_for_training(model)
         optimizer = adamw_for(module, self.config.optim, self.accelerator.device.type)
+        if is_sharded(self.accelerator):
+            module, optimizer = self.accelerator.prepare(module, optimizer)
+            if self._held_state is not None:  # sharded moments: gathered, sliced, re-sharded one at a time
+                self.last_carry = carry_sharded_state(self._held_state, records, module, optimizer)
+                self._held_state = None
+            return module, optimizer
         if self._held_state is not None:
             # Before prepare: AcceleratedOptimizer re-loads the state onto the device itself. Width or
             # depth surgery renames and slices whole-model names; unit surgery alone slices by layer.
@@ -196,14 +209,7 @@ class Trainer:
             # consume: each old moment is freed as its slice is placed (in place: old state + one parameter)
             self.last_carry = carry(self._held_state, records, optimizer, module, consume=True)
             self._held_state = None
-        if not is_sharded(self.accelerator):
-            return self.accelerator.prepare(module, optimizer)
-        carried = state_by_name(optimizer, module)  # FSDP2's prepare swaps the parameters: reload by name after
-        optimizer.state.clear()
-        module, optimizer = self.accelerator.prepare(module, optimizer)
-        if carried:
-            load_optimizer_state(module, optimizer, carried)
-        return module, optimizer
+        return self.accelerator.prepare(module, optimizer)
 
     def unwrapped_model(self) -> nn.Module:
         """The training module without the DDP wrapper (its forward still autocasts under bf16)."""
@@ -220,13 +226,13 @@ class Trainer:
         """Hand the plain model over for calibration, scoring and surgery.
 
         Keeps the optimizer state by parameter name (if the strategy carries it and the config
-        says 'carry'), then releases the DDP/FSDP wrapper and optimizer (FSDP: the full weights and
-        state are gathered first, see ``sharding``). Call ``after_surgery`` next.
+        says 'carry'), then releases the DDP/FSDP wrapper and optimizer (FSDP: the full weights are
+        gathered first, the moments stay sharded, see ``sharding``). Call ``after_surgery`` next.
         """
         module = self.accelerator.unwrap_model(self.model)
         carry = self.carries_optimizer_state and self.config.optim.after_surgery == "carry"
         if is_sharded(self.accelerator):
-            self._held_state = gather_optimizer_state(module, self.optimizer) if carry else None
+            self._held_state = sharded_state_by_name(module, self.optimizer) if carry else None
             module = gather_model(module)
         elif carry:
             self._held_state = state_by_name(self.optimizer, module)

@@ -19,6 +19,7 @@ from adaptprune.config import TrainConfig
 from .base import lm_loss, register_trainer
 from .full import FullTrainer
 from .head_loss import HeadLoss, fused_head_loss, next_token_targets
+from .sharding import is_sharded, shard_teacher
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -46,7 +47,8 @@ def resolved_teacher_dtype(setting: str, model_dtype: str, device: torch.device 
 
 @register_trainer
 class DistillTrainer(FullTrainer):
-    """Full-parameter student, frozen dense teacher (eval mode, no grads, never DDP-wrapped)."""
+    """Full-parameter student, frozen dense teacher (eval mode, no grads, never DDP-wrapped; under FSDP2
+    sharded like the student)."""
 
     name = "distill"
     needs_teacher = True
@@ -63,6 +65,8 @@ class DistillTrainer(FullTrainer):
         if {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
             raise ValueError("teacher and student share parameters: pass a copy of the dense model as teacher")
         self.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        if is_sharded(accelerator):  # in place: the same teacher object serves every stage's trainer
+            self.teacher = shard_teacher(accelerator, self.teacher)
         super().__init__(model, accelerator, config)
 
     def head_loss(self) -> HeadLoss:

@@ -96,7 +96,7 @@ def slice_state(state: Mapping[str, torch.Tensor], cuts: Sequence[tuple[int, tor
     return out
 
 
-def _place(state: dict, param: nn.Parameter, group: Mapping, name: str) -> dict:
+def place_state(state: dict, param: nn.Parameter, group: Mapping, name: str) -> dict:
     """Move state next to its parameter, as torch's ``load_state_dict`` does."""
     placed = {}
     for key, value in state.items():
@@ -142,7 +142,7 @@ def carry_optimizer_state(
             report.fresh.append(name)
             continue
         state = slice_state(old, cuts.get(name, ()))
-        new_optimizer.state[param] = _place(state, param, groups[id(param)], name)
+        new_optimizer.state[param] = place_state(state, param, groups[id(param)], name)
         (report.sliced if name in cuts else report.copied).append(name)
     report.unmatched = sorted(set(old_state_by_name) - names)
     if consume:

@@ -3,29 +3,36 @@
 Scoring and surgery need the full ``nn.Linear`` weights on every rank (every rank applies rank 0's
 plan to identical weights), while training keeps each rank's shard only. So around each surgery:
 
-1. ``gather_model``: the full state dict is all-gathered (``get_model_state_dict`` with
-   ``full_state_dict=True``) into a plain copy of the model built from its config;
-2. ``gather_optimizer_state``: AdamW's moments likewise, keyed by parameter name (the same format
-   the DDP path uses, so ``optim_state`` slices them along the kept units exactly as there);
-3. after surgery the plain model is prepared again, which re-shards it, and
-   ``load_optimizer_state`` scatters the sliced moments back into the new sharded optimizer.
+1. ``gather_model``: the weights are all-gathered, one parameter at a time, into a plain copy of the
+   model built from its config;
+2. ``sharded_state_by_name``: AdamW's moments stay sharded, keyed by parameter name;
+3. after surgery the plain model is prepared again, which re-shards it, and ``carry_sharded_state``
+   moves the moments over one parameter at a time: a parameter surgery did not cut keeps its shards
+   as they are; a cut one is gathered, sliced along the kept units exactly as on DDP
+   (``optim_state_shape.reshape_state``) and re-sharded like its new parameter.
 
-Memory: the full model and its optimizer state live on every rank during surgery only.
+Memory: the full weights live on every rank during surgery; the optimizer state never exceeds its
+shards plus one parameter's full moments (``gather_optimizer_state`` remains for checkpoints).
+The frozen distillation teacher is sharded like the student (``shard_teacher``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
 
-from .optim_state import StateByName
+from adaptprune.arch import get_adapter
+
+from .optim_state import CarryReport, OptimizerStateError, StateByName, place_state, state_by_name
+from .optim_state_shape import Record, reshape_state
 
 FULL = StateDictOptions(full_state_dict=True)
 
@@ -43,21 +50,25 @@ def _plain_class(model: nn.Module) -> type[nn.Module]:
 
 
 def gather_model(model: nn.Module) -> nn.Module:
-    """A plain, unsharded copy of an FSDP2 model with its full weights, on every rank (collective)."""
-    full = get_model_state_dict(model, options=FULL)
-    device = next(iter(full.values())).device
+    """A plain, unsharded copy of an FSDP2 model with its full weights, on every rank (collective).
+
+    Gathered one parameter at a time into a copy built from the config, so the peak is the full weights
+    plus one parameter's gather, never a second full copy (a full state dict loaded into the model).
+    """
+    sharded = dict(model.named_parameters())
+    first = next(iter(sharded.values()))
     with torch.device("meta"):
-        plain = _plain_class(model)(model.config)
-    plain.to_empty(device=device)
-    plain.load_state_dict(full, strict=True)
+        plain = _plain_class(model)(model.config).to(first.dtype)
+    plain.to_empty(device=first.device)
     if getattr(plain.config, "tie_word_embeddings", False):
         plain.tie_weights()
-    for name, buffer in model.named_buffers():  # FSDP2 shards parameters only; buffers are whole
-        plain.get_buffer(name).copy_(buffer)
-    plain.train(model.training)
-    for name, param in plain.named_parameters():
-        param.requires_grad_(model.get_parameter(name).requires_grad)
-    return plain
+    with torch.no_grad():
+        for name, param in plain.named_parameters():  # the same order on every rank: each is a collective
+            param.copy_(_full(sharded[name]))
+            param.requires_grad_(sharded[name].requires_grad)
+        for name, buffer in model.named_buffers():  # FSDP2 shards parameters only; buffers are whole
+            plain.get_buffer(name).copy_(buffer)
+    return plain.train(model.training)
 
 
 def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> StateByName:
@@ -88,6 +99,94 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         for param in group["params"]:
             if id(param) not in loaded:
                 raw.state.pop(param, None)
+
+
+def sharded_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> StateByName:
+    """The live AdamW state of an FSDP2 model keyed by parameter name, left sharded (no collective)."""
+    return state_by_name(_raw(optimizer), model)
+
+
+def carry_sharded_state(
+    held: StateByName, records: Sequence[Record], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> CarryReport:
+    """Fill the re-sharded ``optimizer`` from the pre-surgery sharded state ``held`` (emptied as it goes).
+
+    One parameter at a time, in the same order on every rank (each gather is a collective): state of a
+    removed layer is dropped, an uncut parameter keeps its shards (renamed if its layer moved), a cut one
+    is gathered, sliced and re-sharded. The step count is copied (Adam's bias correction continues).
+    """
+    raw, prefix = _raw(optimizer), get_adapter(model).layers_path
+    params = dict(model.named_parameters())
+    groups = {id(p): g for g in raw.param_groups for p in g["params"]}
+    report = CarryReport()
+    for name in list(held):
+        old = held.pop(name)
+        moved, touched = reshape_state({name: {}}, records, prefix)  # where the name goes, no tensors
+        if not moved:
+            continue  # its layer was removed
+        (new_name,) = moved
+        param = params.get(new_name)
+        if param is None or id(param) not in groups:
+            report.unmatched.append(name)
+            continue
+        if new_name in touched or not _same_layout(old, param):
+            gathered = {key: _full(value) for key, value in old.items()}
+            old = reshape_state({name: gathered}, records, prefix, consume=True)[0][new_name]
+        raw.state[param] = _sharded_like(old, param, groups[id(param)], new_name)
+        (report.sliced if new_name in touched else report.copied).append(new_name)
+    placed = {id(p) for p in raw.state}
+    report.fresh = [n for n, p in params.items() if id(p) in groups and id(p) not in placed]
+    return report
+
+
+def _full(value):
+    """A tensor of optimizer state with its whole extent on every rank (collective for a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _same_layout(state: dict, param: torch.Tensor) -> bool:
+    """Whether the per-element state tensors are already sharded exactly like ``param``."""
+    return all(
+        getattr(v, "placements", None) == param.placements
+        and v.device_mesh == param.device_mesh
+        and v.shape == param.shape
+        for v in state.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
+
+
+def _sharded_like(state: dict, param: torch.Tensor, group: dict, name: str) -> dict:
+    """``state`` placed for the DTensor ``param``: full tensors cut into this rank's shard (no collective:
+    every rank holds the same full tensor), shards of the right layout kept as they are."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, DTensor) or not (torch.is_tensor(value) and value.dim() > 0):
+            out[key] = value if isinstance(value, DTensor) else place_state({key: value}, param, group, name)[key]
+            continue
+        if value.shape != param.shape:
+            raise OptimizerStateError(
+                f"{name}: state '{key}' has shape {tuple(value.shape)}, parameter has {tuple(param.shape)}"
+            )
+        full = value.to(device=param.device, dtype=param.dtype)
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        # The shard may be a view of the full tensor: copy it so the full tensor is freed now.
+        local = shard.to_local().clone()
+        out[key] = DTensor.from_local(
+            local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+        )
+    return out
+
+
+def shard_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:
+    """The frozen teacher sharded like the student (accelerate's FSDP2 wrapping: one unit per decoder layer),
+    so each rank holds 1/N of it plus the unit running now."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    return fsdp2_prepare_model(accelerator, teacher)
 
 
 def _raw(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

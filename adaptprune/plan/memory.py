@@ -14,9 +14,11 @@ checkpointing backward keeps them). DDP adds its gradient buckets, P·w (acceler
 ``gradient_as_bucket_view=False``). FSDP (FULL_SHARD) divides weights, gradients and moments by N
 and instead holds the gathered units: the root (embeddings, final norm) and two decoder layers
 (one computing, one prefetched), in compute precision, with their gradients, (P_root + 2·P_layer)·(c + w).
-The ``distill`` teacher is a full, frozen copy of the dense model on every GPU, P₀·t with t the bytes of
+The ``distill`` teacher is a frozen copy of the dense model, P₀·t with t the bytes of
 ``train.distill.teacher_dtype`` (``auto`` is planned as bf16, t = 2: the GPUs planned for compute it
-natively; the controller loads it so and never wraps it). AdamW steps with the fused CUDA kernel, in
+natively); on one GPU and under DDP every GPU holds all of it, under FSDP it is sharded like the student
+(``trainers/sharding.shard_teacher``): P₀·t/N plus its gathered units, (P_root + 2·P_layer)·t, taken
+from the dense model. AdamW steps with the fused CUDA kernel, in
 place: no step temporary (torch's default foreach implementation would allocate sqrt(v̂) for every
 parameter at once, one more P·w/N). The training peak is
 
@@ -25,7 +27,8 @@ parameter at once, one more P·w/N). The training peak is
 Under ``train.trainer: lora`` gradients, AdamW state and buckets count only the adapter parameters,
 r·(in + out) per adapted linear. A stage that starts with surgery also holds the previous model's AdamW
 state (kept by name) while it is sliced into the new one, one parameter at a time (``transition_bytes``);
-under FSDP that surgery gathers the full model and state on every rank.
+under FSDP that surgery gathers the full weights on every rank, while the old moments stay sharded and
+are gathered, sliced and re-sharded one parameter at a time.
 
 **Activations of one Llama-style decoder layer (bytes per token)**, derived by listing what autograd
 saves in Hugging Face's ``LlamaDecoderLayer`` with SDPA (flash / memory-efficient kernels: no T×T
@@ -217,11 +220,21 @@ def footprint(sizes: StageSizes, activations: int, p: Precision, mode: str, gpus
         autocast_copies=sizes.trained * p.compute_bytes if p.casts and mode != "fsdp" else 0,
         ddp_buckets=sizes.trainable * w if mode == "ddp" and gpus > 1 else 0,
         fsdp_gathered=sizes.gathered * (p.compute_bytes + w) if mode == "fsdp" else 0,
-        teacher=sizes.teacher * (sizes.teacher_bytes or w),
+        teacher=teacher_bytes(sizes, w, mode, gpus),
         activations=activations,
         optimizer_step=0,  # fused AdamW on CUDA updates in place (trainers/base.adamw_for)
         transition=transition_bytes(sizes, w, mode, gpus),
     )
+
+
+def teacher_bytes(sizes: StageSizes, w: int, mode: str, gpus: int) -> int:
+    """Bytes of the frozen teacher per GPU: all of it, or under FSDP its shard plus its gathered units."""
+    t = sizes.teacher_bytes or w
+    if not sizes.teacher:
+        return 0
+    if mode == "fsdp":
+        return math.ceil(sizes.teacher * t / gpus) + sizes.gathered * t
+    return sizes.teacher * t
 
 
 def transition_bytes(sizes: StageSizes, w: int, mode: str, gpus: int) -> int:
@@ -230,15 +243,21 @@ def transition_bytes(sizes: StageSizes, w: int, mode: str, gpus: int) -> int:
     The model before surgery, P_before·w, the teacher, and with carried state the old AdamW moments
     (kept by name), 2·P_before·w, plus one parameter's sliced moments at a time: the carry frees each old
     moment as its slice is placed (``optim_state.carry_optimizer_state(consume=True)``), bounded here by
-    one decoder layer, 2·P_layer·w. Under FSDP (``trainers/sharding.py``) the full model and the old
-    moments are gathered on every rank, while the sharded copies, 3·P_before·w/N, still exist.
+    one decoder layer, 2·P_layer·w. Under FSDP (``trainers/sharding.py``) the full weights are gathered on
+    every rank, one parameter at a time, and the old moments stay sharded, 2·P_before·w/N, each gathered,
+    sliced and re-sharded one parameter at a time (2·P_layer·w). Re-sharding the pruned model is the peak:
+    accelerate keeps its full weights referenced until every unit is sharded while ``fully_shard``
+    allocates the shards and FSDP2's buffers, together at most a second model, 2·P_before·w
+    (``tests/fsdp_surgery_script.py`` measures it).
     """
     if not sizes.before:
         return 0
     trainable_before = sizes.before if sizes.trainable == sizes.trained else 0
-    state = 2 * (trainable_before + sizes.layer) * w if sizes.carried else 0
-    shards = math.ceil(3 * sizes.before * w / gpus) if mode == "fsdp" else 0
-    return sizes.before * w + state + shards + sizes.teacher * (sizes.teacher_bytes or w)
+    moments = 2 * trainable_before * w if sizes.carried else 0
+    one_parameter = 2 * sizes.layer * w if sizes.carried else 0
+    if mode == "fsdp":
+        return 2 * sizes.before * w + math.ceil(moments / gpus) + one_parameter + teacher_bytes(sizes, w, mode, gpus)
+    return sizes.before * w + moments + one_parameter + teacher_bytes(sizes, w, mode, gpus)
 
 
 def fits(peak_bytes: int, gpu_gib: float) -> bool:
