@@ -2,6 +2,8 @@
 
     python scripts/gpu_check.py                          # CUDA: embedded SmolLM2-135M, 2 stages, 300 steps
     python scripts/gpu_check.py --device cpu --quick     # tiny-random-llama, a handful of steps (< 60 s)
+    python scripts/gpu_check.py --distill                # the same with the distill trainer: the fused,
+                                                         # chunked head + KD loss and the bf16 teacher
 
 It writes a JSON (``--json``, default runs/gpu_check.json) and prints one summary line. Model FLOPs
 utilisation is MFU = 6·N·(tokens/s) / peak, with N the parameters of the model each phase trains
@@ -45,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="tiny-random-llama and a handful of steps")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps over the whole run")
+    p.add_argument("--distill", action="store_true", help="distil from the dense teacher (fused, chunked loss)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s (for MFU)")
     p.add_argument("--json", default=str(ROOT / "runs" / "gpu_check.json"), help="where the results go")
     return p.parse_args(argv)
@@ -81,6 +84,8 @@ def check_config(args: argparse.Namespace, run_dir: Path):
         "output.tensorboard=false",
         f"output.log_every={max(1, steps // 10)}",
     ]
+    if args.distill:  # train.loss_chunk_tokens keeps its default (chunked); the teacher's dtype is "auto"
+        overrides.append("train.trainer=distill")
     return load_config(None, overrides)
 
 
@@ -161,6 +166,8 @@ def run_check(args: argparse.Namespace) -> dict:
         "device_name": name,
         "model": cfg.model.name,
         "mixed_precision": cfg.train.mixed_precision,
+        "trainer": cfg.train.trainer,
+        "loss_chunk_tokens": cfg.train.loss_chunk_tokens,
         "micro_batch": [cfg.train.batch_size, cfg.data.seq_len],
         "params_dense": results["original_params"],
         "params_final": results["final_params"],
@@ -174,6 +181,7 @@ def run_check(args: argparse.Namespace) -> dict:
         out.update(peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, memory_kind="cuda_max_allocated")
     else:
         out.update(peak_memory_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, memory_kind="max_rss")
+    out["peak_over_plan"] = out["peak_memory_gib"] / out["planned_peak_gib"]
     return out
 
 

@@ -56,13 +56,24 @@ def test_cpu_quick_check(tmp_path):
     assert result["memory_kind"] == "max_rss" and result["planned_peak_gib"] > 0
 
 
+def test_cpu_quick_distillation_check(tmp_path):
+    """``--distill``: the distill trainer with its fused, chunked head + KD loss through the real controller."""
+    result = _run(tmp_path, "--device", "cpu", "--quick", "--distill", timeout=240)
+    assert (result["trainer"], result["loss_chunk_tokens"]) == ("distill", 256)
+    assert result["stages"] == 2 and result["loss_finite"] and result["tokens"] == 8 * 4 * 64
+    assert result["peak_over_plan"] == pytest.approx(result["peak_memory_gib"] / result["planned_peak_gib"])
+
+
 @pytest.mark.gpu
-def test_cuda_check(tmp_path):
+@pytest.mark.parametrize("trainer", ["full", "distill"])
+def test_cuda_check(tmp_path, trainer):
+    """On a GPU: the measured peak stays within the plan's figure (10% for the allocator's rounding)."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    result = _run(tmp_path, timeout=1800)
+    result = _run(tmp_path, *(["--distill"] if trainer == "distill" else []), timeout=1800)
     assert result["device"] == "cuda" and result["stages"] == 2 and result["loss_finite"]
     assert result["memory_kind"] == "cuda_max_allocated" and result["peak_memory_gib"] > 0
+    assert result["trainer"] == trainer and result["peak_over_plan"] < 1.1
     if result["peak_tflops"] is not None:
         assert 0 < result["mfu"] < 1
