@@ -134,8 +134,8 @@ def test_recipe_memory_claims():
     assert make_plan(llama, PlanOptions(gpus=8, gpu_memory_gib=140)).memory["ddp"]["checkpointing"]["fits"]
     for name in ("qwen2.5-0.5b-to-350m.yaml", "smollm2-360m-to-135m.yaml"):
         memory = make_plan(load_config(ROOT / "configs" / name), PlanOptions(gpus=8)).memory
-        assert memory["ddp"]["no_checkpointing"]["fits"], name
-        assert memory["ddp"]["no_checkpointing"]["peak"] < 45 * GIB, name
+        assert memory["ddp"]["no_checkpointing"]["fits"], name  # micro-batch 16 x 2048: the fused loss
+        assert memory["ddp"]["no_checkpointing"]["peak"] < 61 * GIB, name
 
 
 def test_what_the_3b_recipe_saves_term_by_term():
