@@ -149,3 +149,65 @@ def test_a_bf16_teacher_distils_like_the_fp32_one():
         assert next(trainer.teacher.parameters()).dtype == dtype
         losses.append(trainer.compute_loss(trainer.model, ids).item())
     assert losses[1] == pytest.approx(losses[0], rel=0.02) and losses[1] != losses[0]
+
+
+class _OnCuda:
+    """Stands in for hidden states on a CUDA device: ``uses_liger`` reads only ``is_cuda``."""
+
+    is_cuda = True
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_loss_kernel_auto_takes_liger_only_where_it_computes_the_same_loss(monkeypatch, installed):
+    from trainers import liger_loss
+
+    monkeypatch.setattr(liger_loss, "liger_installed", lambda: installed)
+    w = torch.zeros(4, 2)
+    plain, biased, capped = LMHead(w, None, None), LMHead(w, torch.zeros(4), None), LMHead(w, None, 30.0)
+    kd, lm = HeadLoss(kd_weight=1.0), HeadLoss(kd_weight=0.0)
+    assert liger_loss.uses_liger("auto", _OnCuda(), plain, plain, kd) == installed
+    assert liger_loss.uses_liger("auto", _OnCuda(), biased, None, lm) == installed  # its CE takes a bias
+    assert not liger_loss.uses_liger("auto", _OnCuda(), plain, capped, kd)  # its JSD has no soft-capping
+    assert not liger_loss.uses_liger("auto", _OnCuda(), biased, plain, kd)
+    assert not liger_loss.uses_liger("torch", _OnCuda(), plain, plain, kd)
+    assert liger_loss.uses_liger("liger", _OnCuda(), plain, plain, kd)
+    assert not any(liger_loss.uses_liger(k, torch.zeros(1), plain, plain, kd) for k in liger_loss.LOSS_KERNELS)
+
+
+def test_liger_where_it_cannot_run_is_a_one_line_error_before_training(monkeypatch):
+    from adaptprune.config import ConfigError
+    from trainers import liger_loss
+
+    monkeypatch.setattr(liger_loss, "liger_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install 'adaptprune\[liger\]'"):
+        get_trainer("full")(hf_model("llama", 0), cpu_accelerator(), train_cfg(loss_kernel="liger"))
+    monkeypatch.setattr(liger_loss, "liger_installed", lambda: True)
+    with pytest.raises(ConfigError, match="needs a CUDA device, the run is on cpu"):
+        liger_loss.check_loss_kernel("liger", torch.device("cpu"))
+    liger_loss.check_loss_kernel("auto", torch.device("cpu"))  # auto falls back to the torch chunks
+    with pytest.raises(ConfigError, match="loss_kernel"):
+        train_cfg(loss_kernel="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("kd_weight", "temperature"), CASES)
+def test_liger_kernels_equal_the_torch_chunks_on_cuda(kd_weight, temperature):
+    """Liger's fused linear JSD (β = 0, times T²) and cross-entropy against ``_FusedHeadLoss``, fp32 on CUDA."""
+    pytest.importorskip("liger_kernel")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(300, 64, generator=gen).cuda().requires_grad_()
+    weight = (torch.randn(1000, 64, generator=gen) / 8).cuda().requires_grad_()
+    t_hidden, t_weight = torch.randn(300, 64, generator=gen).cuda(), (torch.randn(1000, 64, generator=gen) / 8).cuda()
+    targets = torch.randint(0, 1000, (300,), generator=gen).cuda()
+    targets[::7] = IGNORE_INDEX
+    results = []
+    for kernel in ("torch", "liger"):
+        spec = HeadLoss(chunk_tokens=64, kd_weight=kd_weight, temperature=temperature, kernel=kernel)
+        loss = fused_head_loss(
+            hidden, LMHead(weight, None, None), targets, spec, t_hidden, LMHead(t_weight, None, None)
+        )
+        results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -33,6 +33,7 @@ from adaptprune.config import OptimArgs, TrainConfig
 from adaptprune.config.registry import TRAINERS
 
 from .head_loss import HeadLoss, fused_head_loss, next_token_targets
+from .liger_loss import check_loss_kernel
 from .optim_state import (
     CarryReport,
     StateByName,
@@ -158,6 +159,7 @@ class Trainer:
     ):
         self.accelerator = accelerator
         self.config = config or TrainConfig()
+        check_loss_kernel(self.config.loss_kernel, accelerator.device)
         self._held_state: StateByName | None = None
         self.last_carry: CarryReport | None = None  # what the last after_surgery did with the state
         self.model, self.optimizer = self._prepare(model, records=())
@@ -182,7 +184,7 @@ class Trainer:
 
     def head_loss(self) -> HeadLoss:
         """What the fused head computes (the LM loss here; distillation mixes in the KL)."""
-        return HeadLoss(chunk_tokens=self.config.loss_chunk_tokens)
+        return HeadLoss(chunk_tokens=self.config.loss_chunk_tokens, kernel=self.config.loss_kernel)
 
     def fuses_head(self, model: nn.Module) -> bool:
         """Whether the loss runs chunked through the head (``train.loss_chunk_tokens`` > 0 and a family that can)."""

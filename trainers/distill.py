@@ -71,7 +71,12 @@ class DistillTrainer(FullTrainer):
 
     def head_loss(self) -> HeadLoss:
         d = self.config.distill
-        return HeadLoss(chunk_tokens=self.config.loss_chunk_tokens, kd_weight=d.kd_weight, temperature=d.temperature)
+        return HeadLoss(
+            chunk_tokens=self.config.loss_chunk_tokens,
+            kd_weight=d.kd_weight,
+            temperature=d.temperature,
+            kernel=self.config.loss_kernel,
+        )
 
     def compute_loss(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         if self.fuses_head(model) and supports_hidden_forward(self.teacher):

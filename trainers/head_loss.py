@@ -41,6 +41,7 @@ class HeadLoss:
     chunk_tokens: int = 256
     kd_weight: float = 0.0  # α: 0 = LM loss only (no teacher)
     temperature: float = 1.0
+    kernel: str = "torch"  # train.loss_kernel: torch (this module), liger or auto (``liger_loss``)
 
 
 def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,6 +66,10 @@ def fused_head_loss(
         raise ValueError("a distillation loss (kd_weight > 0) needs the teacher's hidden states and head")
     if spec.chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {spec.chunk_tokens}")
+    from .liger_loss import liger_head_loss, uses_liger  # imports this module: resolved at call time
+
+    if uses_liger(spec.kernel, hidden, head, teacher_head, spec):
+        return liger_head_loss(hidden, head, targets, spec, teacher_hidden, teacher_head)
     flat = hidden.reshape(-1, hidden.shape[-1])
     teacher = None
     if spec.kd_weight > 0:

@@ -358,6 +358,11 @@ class TrainConfig:
         "0 = materialise every logit (the unfused reference)",
         min=0,
     )
+    loss_kernel: Literal["auto", "torch", "liger"] = _f(
+        "auto",
+        "the fused head + loss: torch chunks (any device), Liger-Kernel's Triton kernels (CUDA, the 'liger' "
+        "extra), or auto: Liger on CUDA where installed and the head has no bias or soft-capping under KD",
+    )
     on_nonfinite: Literal["rollback", "stop"] = _f(
         "rollback", "NaN/inf loss: reload the last checkpoint at half the lr, or stop"
     )
