@@ -42,7 +42,12 @@ WHAT = {  # schedule -> what it changes against the default incremental run
     "before stage 1 (prune.target_shape=search)",
     **{f"incremental-distill-shape{text}-ls": f"+ least squares + target shape {text}" for text in PROBED_60},
     "incremental-distill-ls-alldims": "+ least squares + hidden and layers (per-step search)",
-    "incremental-distill-ls-accumulating": "+ least squares + accumulating allocation (2% inner re-scoring)",
+    "incremental-distill-ls-accumulating": "+ least squares + accumulating allocation (2% inner re-scoring), "
+    "every layer rebuilt from the statistics before the step (prune.calibration=parallel)",
+    "incremental-distill-ls-accumulating-sequential-self": "the same, layers rebuilt in order on the pruned model's "
+    "inputs (prune.calibration=sequential: the default since 3ec367e)",
+    "incremental-distill-ls-accumulating-sequential-dense": "the same, sequential, rebuilt towards the layers as "
+    "they were (prune.rebuild_target=dense)",
     "incremental-distill-ls-accumulating-coarse": "+ least squares + accumulating, 5% inner steps",
     "incremental-distill-ls-accumulating-alldims": "+ least squares + accumulating + hidden and layers",
     "adapt-pruner-distill": "Adapt-Pruner as published (Taylor 512x64, 2% steps, no compensation)",
