@@ -238,3 +238,62 @@ def test_least_squares_without_bias_fits_raw_moments_and_writes_no_bias(target):
     plan = _keep_plan(model, {0: {MLP: [1, 2]}, 1: {MLP: [3]}})
     sequential_rebuild(model, plan, _sequences(), "least_squares_no_bias", RIDGE, get_adapter(model), target, False)
     assert all(layer.mlp.down_proj.bias is None for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_look_ahead_collects_what_calibrating_the_pruned_model_gives(model_type):
+    """The next inner step's statistics, gathered as the pass runs each pruned layer on that text's stream,
+    equal a calibration of the pruned model on that text: moments of every o/down input and influence."""
+    from adaptprune.calibration.activations import LayerwiseStats
+
+    model = _model(model_type)
+    adapter = get_adapter(model)
+    plan = _keep_plan(model, FAMILIES[model_type].removed)
+    following = torch.randint(3, 128, (6, 12), generator=torch.Generator().manual_seed(9))
+    ahead = LayerwiseStats(model, adapter, following)
+    sequential_rebuild(model, plan, _sequences(), "least_squares", RIDGE, adapter, "self", False, lookahead=ahead)
+    got, want = ahead.result(), calibrate(model, following, batch_size=4, progress=False)
+    assert got.tokens == want.tokens == following.numel()
+    for layer_got, layer_want in zip(got.layers, want.layers, strict=True):
+        assert layer_got.influence == pytest.approx(layer_want.influence, rel=1e-6, abs=1e-9)
+        for kind in (ATTENTION, MLP):
+            a, b = layer_got.channels(kind), layer_want.channels(kind)
+            assert a.count == b.count
+            for field in ("mean", "var", "sq_mean"):
+                torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-9)
+
+
+def test_accumulating_inner_steps_with_look_ahead_prune_as_recalibrating_does(monkeypatch):
+    """A stage of accumulating inner steps: the look-ahead (the default) keeps the same units and weights as
+    calibrating before every inner step, with one calibration forward instead of one per step."""
+    from adaptprune.calibration.text import fresh_windows
+    from adaptprune.pruning import step
+
+    cfg = PruneConfig(
+        allocation="accumulating", calibration="sequential", compensation="least_squares", inner_step_fraction=0.05
+    )
+    stream = torch.randint(3, 128, (4000,), generator=torch.Generator().manual_seed(3))
+    results, forwards, calibrate_for = [], [], step.calibrate_for
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(step, "lookahead_stats", lambda *args: None)
+        calls = []
+        monkeypatch.setattr(step, "calibrate_for", _counting(calibrate_for, calls))
+        model = _model("llama")
+        target = count_parameters(model) * 3 // 4
+        report = prune_step(model, fresh_windows(stream, 6, 12, seed=0), target, cfg, progress=False)
+        results.append((report.plan, _weights(model)))
+        forwards.append((len(calls), report.inner_steps))
+    (fused_plan, fused_weights), (plain_plan, plain_weights) = results
+    assert fused_plan == plain_plan and forwards[0][1] == forwards[1][1] > 2
+    assert forwards[0][0] == 1 and forwards[1][0] > 2  # one calibration forward, against one per inner step
+    for name, tensor in plain_weights.items():
+        torch.testing.assert_close(fused_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _counting(fn, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted

@@ -31,7 +31,8 @@ live on the device of the activations they summarise.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -194,29 +195,46 @@ class InfluenceAccumulator:
 
 # ---- orchestration --------------------------------------------------------------------------
 class _Hooks:
-    """The calibration hooks of every decoder layer; ``remove`` undoes all of them."""
+    """The calibration hooks of every decoder layer (``attach=False``: none yet, see ``attached``);
+    ``remove`` undoes all of them."""
 
     def __init__(
-        self, model: nn.Module, adapter: ArchAdapter, collect_cov: bool, collect_residual: bool = False
+        self,
+        model: nn.Module,
+        adapter: ArchAdapter,
+        collect_cov: bool,
+        collect_residual: bool = False,
+        attach: bool = True,
     ) -> None:
         self.handles: list = []
+        self.adapter = adapter
         layers = adapter.decoder_layers(model)
         self.residual = [ChannelAccumulator() for _ in range(len(layers) + 1)] if collect_residual else None
         self.channels = [{kind: ChannelAccumulator(collect_cov) for kind in UNIT_KINDS} for _ in layers]
         self.influence = [InfluenceAccumulator() for _ in layers]
         try:
-            for idx, layer in enumerate(layers):
-                for kind, path in ((MLP, adapter.mlp_output), (ATTENTION, adapter.attention_output)):
-                    acc = self.channels[idx][kind]
-                    self.handles.append(
-                        layer.get_submodule(path).register_forward_pre_hook(
-                            lambda _m, args, acc=acc: acc.update(args[0])
-                        )
-                    )
-                self.handles.append(layer.register_forward_hook(self._influence_hook(idx), with_kwargs=True))
+            for idx, layer in enumerate(layers if attach else ()):
+                self._attach(idx, layer)
         except BaseException:
             self.remove()
             raise
+
+    def _attach(self, idx: int, layer: nn.Module) -> None:
+        for kind, path in ((MLP, self.adapter.mlp_output), (ATTENTION, self.adapter.attention_output)):
+            acc = self.channels[idx][kind]
+            self.handles.append(
+                layer.get_submodule(path).register_forward_pre_hook(lambda _m, args, acc=acc: acc.update(args[0]))
+            )
+        self.handles.append(layer.register_forward_hook(self._influence_hook(idx), with_kwargs=True))
+
+    @contextmanager
+    def attached(self, idx: int, layer: nn.Module) -> Iterator[None]:
+        """Layer ``idx``'s hooks on ``layer`` (as it is now) for the duration of the block."""
+        try:
+            self._attach(idx, layer)
+            yield
+        finally:
+            self.remove()
 
     def _influence_hook(self, idx: int):
         def hook(_module, args, kwargs, output):
@@ -240,6 +258,23 @@ class _Hooks:
             LayerStats(mlp=ch[MLP].result(), attention=ch[ATTENTION].result(), influence=inf.result())
             for ch, inf in zip(self.channels, self.influence, strict=True)
         ]
+
+
+class LayerwiseStats:
+    """What ``calibrate`` (no Taylor terms, no Σ) gives on ``sequences``, collected one decoder layer at a time
+    while a sequential pass runs each layer, already pruned, on the text's cached hidden states
+    (``pruning.sequential``): the next inner step's statistics without a calibration forward of its own."""
+
+    def __init__(self, model: nn.Module, adapter: ArchAdapter, sequences: Tensor) -> None:
+        self.sequences = sequences
+        self._hooks = _Hooks(model, adapter, collect_cov=False, attach=False)
+
+    def collecting(self, idx: int, layer: nn.Module):
+        """Context: statistics of layer ``idx`` from what ``layer`` computes inside the block."""
+        return self._hooks.attached(idx, layer)
+
+    def result(self) -> CalibrationResult:
+        return CalibrationResult(layers=self._hooks.layer_stats(), tokens=self.sequences.numel())
 
 
 def _check_sequences(sequences: Tensor, batch_size: int) -> None:

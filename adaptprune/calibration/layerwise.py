@@ -97,6 +97,31 @@ class LayerCalls:
             model.train(was_training)
         return cls(calls, first)
 
+    @torch.no_grad()
+    def for_text(self, model: nn.Module, sequences: Tensor, adapter: ArchAdapter, batch_size: int = 4) -> LayerCalls:
+        """The calls for other text: the same call arguments where the mini-batches have the same shapes (masks
+        and rotary tables depend on shapes, not tokens), so only the stream entering layer 0 is computed."""
+        batches = torch.split(sequences, batch_size)
+        if [tuple(b.shape) for b in batches] != [tuple(h.shape[:2]) for h in self.first]:
+            return LayerCalls.capture(model, sequences, adapter, batch_size)
+        first: list[Tensor] = []
+
+        def keep(_module, args, kwargs):
+            first.append(_split_hidden(args, kwargs)[0].detach().clone())
+            raise _Reached
+
+        handle = adapter.decoder_layers(model)[0].register_forward_pre_hook(keep, with_kwargs=True)
+        device = next(model.parameters()).device
+        try:
+            for batch in batches:
+                try:
+                    model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
+                except _Reached:
+                    pass
+        finally:
+            handle.remove()
+        return LayerCalls(self.calls, first)
+
     @property
     def batches(self) -> int:
         return len(self.first)

@@ -60,3 +60,9 @@ def taylor_rows(sequences: Tensor, samples: int, seq_len: int) -> Tensor:
             f"{seq_len} in {tuple(sequences.shape)}: raise data.calib_tokens or lower prune.taylor_samples"
         )
     return rows[:samples]
+
+
+def indexed_by_step(calibration: Calibration) -> bool:
+    """Whether inner step j reads ``calibration[j]``: then a skipped step's text is not the next step's, as it
+    is when one tensor serves every step or a callable draws the next text whenever a step asks."""
+    return not isinstance(calibration, Tensor) and not callable(calibration)

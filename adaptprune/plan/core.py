@@ -16,6 +16,7 @@ from ..arch import ArchAdapter
 from ..calibration.activations import CHUNK_BYTES
 from ..checkpoint import meta_model, read_model_config
 from ..config import ConfigError, RunConfig
+from ..pruning.sequential import looks_ahead
 from ..pruning.shape.choice import searches, sized_candidates
 from ..pruning.shape.target import ShapeWalk, plan_walk
 from ..pruning.shape.trial import trial_bytes
@@ -258,13 +259,16 @@ def covariance_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter) -> 
 
 def sequential_bytes(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, weight_bytes: int) -> int:
     """What a sequential pass holds beside Σ: the cached stream of the calibration tokens (two with the dense
-    target, and then one decoder layer as it was before the step) and one projection's solve temporaries
+    target, and then one decoder layer as it was before the step; one more where inner steps look ahead, the
+    next step's text) and one projection's solve temporaries
     (float64: its weight, Δ, the right-hand side and the removed columns, 4 × out × C, and the C×C blocks it
     copies, one for self and three for dense: C̃_KK, C_xK and the rebuilt C̃_KK)."""
     if not cfg.prune.sequential:
         return 0
     dense = _rebuilds_towards_dense(cfg.prune)
-    held = (2 if dense else 1) * cfg.data.calib_tokens * model.config.hidden_size * weight_bytes
+    ahead = cfg.prune.allocation == "accumulating" and looks_ahead(cfg.prune)
+    streams = (2 if dense else 1) + (1 if ahead else 0)
+    held = streams * cfg.data.calib_tokens * model.config.hidden_size * weight_bytes
     if dense:
         held += max(count_parameters(layer) for layer in adapter.decoder_layers(model)) * weight_bytes
     squares = 3 if dense else 1

@@ -29,8 +29,15 @@ input channels K, with centred moments C̃ = Cov(x̃) and λ = ridge × mean(dia
   projection's inputs, so each layer corrects the error of the ones before it as far as its kept
   inputs can express it. Only least squares reads x; mean and energy use the new inputs' moments.
 
+**Look-ahead.** Inner steps (the accumulating allocation) calibrate the pruned model on the next text
+before they score. Layer l's statistics there depend only on layers 0..l, which the pass has finished
+when it moves on, so running each pruned layer on that text's stream as well collects exactly what the
+next calibration would (``LayerwiseStats``; call arguments are shared, they depend on shapes only) and
+saves its forward. Taylor metrics need a backward and Σ-reading metrics a covariance: those calibrate.
+
 Memory: one layer's Σ̃ (and, for ``dense``, its cross moment and one copy of the layer as it was),
-plus the cached streams (tokens × hidden each). ``adaptprune plan`` counts these.
+plus the cached streams (tokens × hidden each; one more with a look-ahead). ``adaptprune plan`` counts
+these.
 """
 
 from __future__ import annotations
@@ -44,8 +51,11 @@ from tqdm.auto import tqdm
 
 from ..allocation.records import KeptRecord, Plan
 from ..arch import ATTENTION, MLP, ArchAdapter
-from ..calibration.activations import ChannelAccumulator, ChannelStats, CrossAccumulator
+from ..calibration.activations import ChannelAccumulator, ChannelStats, CrossAccumulator, LayerwiseStats
 from ..calibration.layerwise import LayerCalls
+from ..calibration.text import Calibration, next_sequences
+from ..config import PruneConfig
+from ..importance import get_metric
 from .compensation import BIAS_MODES, LEAST_SQUARES, apply_compensated_plan
 from .surgery import check_invariants, count_parameters, ensure_output_biases
 
@@ -62,9 +72,11 @@ def sequential_rebuild(
     target: str = "self",
     progress: bool = True,
     desc: str = "rebuilding",
+    lookahead: LayerwiseStats | None = None,
 ) -> list[KeptRecord]:
     """Remove ``plan``'s units layer by layer, each (layer, kind) compensated (``mode``, ``ridge``) from the
-    statistics of the inputs the already pruned layers give it; ``target`` "self" or "dense" (module docstring)."""
+    statistics of the inputs the already pruned layers give it; ``target`` "self" or "dense" (module docstring).
+    ``lookahead``: also run each pruned layer on that text's stream, collecting its calibration statistics."""
     with _in_eval(model):  # the deterministic forward (no dropout, no checkpointing), as calibration runs it
         if mode in BIAS_MODES:
             ensure_output_biases(model, adapter)  # the slots the compensation writes, before the count below
@@ -75,6 +87,8 @@ def sequential_rebuild(
             for kind, keep in kinds.items()
         )
         now = calls.first
+        ahead = calls.for_text(model, lookahead.sequences, adapter, BATCH) if lookahead is not None else None
+        upcoming = ahead.first if ahead is not None else None
         before = list(now) if target == "dense" and mode in LEAST_SQUARES else None  # only least squares reads x
         records: list[KeptRecord] = []
         for idx in tqdm(range(len(calls.calls)), desc=desc, disable=not progress, unit="layer"):
@@ -97,8 +111,28 @@ def sequential_rebuild(
             if before is not None:
                 before = calls.run(idx, as_was, before)
             now = calls.run(idx, adapter.decoder_layers(model)[idx], now)
+            if ahead is not None:  # the pruned layer on the next text: what calibrating the pruned model would see
+                with lookahead.collecting(idx, adapter.decoder_layers(model)[idx]):
+                    upcoming = ahead.run(idx, adapter.decoder_layers(model)[idx], upcoming)
         check_invariants(model, adapter, expected)
         return records
+
+
+def looks_ahead(cfg: PruneConfig) -> bool:
+    """Whether a sequential pass collects the next inner step's statistics (``sequential``'s look-ahead): where
+    they equal ``calibrate_for``'s, with a metric that needs neither gradients nor Σ."""
+    metric = get_metric(cfg.metric)
+    needs = metric.needs_grads or metric.needs_elementwise_grads or metric.needs_cov or cfg.needs_cov
+    return cfg.sequential and not needs
+
+
+def lookahead_stats(
+    model: nn.Module, calibration: Calibration, j: int, steps: int, cfg: PruneConfig, adapter: ArchAdapter
+) -> LayerwiseStats | None:
+    """Inner step ``j``'s statistics, to collect during the step before it (None: it calibrates itself)."""
+    if j >= steps or not looks_ahead(cfg):
+        return None
+    return LayerwiseStats(model, adapter, next_sequences(calibration, j))
 
 
 @contextmanager

@@ -28,13 +28,13 @@ from torch import Tensor, nn
 from ..allocation import Allocator, LayerBudget, get_allocator, removable_params
 from ..allocation.records import DepthRecord, HiddenRecord, KeptRecord, Plan
 from ..arch import ATTENTION, MLP, ArchAdapter, get_adapter
-from ..calibration.activations import CalibrationResult, calibrate
-from ..calibration.text import Calibration, next_sequences, taylor_rows
+from ..calibration.activations import CalibrationResult, LayerwiseStats, calibrate
+from ..calibration.text import Calibration, indexed_by_step, next_sequences, taylor_rows
 from ..config import PruneConfig
 from ..importance import get_metric
 from .compensation import apply_compensated_plan
 from .profiling import Profile
-from .sequential import sequential_rebuild
+from .sequential import lookahead_stats, sequential_rebuild
 from .shape.search import ShapeStep, UnitPlanner, layer_compensation_applies, search_shape
 from .surgery import count_parameters, ensure_output_biases
 
@@ -159,14 +159,13 @@ def prune_step(
 ) -> StepReport:
     """Shrink ``model`` to at most ``target_params`` parameters (less than one unit below).
 
-    ``allocator`` defaults to ``build_allocator(cfg)``; pass the same object every stage to carry
-    its state (``accumulating`` with scope ``run``), or one rebuilt with ``allocator_from_json``
-    on resume. It splits the stage into ``allocator.inner_steps`` inner steps with cumulative
-    targets (``inner_targets``); each calibrates on ``next_sequences(calibration, j)``, scores,
-    allocates and removes, so the last lands on ``target_params`` exactly as one step would.
-    With hidden or layers in ``prune.dims`` the step first chooses and removes layers and hidden
-    channels (``shape_search``, on ``next_sequences(calibration, 0)``); the units fill the rest.
-    """
+    ``allocator`` defaults to ``build_allocator(cfg)``; pass the same object every stage to carry its state
+    (``accumulating`` with scope ``run``), or one rebuilt with ``allocator_from_json`` on resume. It splits the
+    stage into ``allocator.inner_steps`` inner steps with cumulative targets (``inner_targets``); each
+    calibrates on ``next_sequences(calibration, j)`` (or its statistics were collected ahead, ``_calibrated``),
+    scores, allocates and removes, so the last lands on ``target_params`` exactly as one step would. With hidden
+    or layers in ``prune.dims`` the step first chooses and removes layers and hidden channels (``shape_search``,
+    on ``next_sequences(calibration, 0)``); the units fill the rest."""
     adapter = adapter or get_adapter(model)
     allocator = allocator or build_allocator(cfg)
     profile = Profile()
@@ -183,17 +182,20 @@ def prune_step(
     allocator.start_stage(budgets)
     steps = allocator.inner_steps(budgets, start - target_params)
     influence: list[float] = []
+    ahead: LayerwiseStats | None = None  # this inner step's statistics, collected by the last one's pass
     for j, goal in enumerate(inner_targets(start, target_params, steps)):
         if count_parameters(model) <= goal:
+            ahead = None if indexed_by_step(calibration) else ahead  # else its text is the next step's
             continue  # nothing to remove (target met, or met by an earlier inner step's overshoot)
-        desc = f"{label} calibrating" + (f" {j + 1}/{steps}" if steps > 1 else "")
+        desc = (f"{label} calibrating" + (f" {j + 1}/{steps}" if steps > 1 else "")).strip()
         if j == 0 and reuse is not None:
             calib, sequences = reuse, first
         else:
-            sequences = next_sequences(calibration, j)
-            with profile.phase("calibration"):
-                calib = calibrate_for(model, sequences, cfg, adapter, progress, desc.strip())
-        report = prune_with_stats(model, calib, goal, cfg, adapter, profile, allocator, sequences, progress, label)
+            calib, sequences = _calibrated(model, calibration, j, ahead, cfg, adapter, profile, progress, desc)
+        ahead = lookahead_stats(model, calibration, j + 1, steps, cfg, adapter)
+        report = prune_with_stats(
+            model, calib, goal, cfg, adapter, profile, allocator, sequences, progress, label, lookahead=ahead
+        )
         records += report.records
         influence = report.influence
     return StepReport(
@@ -205,6 +207,25 @@ def prune_step(
         allocator_state=allocator.to_json(),
         shape=shape,
     )
+
+
+def _calibrated(
+    model: nn.Module,
+    calibration: Calibration,
+    j: int,
+    ahead: LayerwiseStats | None,
+    cfg: PruneConfig,
+    adapter: ArchAdapter,
+    profile: Profile,
+    progress: bool,
+    desc: str,
+) -> tuple[CalibrationResult, Tensor]:
+    """Inner step ``j``'s statistics and text: collected by the step before it (``ahead``), or calibrated now."""
+    if ahead is not None:
+        return ahead.result(), ahead.sequences
+    sequences = next_sequences(calibration, j)
+    with profile.phase("calibration"):
+        return calibrate_for(model, sequences, cfg, adapter, progress, desc), sequences
 
 
 def _shape_step(
@@ -300,10 +321,12 @@ def prune_with_stats(
     sequences: Tensor | None = None,
     progress: bool = True,
     label: str = "",
+    lookahead: LayerwiseStats | None = None,
 ) -> StepReport:
     """Score, allocate and remove (with compensation) from existing calibration statistics: one
     step, one ``allocator.plan`` (``build_allocator(cfg)`` unless given). ``prune.calibration:
-    sequential`` rebuilds the layers in order on ``sequences``, the text ``calib`` came from."""
+    sequential`` rebuilds the layers in order on ``sequences``, the text ``calib`` came from (and fills
+    ``lookahead``, see ``remove_units``)."""
     adapter = adapter or get_adapter(model)
     profile = profile or Profile()
     allocator = allocator or build_allocator(cfg)
@@ -314,7 +337,7 @@ def prune_with_stats(
         plan = allocate_units(model, layers, calib, model, target_params, cfg, adapter, allocator, start_stage=False)
         plan = _same_plan_on_every_rank(plan)
     with profile.phase("surgery"):
-        records = remove_units(model, plan, calib, sequences, cfg, adapter, progress, label)
+        records = remove_units(model, plan, calib, sequences, cfg, adapter, progress, label, lookahead)
     influence = [calib.layers[i].influence for i in layers]
     return StepReport(
         plan=plan, records=records, profile=profile, influence=influence, allocator_state=allocator.to_json()
@@ -330,16 +353,18 @@ def remove_units(
     adapter: ArchAdapter,
     progress: bool = True,
     label: str = "",
+    lookahead: LayerwiseStats | None = None,
 ) -> list[KeptRecord]:
     """Remove ``plan``'s units with ``prune.compensation``: from ``calib`` (parallel) or, with
-    ``prune.calibration: sequential``, layer by layer on ``sequences`` (``sequential_rebuild``)."""
+    ``prune.calibration: sequential``, layer by layer on ``sequences`` (``sequential_rebuild``), which also
+    collects ``lookahead``'s statistics of the pruned model on its text."""
     if not cfg.sequential:
         return apply_compensated_plan(model, plan, calib, mode=cfg.compensation, ridge=cfg.ls_ridge, adapter=adapter)
     if sequences is None:
         raise ValueError("prune.calibration=sequential needs the calibration text the step's statistics came from")
     desc = f"{label} rebuilding".strip()
     return sequential_rebuild(
-        model, plan, sequences, cfg.compensation, cfg.ls_ridge, adapter, cfg.rebuild_target, progress, desc
+        model, plan, sequences, cfg.compensation, cfg.ls_ridge, adapter, cfg.rebuild_target, progress, desc, lookahead
     )
 
 
