@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from adaptprune.arch import get_adapter
 
-from .optim_state import CarryReport, OptimizerStateError, StateByName, place_state, state_by_name
+from .optim_state import CarryReport, StateByName, place_state, state_by_name
 from .optim_state_shape import Record, reshape_state
 
 FULL = StateDictOptions(full_state_dict=True)
@@ -158,27 +158,22 @@ def _same_layout(state: dict, param: torch.Tensor) -> bool:
 
 
 def _sharded_like(state: dict, param: torch.Tensor, group: dict, name: str) -> dict:
-    """``state`` placed for the DTensor ``param``: full tensors cut into this rank's shard (no collective:
-    every rank holds the same full tensor), shards of the right layout kept as they are."""
+    """``state`` placed for the DTensor ``param``: shards of the right layout kept as they are, full tensors
+    checked and moved as on one device (``place_state``), then cut into this rank's shard (no collective:
+    every rank holds the same full tensor)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, DTensor) or not (torch.is_tensor(value) and value.dim() > 0):
-            out[key] = value if isinstance(value, DTensor) else place_state({key: value}, param, group, name)[key]
-            continue
-        if value.shape != param.shape:
-            raise OptimizerStateError(
-                f"{name}: state '{key}' has shape {tuple(value.shape)}, parameter has {tuple(param.shape)}"
+    kept = {key: value for key, value in state.items() if isinstance(value, DTensor)}
+    placed = place_state({k: v for k, v in state.items() if k not in kept}, param, group, name)
+    for key, value in placed.items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            # The shard may be a view of the full tensor: copy it so the full tensor is freed now.
+            local = shard.to_local().clone()
+            placed[key] = DTensor.from_local(
+                local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
             )
-        full = value.to(device=param.device, dtype=param.dtype)
-        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-        # The shard may be a view of the full tensor: copy it so the full tensor is freed now.
-        local = shard.to_local().clone()
-        out[key] = DTensor.from_local(
-            local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
-        )
-    return out
+    return {**placed, **kept}
 
 
 def shard_teacher(accelerator: Accelerator, teacher: nn.Module) -> nn.Module:

@@ -110,10 +110,11 @@ def sequential_rebuild(
                 records += apply_compensated_plan(model, {idx: units}, {}, mode, ridge, adapter)
             if before is not None:
                 before = calls.run(idx, as_was, before)
-            now = calls.run(idx, adapter.decoder_layers(model)[idx], now)
+            pruned = adapter.decoder_layers(model)[idx]
+            now = calls.run(idx, pruned, now)
             if ahead is not None:  # the pruned layer on the next text: what calibrating the pruned model would see
-                with lookahead.collecting(idx, adapter.decoder_layers(model)[idx]):
-                    upcoming = ahead.run(idx, adapter.decoder_layers(model)[idx], upcoming)
+                with lookahead.collecting(idx, pruned):
+                    upcoming = ahead.run(idx, pruned, upcoming)
         check_invariants(model, adapter, expected)
         return records
 
