@@ -1,8 +1,10 @@
 """The default job with the fused, chunked LM head + loss vs the unfused one: tokens/s, peak RSS, perplexity.
 
 Each run is a child process (its own peak RSS), fused and unfused alternate within one invocation (the order
-flips every round), so the ratios compare runs that shared the machine's load. The job is the default config
-shortened by ``--overrides`` (fewer stages and tokens) to keep the whole comparison near 20 minutes on 2 cores.
+flips every round), so the ratios compare runs that shared the machine's load; each round's fused/unfused ratio is reported, and the
+headline is their median. Each finished run is written to ``--json`` at once, and a rerun with the same arguments
+resumes from it. The job is the default config shortened by ``--overrides`` (fewer stages and tokens): about
+15 minutes a run on 2 cores.
 
     python scripts/bench_fused_loss.py --json docs/fused_loss.json
 """
@@ -71,39 +73,59 @@ def run_one(args: argparse.Namespace, chunk: int, out: Path) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
+def finished_runs(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """The runs an earlier invocation with the same config and overrides finished, to resume from."""
+    path = Path(args.json)
+    empty: dict[str, list[dict]] = {name: [] for name in METHODS}
+    if not path.exists():
+        return empty
+    old = json.loads(path.read_text(encoding="utf-8"))
+    same = old.get("overrides") == args.overrides and old.get("config") == os.path.relpath(args.config, ROOT)
+    return {name: old["runs"].get(name, [])[: args.rounds] for name in METHODS} if same else empty
+
+
+def report_of(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
+    done = [name for name in METHODS if runs[name]]
+    median = {name: {k: statistics.median(r[k] for r in runs[name]) for k in ("tokens_per_s", "peak_rss_gib", "ppl")}
+              for name in done}  # fmt: skip
+    paired = range(min(len(runs[name]) for name in METHODS))
+    round_ratios = [runs["fused"][i]["tokens_per_s"] / runs["unfused"][i]["tokens_per_s"] for i in paired]
+    report = {"config": os.path.relpath(args.config, ROOT), "overrides": args.overrides, "rounds": args.rounds,
+              "loss_chunk_tokens": METHODS, "runs": runs, "median": median,
+              "tokens_per_s_round_ratios": round_ratios}  # fmt: skip
+    if round_ratios:
+        report["tokens_per_s_ratio"] = statistics.median(round_ratios)
+        report["peak_rss_ratio"] = median["fused"]["peak_rss_gib"] / median["unfused"]["peak_rss_gib"]
+    return report
+
+
+def write_atomically(path: Path, report: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def main() -> None:
     args = parse_args()
     if args.child is not None:
         return child(args)
-    runs: dict[str, list[dict]] = {name: [] for name in METHODS}
+    runs = finished_runs(args)
     with tempfile.TemporaryDirectory(prefix="bench_fused_loss_") as tmp:
         for i in range(args.rounds):
             order = list(METHODS) if i % 2 == 0 else list(reversed(METHODS))
-            for name in order:
+            for name in (name for name in order if len(runs[name]) <= i):
                 runs[name].append(run_one(args, METHODS[name], Path(tmp) / f"{name}{i}"))
                 print(f"round {i + 1} {name}: {runs[name][-1]}", flush=True)
-    median = {name: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_rss_gib", "ppl")}
-              for name, rs in runs.items()}  # fmt: skip
-    report = {
-        "config": os.path.relpath(args.config, ROOT),
-        "overrides": args.overrides,
-        "rounds": args.rounds,
-        "loss_chunk_tokens": METHODS,
-        "runs": runs,
-        "median": median,
-        "tokens_per_s_ratio": median["fused"]["tokens_per_s"] / median["unfused"]["tokens_per_s"],
-        "peak_rss_ratio": median["fused"]["peak_rss_gib"] / median["unfused"]["peak_rss_gib"],
-    }
+                write_atomically(Path(args.json), report_of(args, runs))
+    report = report_of(args, runs)
     print("| loss | tokens/s | peak RSS GiB | final ppl |\n|---|---:|---:|---:|")
-    for name, m in median.items():
+    for name, m in report["median"].items():
         print(f"| {name} (loss_chunk_tokens={METHODS[name]}) | {m['tokens_per_s']:.1f} | {m['peak_rss_gib']:.2f} | "
               f"{m['ppl']:.3f} |")  # fmt: skip
-    print(f"ratios fused/unfused: tokens/s {report['tokens_per_s_ratio']:.3f}, peak RSS {report['peak_rss_ratio']:.3f}")
-    path = Path(args.json)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    print(f"written {path}")
+    ratios = ", ".join(f"{r:.3f}" for r in report["tokens_per_s_round_ratios"])
+    print(f"fused/unfused tokens/s by round: {ratios}; median {report['tokens_per_s_ratio']:.3f}; "
+          f"peak RSS {report['peak_rss_ratio']:.3f}")  # fmt: skip
+    print(f"written {args.json}")
 
 
 if __name__ == "__main__":
