@@ -4,7 +4,8 @@ FSDP2 on two CPU processes (gloo); the test compares its final model with the DD
 accelerate turns FSDP on only when GPUs are present, so this script switches the state of a CPU
 Accelerator to FSDP2 itself: from there on, preparing the model is accelerate's real FSDP2 path
 (``fully_shard`` per decoder layer, DTensor parameters, sharded AdamW state), which
-``torch.distributed`` runs on CPU with gloo.
+``torch.distributed`` runs on CPU with gloo. Its pruning steps run on the host copy with the layers staged
+(``pruning.staging``; here the "accelerator" is the CPU too): the script checks that they were.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from adaptprune.config import load_config
+from adaptprune.pruning.staging import LayerStaging
 from adaptprune.run.controller import Controller
 
 
@@ -45,9 +47,13 @@ def main(config_path: str, out: str, corpus: str, *overrides: str) -> None:
             *overrides,
         ],
     )
+    staged: list[int] = []
+    enter = LayerStaging.enter
+    LayerStaging.enter = lambda self, layer: (staged.append(1), enter(self, layer))[1]
     controller = Controller(config, accelerator=fsdp2_accelerator())
     controller.run()
     assert controller.acc.num_processes == 2 and controller.acc.is_fsdp2
+    assert controller.pruner.on_host and staged, "the pruning steps did not run their layers staged"
 
 
 if __name__ == "__main__":

@@ -115,10 +115,10 @@ def test_a_planted_upward_import_is_reported(tmp_path):
 
 
 def test_calibration_and_the_shape_modules_are_packages_of_their_own():
-    """Issue #32: calibration is the first stage's package; pruning/ holds the step and its surgery, and the
-    width, depth and target-shape modules sit together under pruning/shape/."""
+    """Issue #32: calibration is the first stage's package; pruning/ holds the step and its surgery (and where its
+    layers run, ``staging``), and the width, depth and target-shape modules sit together under pruning/shape/."""
     listing = {p.stem for p in (ROOT / "adaptprune" / "pruning").iterdir() if p.name != "__pycache__"}
-    assert listing == {"__init__", "step", "compensation", "sequential", "surgery", "profiling", "shape"}
+    assert listing == {"__init__", "step", "compensation", "sequential", "surgery", "profiling", "staging", "shape"}
     shape = {p.stem for p in (ROOT / "adaptprune" / "pruning" / "shape").glob("*.py")}
     assert shape == {"__init__", "reshape", "search", "trial", "dry_run", "target", "reach", "choice"}
     calibration = {p.stem for p in (ROOT / "adaptprune" / "calibration").glob("*.py")}

@@ -4,6 +4,8 @@ activation formula equals what autograd saves; the memory arithmetic and recipe 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -173,6 +175,20 @@ def test_fsdp_surgery_holds_the_moments_sharded():
     fsdp = footprint(sizes, 0, Precision.of("float32", "no"), "fsdp", 8)
     assert fsdp.transition == (2 * 16 + 2 * 16 // 8 + 2 * 3) * 4
     assert footprint(sizes, 0, Precision.of("float32", "no"), "ddp", 8).transition == (16 + 2 * (16 + 3)) * 4
+
+
+def test_fsdp_surgery_on_the_host_holds_shards_and_one_unit():
+    """A step pruning a host copy (``pruning.staging``): the GPU holds the new weights' and the moments' shards,
+    one parameter's full moments and one unsharded unit (the layer running, or the unit being re-sharded)."""
+    sizes = StageSizes(trained=10, trainable=10, before=16, carried=True, teacher=0, gathered=5, layer=3, on_host=True)
+    fsdp = footprint(sizes, 0, Precision.of("float32", "no"), "fsdp", 8)
+    assert fsdp.transition == math.ceil(10 * 4 / 8) + 2 * 16 * 4 // 8 + 2 * 3 * 4 + 5 * 4  # bytes, w = 4
+    assert (
+        fsdp.transition
+        < footprint(replace(sizes, on_host=False), 0, Precision.of("float32", "no"), "fsdp", 8).transition
+    )
+    single = footprint(sizes, 0, Precision.of("float32", "no"), "single", 1)  # one GPU: pruned in place as before
+    assert single.transition == (16 + 2 * (16 + 3)) * 4
 
 
 def _saved_bytes(model, batch: int, seq: int, autocast: bool) -> int:

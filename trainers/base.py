@@ -31,6 +31,7 @@ from adaptprune.arch.lm_head import final_hidden_states, lm_head_of, supports_hi
 from adaptprune.compat import enable_activation_checkpointing
 from adaptprune.config import OptimArgs, TrainConfig
 from adaptprune.config.registry import TRAINERS
+from adaptprune.pruning.staging import HOST
 
 from .head_loss import HeadLoss, fused_head_loss, next_token_targets
 from .liger_loss import check_loss_kernel
@@ -224,18 +225,19 @@ class Trainer:
             return gather_model(self.unwrapped_model())
         return self.unwrapped_model()
 
-    def before_surgery(self) -> nn.Module:
+    def before_surgery(self, on_host: bool = False) -> nn.Module:
         """Hand the plain model over for calibration, scoring and surgery.
 
         Keeps the optimizer state by parameter name (if the strategy carries it and the config
         says 'carry'), then releases the DDP/FSDP wrapper and optimizer (FSDP: the full weights are
-        gathered first, the moments stay sharded, see ``sharding``). Call ``after_surgery`` next.
+        gathered first, into host memory with ``on_host``, the moments stay sharded, see ``sharding``).
+        Call ``after_surgery`` next.
         """
         module = self.accelerator.unwrap_model(self.model)
         carry = self.carries_optimizer_state and self.config.optim.after_surgery == "carry"
         if is_sharded(self.accelerator):
             self._held_state = sharded_state_by_name(module, self.optimizer) if carry else None
-            module = gather_model(module)
+            module = gather_model(module, HOST if on_host else None)
         elif carry:
             self._held_state = state_by_name(self.optimizer, module)
         self.model = self.optimizer = None  # the old wrapper pins the old parameters

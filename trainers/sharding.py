@@ -4,15 +4,17 @@ Scoring and surgery need the full ``nn.Linear`` weights on every rank (every ran
 plan to identical weights), while training keeps each rank's shard only. So around each surgery:
 
 1. ``gather_model``: the weights are all-gathered, one parameter at a time, into a plain copy of the
-   model built from its config;
+   model built from its config, in host memory when the pruning step can run there
+   (``pruning.staging``: its forwards run on the GPU one decoder layer at a time);
 2. ``sharded_state_by_name``: AdamW's moments stay sharded, keyed by parameter name;
 3. after surgery the plain model is prepared again, which re-shards it, and ``carry_sharded_state``
    moves the moments over one parameter at a time: a parameter surgery did not cut keeps its shards
    as they are; a cut one is gathered, sliced along the kept units exactly as on DDP
    (``optim_state_shape.reshape_state``) and re-sharded like its new parameter.
 
-Memory: the full weights live on every rank during surgery; the optimizer state never exceeds its
-shards plus one parameter's full moments (``gather_optimizer_state`` remains for checkpoints).
+Memory: the full weights live on every rank during surgery, in host memory where the step allows it
+(then re-sharding moves them to the GPU one FSDP unit at a time); the optimizer state never exceeds
+its shards plus one parameter's full moments (``gather_optimizer_state`` remains for checkpoints).
 The frozen distillation teacher is sharded like the student (``shard_teacher``).
 """
 
@@ -49,17 +51,19 @@ def _plain_class(model: nn.Module) -> type[nn.Module]:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def gather_model(model: nn.Module) -> nn.Module:
-    """A plain, unsharded copy of an FSDP2 model with its full weights, on every rank (collective).
+def gather_model(model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """A plain, unsharded copy of an FSDP2 model with its full weights, on every rank (collective), on
+    ``device`` (default: the shards' device; the host for a pruning step run by ``pruning.staging``).
 
-    Gathered one parameter at a time into a copy built from the config, so the peak is the full weights
-    plus one parameter's gather, never a second full copy (a full state dict loaded into the model).
+    Gathered one parameter at a time into a copy built from the config, so the peak on the shards' device
+    is one parameter's gather beside the shards (the copy's own device holds the full weights), never a
+    second full copy (a full state dict loaded into the model).
     """
     sharded = dict(model.named_parameters())
     first = next(iter(sharded.values()))
     with torch.device("meta"):
         plain = _plain_class(model)(model.config).to(first.dtype)
-    plain.to_empty(device=first.device)
+    plain.to_empty(device=device or first.device)
     if getattr(plain.config, "tie_word_embeddings", False):
         plain.tie_weights()
     with torch.no_grad():

@@ -26,14 +26,16 @@ Per decoder layer, with hooks that are always removed afterwards:
 
 Memory: activations are never stored; the accumulators are O(C) per layer and kind, plus
 O(C²) each when ``collect_cov`` (for a 1536-neuron MLP that is 19 MB per layer). Statistics
-live on the device of the activations they summarise.
+are accumulated on the device of the activations they summarise and handed back on the device of the
+model's weights: the same device, except where a pruning step runs the layers on the accelerator
+while the weights wait on the host (``pruning.staging``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +62,12 @@ class ChannelStats:
     @property
     def std(self) -> Tensor:
         return self.var.clamp_min(0).sqrt()
+
+    def to(self, device: torch.device) -> ChannelStats:
+        """These statistics on ``device`` (themselves when they are there already)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        moved = {name: v.to(device) if torch.is_tensor(v) else v for name, v in moved.items()}
+        return ChannelStats(**moved)
 
 
 @dataclass
@@ -208,6 +216,7 @@ class _Hooks:
     ) -> None:
         self.handles: list = []
         self.adapter = adapter
+        self.home = next(model.parameters()).device  # where the statistics are handed back
         layers = adapter.decoder_layers(model)
         self.residual = [ChannelAccumulator() for _ in range(len(layers) + 1)] if collect_residual else None
         self.channels = [{kind: ChannelAccumulator(collect_cov) for kind in UNIT_KINDS} for _ in layers]
@@ -255,7 +264,11 @@ class _Hooks:
 
     def layer_stats(self) -> list[LayerStats]:
         return [
-            LayerStats(mlp=ch[MLP].result(), attention=ch[ATTENTION].result(), influence=inf.result())
+            LayerStats(
+                mlp=ch[MLP].result().to(self.home),
+                attention=ch[ATTENTION].result().to(self.home),
+                influence=inf.result(),
+            )
             for ch, inf in zip(self.channels, self.influence, strict=True)
         ]
 
@@ -335,5 +348,5 @@ def calibrate(
         taylor_abs=taylor.absolute if taylor is not None else None,
         tokens=sequences.numel(),
         taylor_tokens=sum(b.numel() for b in batches[:n_taylor]),
-        residual=[acc.result() for acc in hooks.residual] if hooks.residual is not None else None,
+        residual=[acc.result().to(hooks.home) for acc in hooks.residual] if hooks.residual is not None else None,
     )

@@ -45,6 +45,8 @@ def slicegpt(model: nn.Module, calibration: torch.Tensor, target: int):
 class BaselinePruner:
     """A baseline's prune function as a controller stage (stateless)."""
 
+    on_host = False  # a baseline runs its own way: on the accelerator
+
     def __init__(self, prune: PruneFn) -> None:
         self.prune = prune
 

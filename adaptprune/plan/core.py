@@ -20,6 +20,7 @@ from ..pruning.sequential import looks_ahead
 from ..pruning.shape.choice import searches, sized_candidates
 from ..pruning.shape.target import ShapeWalk, plan_walk
 from ..pruning.shape.trial import trial_bytes
+from ..pruning.staging import prunes_on_host
 from ..pruning.surgery import count_parameters
 from ..run.feasibility import validated_target
 from ..run.schedule import split_budget, stage_targets, tokens_per_step
@@ -105,7 +106,7 @@ def make_plan(cfg: RunConfig, options: PlanOptions | None = None) -> RunPlan:
         final_shape=None if searching or not (walk or layers) else final_shape(model, adapter, walk, layers),
         shape_search=search_candidates(cfg, model, adapter, target) if searching else None,
         walk=[{"stage": i + 1, "params": t, **walk.at(t).as_dict()} for i, t in enumerate(targets)] if walk else None,
-        notes=plan_notes(cfg, adapter),
+        notes=plan_notes(cfg, adapter, model),
     )
 
 
@@ -190,12 +191,15 @@ def memory_table(
     teacher = count_parameters(model) if _needs_teacher(cfg) else 0
     teacher_bytes = teacher_weight_bytes(cfg)
     gathered, layer = fsdp_gathered_params(model, adapter), largest_layer_params(model, adapter)
+    on_host = prunes_on_host(cfg.prune)
     dense_bytes = count_parameters(model) * precision.weight_bytes
     stages = []
     for i, params in enumerate(trained):
         before = trained[i - 1] if 0 < i < len(trained) - 1 else 0  # the recovery phase has no surgery
         stages.append(
-            memory.StageSizes(params, adapters or params, before, carries, teacher, gathered, teacher_bytes, layer)
+            memory.StageSizes(
+                params, adapters or params, before, carries, teacher, gathered, teacher_bytes, layer, on_host
+            )
         )
     table: dict = {}
     for mode in ["single"] if options.gpus == 1 else ["ddp", "fsdp"]:
@@ -328,13 +332,16 @@ def chosen_shape(cfg: RunConfig, model: nn.Module, adapter: ArchAdapter, target:
     return {"dims": reshaping, "candidates": [p.summary() for p in plans]}
 
 
-def plan_notes(cfg: RunConfig, adapter: ArchAdapter) -> list[str]:
+def plan_notes(cfg: RunConfig, adapter: ArchAdapter, model: nn.Module) -> list[str]:
     """Caveats that apply to this config's estimate."""
     notes = []
     if adapter.family not in ("llama", "qwen2", "mistral"):  # the same layer layout (biases save nothing more)
         notes.append(f"the activation formula is derived for Llama-style layers; {adapter.family} is approximate")
     if cfg.train.trainer == "lora":
         notes.append("LoRA: activations omit the adapter branches' inputs (up to ~7·c·h bytes per token and layer)")
+    if prunes_on_host(cfg.prune):
+        gib = count_parameters(model) * memory.DTYPE_BYTES[cfg.model.dtype] / memory.GIB
+        notes.append(f"FSDP: every process prunes a host copy of the model (up to {gib:.1f} GiB of host memory each)")
     if cfg.model.dtype != "float32" and cfg.train.trainer != "lora":
         notes.append(
             f"model.dtype={cfg.model.dtype}: AdamW updates the {cfg.model.dtype} weights directly (no fp32 master)"

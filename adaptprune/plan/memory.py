@@ -27,8 +27,9 @@ parameter at once, one more P·w/N). The training peak is
 Under ``train.trainer: lora`` gradients, AdamW state and buckets count only the adapter parameters,
 r·(in + out) per adapted linear. A stage that starts with surgery also holds the previous model's AdamW
 state (kept by name) while it is sliced into the new one, one parameter at a time (``transition_bytes``);
-under FSDP that surgery gathers the full weights on every rank, while the old moments stay sharded and
-are gathered, sliced and re-sharded one parameter at a time.
+under FSDP that surgery gathers the full weights on every rank (into host memory where the step runs only
+layer forwards on the GPU, ``pruning.staging``), while the old moments stay sharded and are gathered,
+sliced and re-sharded one parameter at a time.
 
 **Activations of one Llama-style decoder layer (bytes per token)**, derived by listing what autograd
 saves in Hugging Face's ``LlamaDecoderLayer`` with SDPA (flash / memory-efficient kernels: no T×T
@@ -204,6 +205,7 @@ class StageSizes:
     gathered: int  # parameters FSDP holds unsharded at once (root + two decoder layers)
     teacher_bytes: int = 0  # bytes per teacher weight (train.distill.teacher_dtype); 0: the model's w
     layer: int = 0  # parameters of the largest decoder layer (the surgery's transient slice)
+    on_host: bool = False  # FSDP: the pruning step runs on a host copy, layers staged to the GPU (pruning.staging)
 
 
 def footprint(sizes: StageSizes, activations: int, p: Precision, mode: str, gpus: int) -> Footprint:
@@ -248,13 +250,19 @@ def transition_bytes(sizes: StageSizes, w: int, mode: str, gpus: int) -> int:
     sliced and re-sharded one parameter at a time (2·P_layer·w). Re-sharding the pruned model is the peak:
     accelerate keeps its full weights referenced until every unit is sharded while ``fully_shard``
     allocates the shards and FSDP2's buffers, together at most a second model, 2·P_before·w
-    (``tests/fsdp_surgery_script.py`` measures it).
+    (``tests/fsdp_surgery_script.py`` measures it). Where the step runs on a host copy of the model
+    (``pruning.staging``, ``on_host``) the GPU holds instead the new shards P·w/N, the moments' shards, one
+    parameter's full moments, and one FSDP unit unsharded, (P_root + 2·P_layer)·w: the decoder layer
+    running during the step, or the unit ``fully_shard`` is moving from the host while it re-shards.
     """
     if not sizes.before:
         return 0
     trainable_before = sizes.before if sizes.trainable == sizes.trained else 0
     moments = 2 * trainable_before * w if sizes.carried else 0
     one_parameter = 2 * sizes.layer * w if sizes.carried else 0
+    if mode == "fsdp" and sizes.on_host:
+        shards = math.ceil(sizes.trained * w / gpus) + math.ceil(moments / gpus)
+        return shards + one_parameter + sizes.gathered * w + teacher_bytes(sizes, w, mode, gpus)
     if mode == "fsdp":
         return 2 * sizes.before * w + math.ceil(moments / gpus) + one_parameter + teacher_bytes(sizes, w, mode, gpus)
     return sizes.before * w + moments + one_parameter + teacher_bytes(sizes, w, mode, gpus)

@@ -159,13 +159,14 @@ def _input_stats(
     """Moments and Σ̃ of the inputs of ``layer``'s projection ``path`` on the stream ``now``; with ``as_was``
     also their cross moment with what the layer as it was gets on ``before``, batch by batch (nothing stored)."""
     own = ChannelAccumulator(collect_cov=cov)
+    home = next(layer.parameters()).device  # the weights' device (the host while ``pruning.staging`` runs layers)
     if as_was is None:
         for x_now in calls.projection_inputs(idx, layer, path, now):
             own.update(x_now)
-        return own.result()
+        return own.result().to(home)
     cross = CrossAccumulator()
     pairs = zip(calls.projection_inputs(idx, as_was, path, before), calls.projection_inputs(idx, layer, path, now))
     for x_before, x_now in pairs:
         own.update(x_now)
         cross.update(x_before, x_now)
-    return cross.into(own.result())
+    return cross.into(own.result()).to(home)

@@ -27,10 +27,12 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from trainers import NonFiniteLossError, get_trainer, load_optimizer_state, save_optimizer_state
+from trainers.sharding import is_sharded
 
 from ..compat import cpu_has_native_bf16
 from ..config import RunConfig, to_dict
 from ..pruning.shape.choice import SHAPE_CHOICE
+from ..pruning.staging import LayerStaging, staged_forwards
 from .kept_ids import compose_kept_ids, initial_kept_ids
 from .phase_log import PhaseLog
 from .preflight import Prepared, load_teacher, preflight
@@ -196,10 +198,12 @@ class Controller:
         """Calibrate on fresh text, score, allocate and remove down to targets[stage-1]; seconds spent."""
         t0 = time.perf_counter()
         fault_point("calibration", stage)
-        model = self.trainer.before_surgery()
+        staging = LayerStaging(self.acc.device) if self.pruner.on_host and is_sharded(self.acc) else None
+        model = self.trainer.before_surgery(on_host=staging is not None)
         calibration = self.corpus.calibration_source(stage, state.calibration)
         label = f"({stage}/{len(self.targets)})"
-        model, records = self.pruner(model, calibration, self.targets[stage - 1], label)
+        with staged_forwards(model, self.adapter, staging):
+            model, records = self.pruner(model, calibration, self.targets[stage - 1], label)
         fault_point("surgery", stage)
         self.trainer.after_surgery(model, records)
         state.kept_ids = compose_kept_ids(state.kept_ids, records)

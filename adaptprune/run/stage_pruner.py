@@ -19,6 +19,7 @@ from ..arch import ArchAdapter
 from ..config import PruneConfig
 from ..pruning.shape.reach import reach_shape
 from ..pruning.shape.target import ShapeWalk
+from ..pruning.staging import prunes_on_host
 from ..pruning.step import Record, build_allocator, prune_step
 
 
@@ -33,6 +34,10 @@ class CalibrationSource(Protocol):
 
 
 class StagePruner(Protocol):
+    # Whether the stage needs only decoder layers' forwards on the accelerator, so that under FSDP the model is
+    # gathered in host memory and its layers run on the GPU one at a time (``pruning.staging``).
+    on_host: bool
+
     def __call__(
         self, model: nn.Module, calibration: CalibrationSource, target: int, label: str
     ) -> tuple[nn.Module, list[Record]]:
@@ -59,6 +64,7 @@ class AdaptprunePruner:
     ) -> None:
         self.cfg, self.adapter, self.progress, self.walk = cfg, adapter, progress, walk
         self.allocator = build_allocator(cfg)
+        self.on_host = prunes_on_host(cfg)
 
     def __call__(
         self, model: nn.Module, calibration: CalibrationSource, target: int, label: str
