@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -65,9 +65,8 @@ class ChannelStats:
 
     def to(self, device: torch.device) -> ChannelStats:
         """These statistics on ``device`` (themselves when they are there already)."""
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved = {name: v.to(device) if torch.is_tensor(v) else v for name, v in moved.items()}
-        return ChannelStats(**moved)
+        values = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return replace(self, **{name: v.to(device) for name, v in values if torch.is_tensor(v)})
 
 
 @dataclass

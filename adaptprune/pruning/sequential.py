@@ -163,10 +163,12 @@ def _input_stats(
     if as_was is None:
         for x_now in calls.projection_inputs(idx, layer, path, now):
             own.update(x_now)
-        return own.result().to(home)
-    cross = CrossAccumulator()
-    pairs = zip(calls.projection_inputs(idx, as_was, path, before), calls.projection_inputs(idx, layer, path, now))
-    for x_before, x_now in pairs:
-        own.update(x_now)
-        cross.update(x_before, x_now)
-    return cross.into(own.result()).to(home)
+        stats = own.result()
+    else:
+        cross = CrossAccumulator()
+        pairs = zip(calls.projection_inputs(idx, as_was, path, before), calls.projection_inputs(idx, layer, path, now))
+        for x_before, x_now in pairs:
+            own.update(x_now)
+            cross.update(x_before, x_now)
+        stats = cross.into(own.result())
+    return stats.to(home)
